@@ -1,0 +1,207 @@
+"""Pure rules: which requests are cacheable and the key a cacheable request is stored under."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+KEY_VERSION = 1
+
+# A generation endpoint is the last part of a versioned path: `v1/chat/completions`,
+# `compatibility/v1/chat/completions`, `v2/chat`. Anything deeper (`v1/threads/x/messages`,
+# `v1/responses/{id}`) is not a generation and is never cached.
+_GENERATION_PATH = re.compile(
+    r"^(?:.*/)?v\d+(?:alpha|beta)?/(chat/completions|completions|embeddings|responses|messages|chat)$"
+)
+
+# Fields that make up "the conversation" in messages mode.
+CONTENT_FIELDS = (
+    "messages",
+    "system",
+    "tools",
+    "functions",
+    "tool_choice",
+    "function_call",
+    "response_format",
+    "text",
+    "n",
+    "prompt",
+    "suffix",
+    "input",
+    "instructions",
+    # Cohere v1 chat
+    "message",
+    "chat_history",
+    "preamble",
+    "documents",
+)
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call")
+EMBEDDING_FIELDS = ("model", "dimensions", "encoding_format")
+# Never part of any key: whether the answer is streamed does not change the answer.
+TRANSPORT_FIELDS = frozenset({"stream", "stream_options"})
+_TEXT_PART_TYPES = frozenset({"text", "input_text"})
+# Prompt-caching hints say how the provider should bill, not what the conversation is.
+_IGNORED_PART_FIELDS = frozenset({"cache_control"})
+
+
+class KeyMode(StrEnum):
+    MESSAGES = "messages"
+    FULL = "full"
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    mode: KeyMode = KeyMode.MESSAGES
+    include: tuple[str, ...] = ()
+
+
+def generation_endpoint(path: str) -> str | None:
+    """The generation endpoint (`chat/completions`, `messages`, ...) a request path names, if any."""
+    match = _GENERATION_PATH.match(path.strip("/"))
+    return match.group(1) if match else None
+
+
+def cache_key(
+    provider: str,
+    endpoint: str,
+    body: Mapping[str, Any],
+    config: KeyConfig,
+    *,
+    scope: str = "",
+    namespace: str = "",
+) -> str:
+    """A hex digest identifying the answer to `body` sent to `provider`'s `endpoint`.
+
+    `endpoint` is the request path below the provider (with its query string, if any);
+    `scope` separates credentials that must not share answers; `namespace` partitions the cache.
+    """
+    if config.mode is KeyMode.FULL:
+        content: dict[str, Any] = {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
+    else:
+        content = conversation_content(body, endpoint, config.include)
+    material = {
+        "v": KEY_VERSION,
+        "provider": provider,
+        "endpoint": endpoint,
+        "mode": config.mode.value,
+        "scope": scope,
+        "namespace": namespace,
+        "content": content,
+    }
+    return hashlib.sha256(canonical_json(material)).hexdigest()
+
+
+def conversation_content(
+    body: Mapping[str, Any], endpoint: str, include: Iterable[str] = ()
+) -> dict[str, Any]:
+    content: dict[str, Any] = {}
+    for name in CONTENT_FIELDS:
+        if name in body:
+            content[name] = body[name]
+    if "messages" in content:
+        content["messages"] = _normalize_messages(content["messages"])
+    if "system" in content:
+        content["system"] = normalize_content(content["system"])
+    if isinstance(content.get("input"), list):
+        content["input"] = _normalize_messages(content["input"])
+    if content.get("n") == 1:
+        del content["n"]
+    if generation_endpoint(endpoint.split("?", 1)[0]) == "embeddings":
+        include = (*include, *EMBEDDING_FIELDS)
+    for name in include:
+        if name in body and name not in TRANSPORT_FIELDS:
+            content[name] = body[name]
+    return content
+
+
+def normalize_content(content: Any) -> Any:
+    """One text part and a plain string are the same content; prompt-cache hints are dropped."""
+    if not isinstance(content, list):
+        return content
+    parts = [_normalize_part(part) for part in content]
+    if len(parts) == 1 and _is_plain_text(parts[0]):
+        return parts[0]["text"]
+    return parts
+
+
+def _normalize_messages(messages: Any) -> Any:
+    if not isinstance(messages, list):
+        return messages
+    return [_normalize_message(message) for message in messages]
+
+
+def _normalize_message(message: Any) -> Any:
+    if not isinstance(message, dict):
+        return message
+    if "role" not in message:  # a Responses API item such as a function call output
+        return _normalize_part(message)
+    normalized = {k: message[k] for k in MESSAGE_FIELDS if k in message}
+    if "content" in normalized:
+        normalized["content"] = normalize_content(normalized["content"])
+    return normalized
+
+
+def _normalize_part(part: Any) -> Any:
+    if not isinstance(part, dict):
+        return part
+    return {k: v for k, v in part.items() if k not in _IGNORED_PART_FIELDS}
+
+
+def _is_plain_text(part: Any) -> bool:
+    return (
+        isinstance(part, dict)
+        and part.keys() == {"type", "text"}
+        and part["type"] in _TEXT_PART_TYPES
+        and isinstance(part["text"], str)
+    )
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+
+
+def credential_scope(headers: Iterable[tuple[str, str]]) -> str:
+    """A full SHA-256 over the credential headers a client sent ("" stands for none).
+
+    Used to keep apart answers paid for with different credentials when the client's own
+    credential is forwarded. The credential itself is never stored.
+    """
+    found = sorted((name.lower(), value) for name, value in headers if name.lower() in CREDENTIAL_HEADERS)
+    if not found:
+        return ""
+    return hashlib.sha256(canonical_json(found)).hexdigest()
+
+
+def is_storable(status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bool:
+    """Only a complete, successful JSON answer meant for anyone may be stored."""
+    if not 200 <= status < 300:
+        return False
+    content_type = ""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "set-cookie":
+            return False
+        if lowered == "cache-control" and _forbids_storing(value):
+            return False
+        if lowered == "content-type":
+            content_type = value.split(";", 1)[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        return False
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
+
+
+def _forbids_storing(cache_control: str) -> bool:
+    directives = {part.split("=", 1)[0].strip().lower() for part in cache_control.split(",")}
+    return bool(directives & {"no-store", "private"})

@@ -1,0 +1,172 @@
+"""openai-proxy: a caching reverse proxy for LLM APIs.
+
+`create_app(settings)` builds the ASGI app; `openai-proxy` (main) serves it with uvicorn;
+`uvicorn openai_proxy:app` builds it from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from cache import CacheBackend, CacheError, CacheHealth, SqliteBackend
+from proxy.errors import ProxyError, error_response
+from proxy.handler import Proxy
+from proxy.settings import Settings, describe_invalid_settings
+
+__all__ = ["Settings", "create_app", "main"]
+
+logger = logging.getLogger("openai_proxy")
+
+PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+
+
+def upstream_client(settings: Settings) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
+
+
+def create_app(
+    settings: Settings | None = None,
+    backend: CacheBackend | None = None,
+    http: httpx.AsyncClient | None = None,
+) -> FastAPI:
+    settings = settings if settings is not None else Settings()
+    backend = backend if backend is not None else SqliteBackend(settings.cache_db)
+    owns_http = http is None
+    client = http if http is not None else upstream_client(settings)
+    health = CacheHealth(backend.name)
+    proxy = Proxy(settings, backend, health, client)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await backend.open()
+        except CacheError as exc:
+            health.failed(exc)
+        try:
+            yield
+        finally:
+            await backend.close()
+            if owns_http:
+                await client.aclose()
+
+    app = FastAPI(title="openai-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(Exception, _internal_error)
+
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    async def healthz() -> JSONResponse:
+        reason = health.state().reason
+        if reason is None:
+            try:
+                await backend.ping()
+            except CacheError as exc:
+                reason = str(exc)
+        cache = {"backend": backend.name, "ok": reason is None, "reason": reason}
+        return JSONResponse({"status": "ok" if reason is None else "degraded", "cache": cache})
+
+    @app.api_route("/{path:path}", methods=PROXIED_METHODS)
+    async def forward(request: Request) -> Response:
+        return await proxy.handle(request)
+
+    return app
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    logger.error("unexpected error while serving %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(ProxyError(500, "The proxy failed unexpectedly; see its log.", "internal_error"))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, or a one-line message and exit status 2 when one is invalid."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        sys.stderr.write(f"openai-proxy: {describe_invalid_settings(exc)}\n")
+        raise SystemExit(2) from None
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if level == "trace" else level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _app_from_environment() -> FastAPI:
+    settings = load_settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn openai_proxy:app` builds the app on first use, so importing this module for
+    # `create_app` reads no environment and opens no file.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = _app_from_environment()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _settings_epilog() -> str:
+    names = [name.upper() for name in Settings.model_fields]
+    return (
+        "Every option, and every other setting, can also be set in the environment or a .env file "
+        "in the working directory (see Sample.env). Settings: " + ", ".join(names) + "."
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openai-proxy",
+        description="A caching reverse proxy for LLM APIs. Point your SDK at http://HOST:PORT/v1.",
+        epilog=_settings_epilog(),
+    )
+    parser.add_argument("--host", help="address to bind (HOST; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (PORT; default 8000)")
+    parser.add_argument("--workers", type=int, help="number of worker processes (WORKERS; default 1)")
+    parser.add_argument(
+        "--log-level",
+        choices=["critical", "error", "warning", "info", "debug", "trace"],
+        help="log level (LOG_LEVEL; default info)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    overrides = {name: value for name, value in vars(args).items() if value is not None}
+    settings = load_settings(**overrides)
+    configure_logging(settings.log_level)
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "server_header": False,
+    }
+    if settings.workers > 1:
+        # Each worker process builds its own app from the environment.
+        uvicorn.run("openai_proxy:app", workers=settings.workers, **options)
+    else:
+        uvicorn.run(create_app(settings), **options)
+
+
+if __name__ == "__main__":
+    main()

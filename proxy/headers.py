@@ -1,0 +1,60 @@
+"""Pure header rules for both directions of the proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from cache.keys import CREDENTIAL_HEADERS
+from providers import Provider
+
+Headers = list[tuple[str, str]]
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Recomputed for the body actually sent: httpx frames the request and negotiates its own
+# compression upstream; the body we relay back is always decoded.
+_REQUEST_RECOMPUTED = frozenset({"host", "content-length", "accept-encoding"})
+_RESPONSE_RECOMPUTED = frozenset({"content-length", "content-encoding", "date", "server"})
+
+
+def connection_listed(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """Header names a `Connection` header declares hop-by-hop."""
+    names: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            names.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return frozenset(names)
+
+
+def upstream_request_headers(client_headers: Headers, provider: Provider) -> Headers:
+    """The headers to send upstream: the client's, cleaned, with the proxy's credential if it has one.
+
+    The proxy's credential is added after every removal, so nothing the client lists in
+    `Connection` can strip or replace it, and upstream receives exactly one credential.
+    """
+    dropped = HOP_BY_HOP | _REQUEST_RECOMPUTED | connection_listed(client_headers)
+    if provider.api_key is not None:
+        dropped |= frozenset(CREDENTIAL_HEADERS)
+    headers = [(name, value) for name, value in client_headers if name.lower() not in dropped]
+    headers.extend(provider.credential_headers())
+    present = {name.lower() for name, _ in headers}
+    headers.extend((name, value) for name, value in provider.default_headers if name not in present)
+    return headers
+
+
+def client_response_headers(upstream_headers: Headers) -> Headers:
+    """The upstream response headers to relay to the client."""
+    dropped = HOP_BY_HOP | _RESPONSE_RECOMPUTED | connection_listed(upstream_headers)
+    return [(name, value) for name, value in upstream_headers if name.lower() not in dropped]

@@ -1,0 +1,85 @@
+"""Responses the proxy sends: buffered ones with exact headers, and live relays of upstream bodies."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from proxy.headers import Headers
+from proxy.upstream import close_quietly
+
+logger = logging.getLogger("openai_proxy.relay")
+
+
+def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+def buffered_response(status: int, body: bytes, headers: Headers) -> Response:
+    """A complete response with exactly `headers` (repeats kept) plus its Content-Length."""
+    response = Response(content=body, status_code=status)
+    response.raw_headers.extend(_encode(headers))
+    return response
+
+
+class UpstreamBrokeOff(Exception):
+    """The upstream body ended before it was complete."""
+
+
+async def upstream_chunks(response: httpx.Response, provider: str) -> AsyncGenerator[bytes, None]:
+    """The decoded upstream body as it arrives; the upstream response is closed however this ends."""
+    try:
+        async for chunk in response.aiter_bytes():
+            yield chunk
+    except httpx.HTTPError as exc:
+        raise UpstreamBrokeOff(f"upstream {provider} broke off its response ({type(exc).__name__})") from exc
+    finally:
+        await close_quietly(response)
+
+
+class RelayResponse(Response):
+    """Relays an upstream body chunk by chunk, without buffering.
+
+    A client that disconnects cancels the relay at once (not only when the next chunk fails to
+    send), which closes the upstream request. An upstream that breaks off ends the client's
+    response the same way: the connection is closed without a clean end of body, so the client
+    can tell the answer is incomplete.
+    """
+
+    def __init__(self, status: int, headers: Headers, chunks: AsyncGenerator[bytes, None]) -> None:
+        self.status_code = status
+        self.raw_headers = _encode(headers)
+        self.chunks = chunks
+        self.background = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+            group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
+            try:
+                await self._relay(send)
+            finally:
+                group.cancel_scope.cancel()
+
+    async def _relay(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except UpstreamBrokeOff as exc:
+            logger.warning("%s; the client's response was cut off the same way", exc)
+            return
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.chunks.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        scope.cancel()

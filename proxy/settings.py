@@ -1,0 +1,132 @@
+"""All configuration, read from the environment and `.env`. Nothing else reads the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import httpx
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from cache.keys import KeyConfig, KeyMode
+from providers import BUILTIN_PROVIDERS, PROVIDER_NAME, RESERVED_NAMES, AuthStyle, Provider
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+
+
+def _check_base_url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        url = httpx.URL(value.strip())
+    except httpx.InvalidURL as exc:
+        raise ValueError("must be an http:// or https:// URL") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError("must be an http:// or https:// URL")
+    return value.strip()
+
+
+class ExtraProvider(BaseModel):
+    """An OpenAI-compatible server added by configuration (EXTRA_PROVIDERS)."""
+
+    base_url: str
+    api_key: SecretStr | None = None
+    auth: AuthStyle = AuthStyle.BEARER
+
+    _base_url_is_http = field_validator("base_url")(_check_base_url)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1)
+    log_level: LogLevel = "info"
+
+    openai_api_key: SecretStr | None = None
+    anthropic_api_key: SecretStr | None = None
+    openrouter_api_key: SecretStr | None = None
+    groq_api_key: SecretStr | None = None
+    mistral_api_key: SecretStr | None = None
+    cohere_api_key: SecretStr | None = None
+    ai21_api_key: SecretStr | None = None
+
+    openai_base_url: str | None = None
+    anthropic_base_url: str | None = None
+    openrouter_base_url: str | None = None
+    groq_base_url: str | None = None
+    mistral_base_url: str | None = None
+    cohere_base_url: str | None = None
+    ai21_base_url: str | None = None
+    extra_providers: dict[str, ExtraProvider] = Field(default_factory=dict)
+
+    respond_with_cache: bool = True
+    store_cache: bool = True
+    override_model: str | None = None
+    cache_db: Path = Path("openai_proxy_cache.db")
+    cache_key_mode: KeyMode = KeyMode.MESSAGES
+    cache_key_include: Annotated[tuple[str, ...], NoDecode] = ()
+    upstream_timeout: float = Field(default=600.0, gt=0)
+
+    @field_validator(
+        "openai_base_url",
+        "anthropic_base_url",
+        "openrouter_base_url",
+        "groq_base_url",
+        "mistral_base_url",
+        "cohere_base_url",
+        "ai21_base_url",
+    )
+    @classmethod
+    def _base_urls_are_http(cls, value: str | None) -> str | None:
+        return _check_base_url(value)
+
+    @field_validator("cache_key_include", mode="before")
+    @classmethod
+    def _split_comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("extra_providers")
+    @classmethod
+    def _extra_provider_names(cls, value: dict[str, ExtraProvider]) -> dict[str, ExtraProvider]:
+        builtin = {provider.name for provider in BUILTIN_PROVIDERS}
+        for name in value:
+            if not PROVIDER_NAME.match(name):
+                raise ValueError(f"provider name {name!r} must be lowercase letters, digits, '-' or '_'")
+            if name in RESERVED_NAMES or name in builtin:
+                raise ValueError(f"provider name {name!r} is taken (set {name.upper()}_BASE_URL to move it)")
+        return value
+
+    def providers(self) -> dict[str, Provider]:
+        """Every route prefix the proxy serves, with base URLs and keys applied."""
+        providers: dict[str, Provider] = {}
+        for provider in BUILTIN_PROVIDERS:
+            base_url: str | None = getattr(self, f"{provider.name}_base_url")
+            key: SecretStr | None = getattr(self, f"{provider.name}_api_key")
+            providers[provider.name] = provider.configured(
+                base_url=base_url, api_key=key.get_secret_value() if key else None
+            )
+        for name, extra in self.extra_providers.items():
+            providers[name] = Provider(name, extra.base_url, auth=extra.auth).configured(
+                base_url=extra.base_url,
+                api_key=extra.api_key.get_secret_value() if extra.api_key else None,
+            )
+        return providers
+
+    def key_config(self) -> KeyConfig:
+        return KeyConfig(mode=self.cache_key_mode, include=self.cache_key_include)
+
+
+def describe_invalid_settings(exc: ValidationError) -> str:
+    """One line naming each invalid setting, never echoing its value (it may be a secret)."""
+    problems = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error["loc"][:1]).upper() or "settings"
+        detail = ".".join(str(part) for part in error["loc"][1:])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        problems.append(f"{name}{f' ({detail})' if detail else ''}: {message}")
+    return "invalid setting " + "; ".join(problems)

@@ -1,0 +1,178 @@
+"""Real servers on loopback for the tests: the proxy itself and a fake upstream the tests control."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp
+
+
+class ServerThread:
+    """Serves an ASGI app with uvicorn on a free loopback port, in a thread of its own."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("test server did not start")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        values = self.header_values(name)
+        return values[0] if values else None
+
+    def header_values(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name.lower()]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+Handler = Callable[[Request, Recorded], Awaitable[Response]]
+
+
+def chat_completion(number: int, model: str) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{number}",
+        "object": "chat.completion",
+        "created": 1_700_000_000 + number,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": f"answer {number}", "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+    }
+
+
+def anthropic_message(number: int, model: str) -> dict[str, Any]:
+    return {
+        "id": f"msg_{number}",
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": f"answer {number}"}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 9, "output_tokens": 3},
+    }
+
+
+def chat_chunks(number: int, model: str) -> list[bytes]:
+    base = {"id": f"chatcmpl-{number}", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model}
+    deltas = [{"role": "assistant", "content": ""}, {"content": "answer "}, {"content": str(number)}]
+    events = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return [f"data: {json.dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"]
+
+
+@dataclass
+class FakeUpstream:
+    """A provider stand-in. Answers chat completions, Anthropic messages, embeddings and model lists
+    with a fresh number each call (so a HIT is told from a MISS), or whatever `handler` returns."""
+
+    requests: list[Recorded] = field(default_factory=list)
+    handler: Handler | None = None
+    chunk_delay: float = 0.0
+    calls: int = 0
+    url: str = ""
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[Route("/{path:path}", self._serve, methods=["GET", "POST", "PUT", "DELETE"])])
+
+    async def _serve(self, request: Request) -> Response:
+        recorded = Recorded(
+            method=request.method,
+            path=request.url.path,
+            query=request.url.query,
+            headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw],
+            body=await request.body(),
+        )
+        self.requests.append(recorded)
+        self.calls += 1
+        if self.handler is not None:
+            return await self.handler(request, recorded)
+        return self._default(recorded)
+
+    def _default(self, recorded: Recorded) -> Response:
+        number = self.calls
+        path = recorded.path
+        if path.endswith("/models"):
+            return JSONResponse({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+        try:
+            body = recorded.json()
+        except ValueError:
+            return JSONResponse({"error": {"message": "We could not parse the JSON body"}}, status_code=400)
+        model = body.get("model", "unknown")
+        if path.endswith("/chat/completions"):
+            if body.get("stream"):
+                return StreamingResponse(self._paced(chat_chunks(number, model)), media_type="text/event-stream")
+            return JSONResponse(chat_completion(number, model))
+        if path.endswith("/messages"):
+            return JSONResponse(anthropic_message(number, model))
+        if path.endswith("/embeddings"):
+            vector = [0.1 * number, 0.2, 0.3]
+            return JSONResponse(
+                {
+                    "object": "list",
+                    "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+                    "model": model,
+                    "usage": {"prompt_tokens": 2, "total_tokens": 2},
+                }
+            )
+        return JSONResponse({"echo": path, "number": number})
+
+    async def _paced(self, chunks: list[bytes]) -> Any:
+        for chunk in chunks:
+            yield chunk
+            if self.chunk_delay:
+                await asyncio.sleep(self.chunk_delay)
+
+
+def gzip_json(value: Any, **headers: str) -> Response:
+    body = gzip.compress(json.dumps(value).encode())
+    return Response(body, headers={"content-type": "application/json", "content-encoding": "gzip", **headers})
