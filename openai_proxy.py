@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cache import CacheBackend, CacheError, CacheHealth, SqliteBackend
+from cache.health import Operation
 from proxy.errors import ProxyError, error_response
 from proxy.handler import Proxy
 from proxy.settings import Settings, describe_invalid_settings
@@ -44,7 +45,11 @@ def create_app(
     http: httpx.AsyncClient | None = None,
 ) -> FastAPI:
     settings = settings if settings is not None else Settings()
-    backend = backend if backend is not None else SqliteBackend(settings.cache_db)
+    backend = (
+        backend
+        if backend is not None
+        else SqliteBackend(settings.cache_db, busy_timeout=settings.cache_busy_timeout)
+    )
     owns_http = http is None
     client = http if http is not None else upstream_client(settings)
     health = CacheHealth(backend.name)
@@ -55,7 +60,7 @@ def create_app(
         try:
             await backend.open()
         except CacheError as exc:
-            health.failed(exc)
+            health.failed(Operation.READ, exc)
         try:
             yield
         finally:

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 
 from cache.base import CacheError
 
 logger = logging.getLogger("openai_proxy.cache")
+
+
+class Operation(StrEnum):
+    # Tracked apart because they fail apart: with WAL, reads go on while writes hit a lock or a full disk.
+    READ = "read"
+    WRITE = "write"
 
 
 @dataclass(frozen=True)
@@ -20,23 +27,22 @@ class CacheState:
 class CacheHealth:
     def __init__(self, backend: str) -> None:
         self.backend = backend
-        self._failure: str | None = None
+        self._failures: dict[Operation, str] = {}
 
-    @property
-    def failing(self) -> bool:
-        return self._failure is not None
-
-    def failed(self, exc: CacheError) -> None:
-        if self._failure is None:
+    def failed(self, operation: Operation, exc: CacheError) -> None:
+        if operation not in self._failures:
             logger.error(
-                "cache store (%s) failed, serving from upstream until it recovers: %s", self.backend, exc
+                "cache store (%s) %ss fail, serving from upstream until it recovers: %s",
+                self.backend,
+                operation.value,
+                exc,
             )
-        self._failure = str(exc)
+        self._failures[operation] = str(exc)
 
-    def succeeded(self) -> None:
-        if self._failure is not None:
-            logger.warning("cache store (%s) works again", self.backend)
-        self._failure = None
+    def succeeded(self, operation: Operation) -> None:
+        if self._failures.pop(operation, None) is not None:
+            logger.warning("cache store (%s) %ss work again", self.backend, operation.value)
 
     def state(self) -> CacheState:
-        return CacheState(self.backend, self._failure is None, self._failure)
+        reason = "; ".join(self._failures.values()) or None
+        return CacheState(self.backend, reason is None, reason)

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cache import CacheBackend, CachedResponse, CacheError, CacheHealth, cache_key, generation_endpoint
+from cache.health import Operation
 from cache.keys import credential_scope, is_storable
 from providers import Provider
 from proxy.errors import ProxyError, error_response
@@ -122,10 +123,10 @@ class Proxy:
             try:
                 entry = await self.backend.get(key)
             except CacheError as exc:
-                self.health.failed(exc)
+                self.health.failed(Operation.READ, exc)
                 status = CacheStatus.BYPASS
             else:
-                self.health.succeeded()
+                self.health.succeeded(Operation.READ)
                 if entry is not None:
                     return self._hit(entry, key)
 
@@ -136,7 +137,8 @@ class Proxy:
             error.headers.update(self._cache_headers(status, key))
             raise
         upstream_headers = upstream.headers.multi_items()
-        if self.settings.store_cache and is_storable(upstream.status_code, upstream_headers, answer):
+        storing = self.settings.store_cache and status is not CacheStatus.BYPASS
+        if storing and is_storable(upstream.status_code, upstream_headers, answer):
             await self._store(key, upstream, answer, provider, endpoint_path, payload)
         return buffered_response(
             upstream.status_code,
@@ -166,9 +168,9 @@ class Proxy:
         try:
             await self.backend.set(key, entry)
         except CacheError as exc:
-            self.health.failed(exc)
+            self.health.failed(Operation.WRITE, exc)
         else:
-            self.health.succeeded()
+            self.health.succeeded(Operation.WRITE)
 
     def _hit(self, entry: CachedResponse, key: str) -> Response:
         age = max(0, int(self.clock() - entry.created_at))

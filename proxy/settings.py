@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     store_cache: bool = True
     override_model: str | None = None
     cache_db: Path = Path("openai_proxy_cache.db")
+    cache_busy_timeout: float = Field(default=5.0, ge=0)
     cache_key_mode: KeyMode = KeyMode.MESSAGES
     cache_key_include: Annotated[tuple[str, ...], NoDecode] = ()
     upstream_timeout: float = Field(default=600.0, gt=0)

@@ -103,7 +103,12 @@ def anthropic_message(number: int, model: str) -> dict[str, Any]:
 
 
 def chat_chunks(number: int, model: str) -> list[bytes]:
-    base = {"id": f"chatcmpl-{number}", "object": "chat.completion.chunk", "created": 1_700_000_000, "model": model}
+    base = {
+        "id": f"chatcmpl-{number}",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": model,
+    }
     deltas = [{"role": "assistant", "content": ""}, {"content": "answer "}, {"content": str(number)}]
     events = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
     events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
@@ -122,7 +127,9 @@ class FakeUpstream:
     url: str = ""
 
     def app(self) -> Starlette:
-        return Starlette(routes=[Route("/{path:path}", self._serve, methods=["GET", "POST", "PUT", "DELETE"])])
+        return Starlette(
+            routes=[Route("/{path:path}", self._serve, methods=["GET", "POST", "PUT", "DELETE"])]
+        )
 
     async def _serve(self, request: Request) -> Response:
         recorded = Recorded(
@@ -143,6 +150,8 @@ class FakeUpstream:
         path = recorded.path
         if path.endswith("/models"):
             return JSONResponse({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model"}]})
+        if not path.endswith(("/chat/completions", "/completions", "/messages", "/embeddings")):
+            return JSONResponse({"echo": path, "number": number})
         try:
             body = recorded.json()
         except ValueError:
@@ -150,7 +159,9 @@ class FakeUpstream:
         model = body.get("model", "unknown")
         if path.endswith("/chat/completions"):
             if body.get("stream"):
-                return StreamingResponse(self._paced(chat_chunks(number, model)), media_type="text/event-stream")
+                return StreamingResponse(
+                    self._paced(chat_chunks(number, model)), media_type="text/event-stream"
+                )
             return JSONResponse(chat_completion(number, model))
         if path.endswith("/messages"):
             return JSONResponse(anthropic_message(number, model))

@@ -1,0 +1,120 @@
+"""The two ways to start the proxy, as a user runs them: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.servers import FakeUpstream
+
+BIN = Path(sys.executable).parent
+OPENAI_PROXY = [str(BIN / "openai-proxy")]
+UVICORN_FORM = [sys.executable, "-m", "uvicorn", "openai_proxy:app"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def environment(**values: str) -> dict[str, str]:
+    return {**os.environ, **values}
+
+
+@contextmanager
+def running(command: list[str], cwd: Path, env: dict[str, str]) -> Iterator[str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                httpx.get(f"{base}/healthz", timeout=0.5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+                assert time.monotonic() < deadline, "the proxy did not start"
+                time.sleep(0.1)
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("command", [OPENAI_PROXY, UVICORN_FORM], ids=["openai-proxy", "uvicorn"])
+def test_starts_with_no_configuration_and_answers_healthz(command: list[str], tmp_path: Path) -> None:
+    with running(command, tmp_path, environment()) as base:
+        health = httpx.get(f"{base}/healthz")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert (tmp_path / "openai_proxy_cache.db").exists(), "the default cache lives in the working directory"
+
+
+@pytest.mark.parametrize("command", [OPENAI_PROXY, UVICORN_FORM], ids=["openai-proxy", "uvicorn"])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("CACHE_KEY_MODE", "banana"), ("RESPOND_WITH_CACHE", "maybe"), ("OPENAI_BASE_URL", "ftp://u:s3cret@h")],
+)
+def test_an_invalid_setting_stops_start_up_with_one_line(
+    command: list[str], name: str, value: str, tmp_path: Path
+) -> None:
+    result = subprocess.run(
+        [*command, "--port", str(free_port())],
+        cwd=tmp_path,
+        env=environment(**{name: value}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("openai-proxy:")]
+    assert len(lines) == 1 and name in lines[0]
+    assert "Traceback" not in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout
+
+
+def test_settings_come_from_a_dotenv_file(tmp_path: Path, upstream: FakeUpstream) -> None:
+    (tmp_path / ".env").write_text(f"OPENAI_BASE_URL={upstream.url}/v1\nOPENAI_API_KEY=sk-from-dotenv\n")
+    with running(OPENAI_PROXY, tmp_path, environment()) as base:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        response = httpx.post(f"{base}/v1/chat/completions", json=body)
+    assert response.status_code == 200
+    assert upstream.requests[0].header("authorization") == "Bearer sk-from-dotenv"
+
+
+def test_several_workers_share_one_cache(tmp_path: Path, upstream: FakeUpstream) -> None:
+    env = environment(OPENAI_BASE_URL=upstream.url)
+    with running([*OPENAI_PROXY, "--workers", "2"], tmp_path, env) as base:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        statuses = [
+            httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(6)
+        ]
+    assert statuses[0] == "MISS"
+    assert statuses[1:] == ["HIT"] * 5
+    assert upstream.calls == 1
+
+
+def test_help_names_the_flags_and_settings() -> None:
+    result = subprocess.run([*OPENAI_PROXY, "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    for flag in ("--host", "--port", "--workers", "--log-level"):
+        assert flag in result.stdout
+    for setting in ("OPENAI_API_KEY", "CACHE_DB", "CACHE_KEY_MODE", "UPSTREAM_TIMEOUT", "EXTRA_PROVIDERS"):
+        assert setting in result.stdout

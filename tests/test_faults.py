@@ -1,0 +1,288 @@
+"""Proxy hygiene and failure behaviour: what reaches the client when the upstream or the store misbehaves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from tests.conftest import ProxyFactory
+from tests.servers import FakeUpstream, Recorded, chat_completion, gzip_json
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def post_chat(base: str, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=10, **kwargs)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_gzipped_upstream_answers_reach_the_client_decoded(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    async def gzipped(request: Request, recorded: Recorded) -> Response:
+        return gzip_json(chat_completion(7, "m"))
+
+    upstream.handler = gzipped
+    base = start_proxy()
+    for expected in ("MISS", "HIT"):
+        with httpx.Client() as http:
+            response = http.post(
+                f"{base}/v1/chat/completions", json=CHAT, headers={"accept-encoding": "identity"}
+            )
+        assert response.headers["x-cache-status"] == expected
+        assert "content-encoding" not in response.headers
+        assert response.json()["id"] == "chatcmpl-7"
+        assert int(response.headers["content-length"]) == len(response.content)
+
+
+def test_hop_by_hop_request_headers_are_not_forwarded(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    headers = {
+        "keep-alive": "timeout=5",
+        "te": "trailers",
+        "proxy-authorization": "Basic eDp5",
+        "connection": "keep-alive, x-hop",
+        "x-hop": "1",
+        "x-end-to-end": "kept",
+    }
+    post_chat(start_proxy(), headers=headers)
+    sent = upstream.requests[0]
+    for name in ("keep-alive", "te", "proxy-authorization", "x-hop"):
+        assert sent.header(name) is None, name
+    assert sent.header("x-end-to-end") == "kept"
+
+
+def test_hop_by_hop_response_headers_are_not_relayed(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    async def with_hop_headers(request: Request, recorded: Recorded) -> Response:
+        headers = {"keep-alive": "timeout=5", "x-upstream": "kept", "proxy-authenticate": "Basic"}
+        return JSONResponse(chat_completion(1, "m"), headers=headers)
+
+    upstream.handler = with_hop_headers
+    response = post_chat(start_proxy())
+    assert response.headers["x-upstream"] == "kept"
+    assert "keep-alive" not in response.headers and "proxy-authenticate" not in response.headers
+
+
+def test_unreachable_upstream_is_a_502_and_nothing_is_stored(start_proxy: ProxyFactory) -> None:
+    base = start_proxy(openai_base_url=f"http://127.0.0.1:{closed_port()}")
+    for _ in range(2):
+        response = post_chat(base)
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "upstream_unreachable"
+        assert response.headers["x-cache-status"] == "MISS"
+
+
+def test_slow_upstream_is_a_504_and_nothing_is_stored(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    async def slow(request: Request, recorded: Recorded) -> Response:
+        await asyncio.sleep(1.5 if upstream.calls == 1 else 0)
+        return JSONResponse(chat_completion(upstream.calls, "m"))
+
+    upstream.handler = slow
+    base = start_proxy(upstream_timeout=0.3)
+    timed_out = post_chat(base)
+    assert timed_out.status_code == 504
+    assert timed_out.json()["error"]["type"] == "upstream_timeout"
+    assert post_chat(base).headers["x-cache-status"] == "MISS"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"cache-control": "no-store"}, id="no-store"),
+        pytest.param({"cache-control": "private, max-age=0"}, id="private"),
+        pytest.param({"set-cookie": "session=abc"}, id="set-cookie"),
+    ],
+)
+def test_answers_marked_private_are_relayed_not_stored(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, headers: dict[str, str]
+) -> None:
+    async def private(request: Request, recorded: Recorded) -> Response:
+        return JSONResponse(chat_completion(upstream.calls, "m"), headers=headers)
+
+    upstream.handler = private
+    base = start_proxy()
+    first = post_chat(base)
+    assert first.status_code == 200 and first.json()["id"] == "chatcmpl-1"
+    assert post_chat(base).headers["x-cache-status"] == "MISS"
+
+
+def test_redirects_are_returned_not_followed(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    async def redirect(request: Request, recorded: Recorded) -> Response:
+        return Response(status_code=307, headers={"location": "http://127.0.0.1:9/steal"})
+
+    upstream.handler = redirect
+    response = post_chat(start_proxy())
+    assert response.status_code == 307
+    assert response.headers["location"] == "http://127.0.0.1:9/steal"
+    assert upstream.calls == 1
+
+
+def test_entries_survive_a_restart(start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path) -> None:
+    database = tmp_path / "persist.db"
+    assert post_chat(start_proxy(cache_db=database)).headers["x-cache-status"] == "MISS"
+    restarted = start_proxy(cache_db=database)
+    response = post_chat(restarted)
+    assert response.headers["x-cache-status"] == "HIT"
+    assert response.json()["id"] == "chatcmpl-1"
+
+
+def test_sqlite_runs_in_wal_mode_with_a_schema_version(start_proxy: ProxyFactory, tmp_path: Path) -> None:
+    start_proxy(cache_db=tmp_path / "w.db")
+    httpx.get(f"{start_proxy(cache_db=tmp_path / 'w.db')}/healthz")
+    with sqlite3.connect(tmp_path / "w.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] >= 1
+
+
+class TestBrokenStore:
+    def assert_served_and_degraded(
+        self, base: str, caplog: pytest.LogCaptureFixture, cause: str, status: str = "BYPASS"
+    ) -> None:
+        for _ in range(3):
+            response = post_chat(base)
+            assert response.status_code == 200
+            assert response.headers["x-cache-status"] == status
+        health = httpx.get(f"{base}/healthz")
+        assert health.status_code == 200
+        assert health.json()["status"] == "degraded"
+        assert cause in health.json()["cache"]["reason"]
+        failures = [
+            r for r in caplog.records if r.name == "openai_proxy.cache" and r.levelno == logging.ERROR
+        ]
+        assert len(failures) == 1, [r.getMessage() for r in failures]
+        assert cause in failures[0].getMessage()
+
+    def test_unwritable_path(
+        self,
+        start_proxy: ProxyFactory,
+        upstream: FakeUpstream,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        (tmp_path / "a-file").write_text("not a directory")
+        base = start_proxy(cache_db=tmp_path / "a-file" / "cache.db")
+        self.assert_served_and_degraded(base, caplog, "cannot open")
+        assert upstream.calls == 3
+
+    def test_corrupt_database_file(
+        self,
+        start_proxy: ProxyFactory,
+        upstream: FakeUpstream,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        (tmp_path / "corrupt.db").write_bytes(b"this is not an sqlite database" * 200)
+        base = start_proxy(cache_db=tmp_path / "corrupt.db")
+        self.assert_served_and_degraded(base, caplog, "not a database")
+
+    def test_locked_database(
+        self,
+        start_proxy: ProxyFactory,
+        upstream: FakeUpstream,
+        tmp_path: Path,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        base = start_proxy(cache_db=tmp_path / "locked.db", cache_busy_timeout=0.1)
+        assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+        holder = sqlite3.connect(tmp_path / "locked.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # holds the write lock; WAL readers still read
+        try:
+            self.assert_served_and_degraded(base, caplog, "locked", status="MISS")
+            assert upstream.calls == 3
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        recovered = post_chat(base)
+        assert recovered.headers["x-cache-status"] == "MISS"
+        assert post_chat(base).headers["x-cache-status"] == "HIT"
+        assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+
+
+class TestPassThroughStreams:
+    def test_chunks_reach_the_client_while_the_upstream_holds_the_next(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        upstream.chunk_delay = 0.4
+        body = {**CHAT, "stream": True}
+        started = time.monotonic()
+        arrivals = []
+        with httpx.stream("POST", f"{start_proxy()}/v1/chat/completions", json=body) as response:
+            assert response.headers["x-cache-status"] == "BYPASS"
+            assert response.headers["content-type"].startswith("text/event-stream")
+            for line in response.iter_lines():
+                if line:
+                    arrivals.append(time.monotonic() - started)
+        assert len(arrivals) == 5
+        assert arrivals[0] < 0.3, "the first event waited for later ones"
+        assert arrivals[-1] >= 1.5
+
+    def test_client_disconnect_closes_the_upstream_request(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        closed = asyncio.Event()
+        closed_at: list[float] = []
+
+        async def endless(request: Request, recorded: Recorded) -> Response:
+            async def events() -> Any:
+                try:
+                    while True:
+                        yield b"data: {}\n\n"
+                        await asyncio.sleep(0.05)
+                finally:
+                    closed_at.append(time.monotonic())
+                    closed.set()
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        upstream.handler = endless
+        with httpx.stream(
+            "POST", f"{start_proxy()}/v1/chat/completions", json={**CHAT, "stream": True}
+        ) as response:
+            next(response.iter_lines())
+            left_at = time.monotonic()
+        deadline = time.monotonic() + 3
+        while not closed_at and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert closed_at, "the upstream kept streaming to nobody"
+        assert closed_at[0] - left_at < 1.0
+
+    def test_upstream_drop_mid_stream_reaches_the_client_as_a_drop(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        async def dropping(request: Request, recorded: Recorded) -> Response:
+            async def events() -> Any:
+                yield b'data: {"n": 1}\n\n'
+                await asyncio.sleep(0.05)
+                raise RuntimeError("upstream crashed mid-stream")
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        upstream.handler = dropping
+        received = []
+        with pytest.raises(httpx.RemoteProtocolError):  # noqa: PT012
+            with httpx.stream(
+                "POST", f"{start_proxy()}/v1/chat/completions", json={**CHAT, "stream": True}
+            ) as r:
+                for line in r.iter_lines():
+                    received.append(line)
+        assert received[0] == 'data: {"n": 1}'

@@ -1,0 +1,373 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from cache.keys import KeyConfig, KeyMode
+from providers import BUILTIN_PROVIDERS, AuthStyle, Provider, normalize_base_url
+from proxy.settings import Settings, describe_invalid_settings
+
+BUILTIN_NAMES = [provider.name for provider in BUILTIN_PROVIDERS]
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+def invalid_settings_message() -> str:
+    with pytest.raises(ValidationError) as caught:
+        settings()
+    return describe_invalid_settings(caught.value)
+
+
+def set_extra_providers(monkeypatch: pytest.MonkeyPatch, value: dict[str, Any]) -> None:
+    monkeypatch.setenv("EXTRA_PROVIDERS", json.dumps(value))
+
+
+# defaults
+
+
+def test_defaults() -> None:
+    defaults = settings()
+    assert defaults.host == "127.0.0.1"
+    assert defaults.port == 8000
+    assert defaults.workers == 1
+    assert defaults.respond_with_cache is True
+    assert defaults.store_cache is True
+    assert defaults.cache_key_mode is KeyMode.MESSAGES
+    assert defaults.cache_key_include == ()
+    assert defaults.extra_providers == {}
+    assert defaults.key_config() == KeyConfig()
+
+
+def test_defaults_have_no_keys() -> None:
+    providers = settings().providers()
+    assert all(provider.api_key is None for provider in providers.values())
+    assert all(provider.credential_headers() == [] for provider in providers.values())
+
+
+def test_dotenv_in_working_directory_is_read(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("PORT=9001\nCACHE_KEY_MODE=full\n")
+    loaded = Settings()
+    assert loaded.port == 9001
+    assert loaded.cache_key_mode is KeyMode.FULL
+
+
+# normalize_base_url
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        pytest.param("http://localhost:11434/v1", "http://localhost:11434", id="trailing-v1"),
+        pytest.param("http://localhost:11434/v1/", "http://localhost:11434", id="trailing-v1-slash"),
+        pytest.param("http://localhost:11434/", "http://localhost:11434", id="trailing-slash"),
+        pytest.param("http://localhost:11434//", "http://localhost:11434", id="trailing-slashes"),
+        pytest.param("  https://api.openai.com/v1  ", "https://api.openai.com", id="whitespace"),
+        pytest.param("https://api.groq.com/openai/v1", "https://api.groq.com/openai", id="v1-under-path"),
+        pytest.param("https://openrouter.ai/api", "https://openrouter.ai/api", id="other-path"),
+        pytest.param("https://api.ai21.com/studio/", "https://api.ai21.com/studio", id="other-path-slash"),
+        pytest.param("http://host/v1beta", "http://host/v1beta", id="v1beta-kept"),
+        pytest.param("http://host/v10", "http://host/v10", id="v10-kept"),
+        pytest.param("http://host/v1/openai", "http://host/v1/openai", id="inner-v1-kept"),
+        pytest.param("http://host", "http://host", id="bare-host"),
+    ],
+)
+def test_normalize_base_url(url: str, expected: str) -> None:
+    assert normalize_base_url(url) == expected
+
+
+def test_configured_base_url_is_normalized() -> None:
+    configured = settings(openai_base_url="http://localhost:11434/v1")
+    assert configured.providers()["openai"].base_url == "http://localhost:11434"
+
+
+def test_configured_base_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GROQ_BASE_URL", "http://localhost:9000/v1/")
+    assert settings().providers()["groq"].base_url == "http://localhost:9000"
+
+
+def test_moving_one_provider_leaves_the_others() -> None:
+    providers = settings(openai_base_url="http://localhost:11434").providers()
+    assert providers["anthropic"].base_url == "https://api.anthropic.com"
+
+
+# builtin providers
+
+
+@pytest.mark.parametrize(
+    ("name", "base_url"),
+    [
+        pytest.param("openai", "https://api.openai.com", id="openai"),
+        pytest.param("openrouter", "https://openrouter.ai/api", id="openrouter"),
+        pytest.param("anthropic", "https://api.anthropic.com", id="anthropic"),
+        pytest.param("groq", "https://api.groq.com/openai", id="groq"),
+        pytest.param("mistral", "https://api.mistral.ai", id="mistral"),
+        pytest.param("cohere", "https://api.cohere.com", id="cohere"),
+        pytest.param("ai21", "https://api.ai21.com/studio", id="ai21"),
+    ],
+)
+def test_builtin_default_base_url(name: str, base_url: str) -> None:
+    provider = settings().providers()[name]
+    assert provider.name == name
+    assert provider.base_url == base_url
+
+
+def test_providers_are_exactly_the_builtins_by_default() -> None:
+    assert sorted(settings().providers()) == sorted(BUILTIN_NAMES)
+
+
+def test_anthropic_uses_x_api_key_and_version_header() -> None:
+    anthropic = settings(anthropic_api_key="sk-ant-1").providers()["anthropic"]
+    assert anthropic.auth is AuthStyle.X_API_KEY
+    assert dict(anthropic.default_headers)["anthropic-version"] == "2023-06-01"
+    assert anthropic.credential_headers() == [("x-api-key", "sk-ant-1")]
+
+
+@pytest.mark.parametrize("name", [name for name in BUILTIN_NAMES if name != "anthropic"])
+def test_other_builtins_use_bearer(name: str) -> None:
+    provider = settings(**{f"{name}_api_key": f"key-{name}"}).providers()[name]
+    assert provider.auth is AuthStyle.BEARER
+    assert provider.default_headers == ()
+    assert provider.credential_headers() == [("authorization", f"Bearer key-{name}")]
+
+
+def test_key_applies_only_to_its_provider() -> None:
+    providers = settings(openai_api_key="sk-openai").providers()
+    assert providers["openai"].api_key == "sk-openai"
+    assert providers["openrouter"].api_key is None
+    assert providers["openrouter"].credential_headers() == []
+
+
+def test_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MISTRAL_API_KEY", "mk-1")
+    assert settings().providers()["mistral"].credential_headers() == [("authorization", "Bearer mk-1")]
+
+
+@pytest.mark.parametrize("name", BUILTIN_NAMES)
+def test_repr_never_shows_key(name: str) -> None:
+    secret = f"CANARY-{name}-9f2c"
+    configured = settings(**{f"{name}_api_key": secret})
+    provider = configured.providers()[name]
+    assert provider.api_key == secret
+    assert secret not in repr(provider)
+    assert secret not in repr(configured)
+    assert secret not in str(configured)
+
+
+def test_registry_is_not_changed_by_configuration() -> None:
+    settings(openai_api_key="sk-x", openai_base_url="http://localhost:1").providers()
+    openai = next(p for p in BUILTIN_PROVIDERS if p.name == "openai")
+    assert openai == Provider("openai", "https://api.openai.com")
+
+
+# extra providers
+
+
+def test_extra_provider_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXTRA_PROVIDERS", '{"ollama": {"base_url": "http://localhost:11434/v1"}}')
+    providers = settings().providers()
+    ollama = providers["ollama"]
+    assert ollama.name == "ollama"
+    assert ollama.base_url == "http://localhost:11434"
+    assert ollama.auth is AuthStyle.BEARER
+    assert ollama.api_key is None
+    assert ollama.credential_headers() == []
+    assert set(BUILTIN_NAMES) < set(providers)
+
+
+def test_extra_provider_with_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_extra_providers(monkeypatch, {"vllm": {"base_url": "http://gpu:8000", "api_key": "CANARY-vllm"}})
+    configured = settings()
+    vllm = configured.providers()["vllm"]
+    assert vllm.credential_headers() == [("authorization", "Bearer CANARY-vllm")]
+    assert "CANARY-vllm" not in repr(vllm)
+    assert "CANARY-vllm" not in repr(configured)
+
+
+def test_extra_provider_with_x_api_key_auth(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_extra_providers(
+        monkeypatch,
+        {"claude-proxy": {"base_url": "https://gateway.example", "api_key": "k", "auth": "x-api-key"}},
+    )
+    provider = settings().providers()["claude-proxy"]
+    assert provider.auth is AuthStyle.X_API_KEY
+    assert provider.credential_headers() == [("x-api-key", "k")]
+
+
+def test_several_extra_providers(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_extra_providers(
+        monkeypatch,
+        {"local_a": {"base_url": "http://a:1"}, "local-b2": {"base_url": "https://b/root/"}},
+    )
+    providers = settings().providers()
+    assert providers["local_a"].base_url == "http://a:1"
+    assert providers["local-b2"].base_url == "https://b/root"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("Ollama", id="uppercase"),
+        pytest.param("1ollama", id="leading-digit"),
+        pytest.param("my.server", id="dot"),
+        pytest.param("a" * 33, id="too-long"),
+        pytest.param("v1", id="reserved-v1"),
+        pytest.param("healthz", id="reserved-healthz"),
+        pytest.param("cache", id="reserved-cache"),
+        *(pytest.param(name, id=f"builtin-{name}") for name in BUILTIN_NAMES),
+    ],
+)
+def test_extra_provider_name_rejected(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    set_extra_providers(monkeypatch, {name: {"base_url": "http://localhost:1"}})
+    assert "EXTRA_PROVIDERS" in invalid_settings_message()
+
+
+def test_extra_provider_name_rejected_when_passed_directly() -> None:
+    with pytest.raises(ValidationError):
+        settings(extra_providers={"openai": {"base_url": "http://localhost:1"}})
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        pytest.param("ftp://host", id="ftp"),
+        pytest.param("localhost:11434", id="no-scheme"),
+        pytest.param("http://", id="no-host"),
+        pytest.param("file:///etc/passwd", id="file"),
+    ],
+)
+def test_extra_provider_base_url_must_be_http(monkeypatch: pytest.MonkeyPatch, base_url: str) -> None:
+    set_extra_providers(monkeypatch, {"ollama": {"base_url": base_url}})
+    message = invalid_settings_message()
+    assert "EXTRA_PROVIDERS" in message
+    assert "base_url" in message
+
+
+def test_extra_provider_auth_must_be_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_extra_providers(monkeypatch, {"ollama": {"base_url": "http://x", "auth": "basic"}})
+    with pytest.raises(ValidationError):
+        settings()
+
+
+# builtin base URLs
+
+
+@pytest.mark.parametrize(
+    "base_url",
+    [
+        pytest.param("ftp://host", id="ftp"),
+        pytest.param("api.openai.com", id="no-scheme"),
+        pytest.param("https://", id="no-host"),
+    ],
+)
+def test_builtin_base_url_must_be_http(base_url: str) -> None:
+    with pytest.raises(ValidationError):
+        settings(openai_base_url=base_url)
+
+
+# cache key settings
+
+
+def test_cache_key_include_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHE_KEY_INCLUDE", "model, temperature")
+    assert settings().cache_key_include == ("model", "temperature")
+
+
+def test_cache_key_include_skips_empty_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHE_KEY_INCLUDE", " model,, ,seed, ")
+    assert settings().cache_key_include == ("model", "seed")
+
+
+def test_key_config_follows_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHE_KEY_MODE", "full")
+    monkeypatch.setenv("CACHE_KEY_INCLUDE", "model")
+    assert settings().key_config() == KeyConfig(mode=KeyMode.FULL, include=("model",))
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("false", False), ("0", False), ("no", False), ("true", True), ("1", True), ("yes", True)],
+)
+def test_boolean_settings_from_environment(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
+) -> None:
+    monkeypatch.setenv("RESPOND_WITH_CACHE", value)
+    monkeypatch.setenv("STORE_CACHE", value)
+    loaded = settings()
+    assert loaded.respond_with_cache is expected
+    assert loaded.store_cache is expected
+
+
+def test_empty_environment_value_means_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "")
+    monkeypatch.setenv("OPENAI_BASE_URL", "")
+    loaded = settings()
+    assert loaded.port == 8000
+    assert loaded.providers()["openai"].base_url == "https://api.openai.com"
+
+
+# invalid settings
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        pytest.param("CACHE_KEY_MODE", "banana", id="key-mode"),
+        pytest.param("RESPOND_WITH_CACHE", "maybe", id="respond-bool"),
+        pytest.param("STORE_CACHE", "maybe", id="store-bool"),
+        pytest.param("PORT", "99999", id="port-too-high"),
+        pytest.param("PORT", "-1", id="port-negative"),
+        pytest.param("WORKERS", "0", id="workers-zero"),
+        pytest.param("UPSTREAM_TIMEOUT", "0", id="timeout-zero"),
+        pytest.param("LOG_LEVEL", "loud", id="log-level"),
+        pytest.param("ANTHROPIC_BASE_URL", "ftp://host", id="base-url"),
+    ],
+)
+def test_invalid_setting_is_described_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    message = invalid_settings_message()
+    assert "\n" not in message
+    assert variable in message
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["CACHE_KEY_MODE", "RESPOND_WITH_CACHE", "PORT", "UPSTREAM_TIMEOUT", "LOG_LEVEL", "GROQ_BASE_URL"],
+)
+def test_invalid_value_is_not_echoed(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    monkeypatch.setenv(variable, "CANARY-s3cret")
+    message = invalid_settings_message()
+    assert variable in message
+    assert "s3cret" not in message
+
+
+def test_invalid_base_url_does_not_leak_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", "ftp://user:s3cret@host")
+    message = invalid_settings_message()
+    assert "OPENAI_BASE_URL" in message
+    assert "s3cret" not in message
+    assert "\n" not in message
+
+
+def test_invalid_extra_provider_does_not_leak_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    set_extra_providers(monkeypatch, {"ollama": {"base_url": "ftp://user:s3cret@host", "api_key": "s3cret"}})
+    message = invalid_settings_message()
+    assert "EXTRA_PROVIDERS" in message
+    assert "ollama" in message
+    assert "s3cret" not in message
+
+
+def test_several_invalid_settings_on_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PORT", "99999")
+    monkeypatch.setenv("CACHE_KEY_MODE", "banana")
+    message = invalid_settings_message()
+    assert "\n" not in message
+    assert "PORT" in message
+    assert "CACHE_KEY_MODE" in message
