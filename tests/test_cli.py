@@ -70,7 +70,7 @@ def test_starts_with_no_configuration_and_answers_healthz(command: list[str], tm
 @pytest.mark.parametrize("command", [OPENAI_PROXY, UVICORN_FORM], ids=["openai-proxy", "uvicorn"])
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("CACHE_KEY_MODE", "banana"), ("RESPOND_WITH_CACHE", "maybe"), ("OPENAI_BASE_URL", "ftp://u:s3cret@h")],
+    [("CACHE_KEY_MODE", "banana"), ("OPENAI_BASE_URL", "ftp://u:s3cret@h")],
 )
 def test_an_invalid_setting_stops_start_up_with_one_line(
     command: list[str], name: str, value: str, tmp_path: Path
