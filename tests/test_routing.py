@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import httpx
 import pytest
@@ -217,3 +218,24 @@ class TestCredentials:
         database = (tmp_path / "cache.db").read_bytes() + (tmp_path / "cache.db-wal").read_bytes()
         assert b"sk-client-SECRET" not in database
         assert b"answer 1" in database
+
+
+def test_credentials_never_reach_the_logs_or_error_bodies(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    base = start_proxy(openai_api_key=None)
+    secret = "sk-client-LOGCANARY-91"
+    headers = {"authorization": f"Bearer {secret}"}
+    answers = [
+        httpx.post(f"{base}/v1/chat/completions", json=CHAT, headers=headers),
+        httpx.post(f"{base}/nope/v1/chat/completions", json=CHAT, headers=headers),
+        httpx.post(
+            f"{start_proxy(openai_base_url='http://127.0.0.1:9')}/v1/chat/completions", headers=headers
+        ),
+    ]
+    assert [answer.status_code for answer in answers] == [200, 404, 502]
+    assert all(secret not in answer.text and secret not in str(answer.headers) for answer in answers)
+    assert caplog.records, "the test must have captured some logging to mean anything"
+    assert all(secret not in record.getMessage() for record in caplog.records)
+    assert PROXY_OPENAI_KEY not in caplog.text
