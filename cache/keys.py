@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from cache.sse import EVENT_STREAM, stream_completed
+
 KEY_VERSION = 1
 
 # A generation endpoint is the last part of a versioned path: `v1/chat/completions`,
@@ -42,8 +44,11 @@ CONTENT_FIELDS = (
 )
 MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call")
 EMBEDDING_FIELDS = ("model", "dimensions", "encoding_format")
-# Never part of any key: whether the answer is streamed does not change the answer.
+# Never part of the content: whether the answer is streamed does not change the answer.
 TRANSPORT_FIELDS = frozenset({"stream", "stream_options"})
+# Endpoints whose streamed and complete answers convert into each other faithfully, so both
+# share one entry. Elsewhere a streamed request gets an entry of its own.
+STREAM_CONVERTIBLE = frozenset({"chat/completions", "messages"})
 _TEXT_PART_TYPES = frozenset({"text", "input_text"})
 # Prompt-caching hints say how the provider should bill, not what the conversation is.
 _IGNORED_PART_FIELDS = frozenset({"cache_control"})
@@ -93,6 +98,11 @@ def cache_key(
         "namespace": namespace,
         "content": content,
     }
+    if (
+        body.get("stream") is True
+        and generation_endpoint(endpoint.split("?", 1)[0]) not in STREAM_CONVERTIBLE
+    ):
+        material["stream"] = True
     return hashlib.sha256(canonical_json(material)).hexdigest()
 
 
@@ -180,8 +190,9 @@ def credential_scope(headers: Iterable[tuple[str, str]]) -> str:
     return hashlib.sha256(canonical_json(found)).hexdigest()
 
 
-def is_storable(status: int, headers: Iterable[tuple[str, str]], body: bytes) -> bool:
-    """Only a complete, successful JSON answer meant for anyone may be stored."""
+def is_storable(status: int, headers: Iterable[tuple[str, str]], body: bytes, endpoint: str) -> bool:
+    """Only a complete, successful answer meant for anyone may be stored: JSON that parses, or an
+    event stream that ended the way `endpoint` ends a whole answer."""
     if not 200 <= status < 300:
         return False
     content_type = ""
@@ -193,6 +204,8 @@ def is_storable(status: int, headers: Iterable[tuple[str, str]], body: bytes) ->
             return False
         if lowered == "content-type":
             content_type = value.split(";", 1)[0].strip().lower()
+    if content_type == EVENT_STREAM:
+        return stream_completed(endpoint, body)
     if content_type != "application/json" and not content_type.endswith("+json"):
         return False
     try:

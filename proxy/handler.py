@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -16,6 +17,7 @@ from starlette.responses import Response
 from cache import CacheBackend, CachedResponse, CacheError, CacheHealth, cache_key, generation_endpoint
 from cache.health import Operation
 from cache.keys import credential_scope, is_storable
+from cache.replay import Replay, replay
 from providers import Provider
 from proxy.errors import ProxyError, error_response
 from proxy.headers import Headers, client_response_headers, upstream_request_headers
@@ -26,6 +28,17 @@ from proxy.upstream import RequestContent, open_response, read_body, upstream_ur
 logger = logging.getLogger("openai_proxy")
 
 DEFAULT_PROVIDER = "openai"
+
+
+@dataclass(frozen=True)
+class PendingEntry:
+    """Where and how the answer to one cacheable request will be stored."""
+
+    key: str
+    provider: str
+    endpoint_path: str
+    endpoint: str
+    model: str | None
 
 
 class CacheStatus(StrEnum):
@@ -103,83 +116,93 @@ class Proxy:
         client_headers = _client_headers(request)
         headers = upstream_request_headers(client_headers, provider)
         endpoint_path = rest.decode("latin-1")
-        if request.method != "POST" or generation_endpoint(endpoint_path) is None:
+        endpoint = generation_endpoint(endpoint_path)
+        if request.method != "POST" or endpoint is None:
             return await self._pass_through(request, provider, url, headers, client_headers)
 
         body = await request.body()
         payload = parse_json_object(body)
-        if payload is not None and self.settings.override_model and "model" in payload:
+        if payload is None:
+            return await self._relay(provider, "POST", url, headers, body, CacheStatus.BYPASS)
+        if self.settings.override_model and "model" in payload:
             payload["model"] = self.settings.override_model
             body = json.dumps(payload).encode()
-        if payload is None or payload.get("stream") is True:
-            return await self._relay(provider, request.method, url, headers, body, CacheStatus.BYPASS)
-
         if query:
             endpoint_path += "?" + query.decode("latin-1")
         scope = "" if provider.api_key is not None else credential_scope(client_headers)
-        key = cache_key(provider.name, endpoint_path, payload, self.key_config, scope=scope)
+        model = payload.get("model")
+        pending = PendingEntry(
+            key=cache_key(provider.name, endpoint_path, payload, self.key_config, scope=scope),
+            provider=provider.name,
+            endpoint_path=endpoint_path,
+            endpoint=endpoint,
+            model=model if isinstance(model, str) else None,
+        )
+        wants_stream = payload.get("stream") is True
+        stream_options = payload.get("stream_options")
+        wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+
         status = CacheStatus.MISS
         if self.settings.respond_with_cache:
             try:
-                entry = await self.backend.get(key)
+                entry = await self.backend.get(pending.key)
             except CacheError as exc:
                 self.health.failed(Operation.READ, exc)
                 status = CacheStatus.BYPASS
             else:
                 self.health.succeeded(Operation.READ)
-                if entry is not None:
-                    return self._hit(entry, key)
+                answer = replay(entry, endpoint, wants_stream, wants_usage) if entry is not None else None
+                if entry is not None and answer is not None:
+                    return self._hit(entry, answer, pending.key)
+        storing = self.settings.store_cache and status is not CacheStatus.BYPASS
+        if wants_stream:
+            return await self._relay(
+                provider, "POST", url, headers, body, status, pending=pending, store=storing
+            )
 
         try:
             upstream = await open_response(self.http, provider, "POST", url, headers, body)
-            answer = await read_body(upstream, provider)
+            answer_body = await read_body(upstream, provider)
         except ProxyError as error:
-            error.headers.update(self._cache_headers(status, key))
+            error.headers.update(self._cache_headers(status, pending.key))
             raise
         upstream_headers = upstream.headers.multi_items()
-        storing = self.settings.store_cache and status is not CacheStatus.BYPASS
-        if storing and is_storable(upstream.status_code, upstream_headers, answer):
-            await self._store(key, upstream, answer, provider, endpoint_path, payload)
+        if storing:
+            await self._store(pending, upstream.status_code, upstream_headers, answer_body)
         return buffered_response(
             upstream.status_code,
-            answer,
-            [*client_response_headers(upstream_headers), *self._cache_headers(status, key)],
+            answer_body,
+            [*client_response_headers(upstream_headers), *self._cache_headers(status, pending.key)],
         )
 
-    async def _store(
-        self,
-        key: str,
-        upstream: httpx.Response,
-        answer: bytes,
-        provider: Provider,
-        endpoint: str,
-        payload: dict[str, Any],
-    ) -> None:
-        model = payload.get("model")
+    async def _store(self, pending: PendingEntry, status: int, headers: Headers, body: bytes) -> None:
+        if not is_storable(status, headers, body, pending.endpoint):
+            return
+        content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
         entry = CachedResponse(
-            status=upstream.status_code,
-            content_type=upstream.headers.get("content-type", "application/json"),
-            body=answer,
+            status=status,
+            content_type=content_type,
+            body=body,
             created_at=self.clock(),
-            provider=provider.name,
-            endpoint=endpoint,
-            model=model if isinstance(model, str) else None,
+            provider=pending.provider,
+            endpoint=pending.endpoint_path,
+            model=pending.model,
         )
         try:
-            await self.backend.set(key, entry)
+            await self.backend.set(pending.key, entry)
         except CacheError as exc:
             self.health.failed(Operation.WRITE, exc)
         else:
             self.health.succeeded(Operation.WRITE)
 
-    def _hit(self, entry: CachedResponse, key: str) -> Response:
+    def _hit(self, entry: CachedResponse, answer: Replay, key: str) -> Response:
         age = max(0, int(self.clock() - entry.created_at))
         headers = [
-            ("content-type", entry.content_type),
+            ("content-type", answer.content_type),
             ("age", str(age)),
             *self._cache_headers(CacheStatus.HIT, key),
         ]
-        return buffered_response(entry.status, entry.body, headers)
+        return buffered_response(entry.status, answer.body, headers)
 
     @staticmethod
     def _cache_headers(status: CacheStatus, key: str | None) -> Headers:
@@ -205,14 +228,28 @@ class Proxy:
         headers: Headers,
         content: RequestContent,
         status: CacheStatus,
+        *,
+        pending: PendingEntry | None = None,
+        store: bool = False,
     ) -> Response:
+        """Relay the upstream answer as it arrives; with `store`, record it and store it once it completed."""
+        key = pending.key if pending is not None else None
         try:
             upstream = await open_response(self.http, provider, method, url, headers, content)
         except ProxyError as error:
-            error.headers.update(self._cache_headers(status, None))
+            error.headers.update(self._cache_headers(status, key))
             raise
-        response_headers = [
-            *client_response_headers(upstream.headers.multi_items()),
-            *self._cache_headers(status, None),
-        ]
-        return RelayResponse(upstream.status_code, response_headers, upstream_chunks(upstream, provider.name))
+        upstream_headers = upstream.headers.multi_items()
+        response_headers = [*client_response_headers(upstream_headers), *self._cache_headers(status, key)]
+        if pending is None or not store:
+            return RelayResponse(
+                upstream.status_code, response_headers, upstream_chunks(upstream, provider.name)
+            )
+
+        recorded: list[bytes] = []
+
+        async def store_recording() -> None:
+            await self._store(pending, upstream.status_code, upstream_headers, b"".join(recorded))
+
+        chunks = upstream_chunks(upstream, provider.name, record=recorded)
+        return RelayResponse(upstream.status_code, response_headers, chunks, on_complete=store_recording)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import anyio
 import httpx
@@ -31,10 +31,17 @@ class UpstreamBrokeOff(Exception):
     """The upstream body ended before it was complete."""
 
 
-async def upstream_chunks(response: httpx.Response, provider: str) -> AsyncGenerator[bytes, None]:
-    """The decoded upstream body as it arrives; the upstream response is closed however this ends."""
+async def upstream_chunks(
+    response: httpx.Response, provider: str, record: list[bytes] | None = None
+) -> AsyncGenerator[bytes, None]:
+    """The decoded upstream body as it arrives, also appended to `record` when given.
+
+    The upstream response is closed however this ends.
+    """
     try:
         async for chunk in response.aiter_bytes():
+            if record is not None:
+                record.append(chunk)
             yield chunk
     except httpx.HTTPError as exc:
         raise UpstreamBrokeOff(f"upstream {provider} broke off its response ({type(exc).__name__})") from exc
@@ -51,32 +58,45 @@ class RelayResponse(Response):
     can tell the answer is incomplete.
     """
 
-    def __init__(self, status: int, headers: Headers, chunks: AsyncGenerator[bytes, None]) -> None:
+    def __init__(
+        self,
+        status: int,
+        headers: Headers,
+        chunks: AsyncGenerator[bytes, None],
+        on_complete: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.status_code = status
         self.raw_headers = _encode(headers)
         self.chunks = chunks
+        self.on_complete = on_complete
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        completed = False
         async with anyio.create_task_group() as group:
             group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
             try:
-                await self._relay(send)
+                completed = await self._relay(send)
             finally:
                 group.cancel_scope.cancel()
+        # Outside the task group, so a client leaving right after the last byte cannot cut it short.
+        if completed and self.on_complete is not None:
+            await self.on_complete()
 
-    async def _relay(self, send: Send) -> None:
+    async def _relay(self, send: Send) -> bool:
+        """Relay every chunk; True when the whole body reached the client."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
             async for chunk in self.chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamBrokeOff as exc:
             logger.warning("%s; the client's response was cut off the same way", exc)
-            return
+            return False
         finally:
             with anyio.CancelScope(shield=True):
                 await self.chunks.aclose()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
 
     @staticmethod
     async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

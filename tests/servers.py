@@ -102,17 +102,92 @@ def anthropic_message(number: int, model: str) -> dict[str, Any]:
     }
 
 
-def chat_chunks(number: int, model: str) -> list[bytes]:
-    base = {
+WEATHER_CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+WEATHER_ARGUMENTS = ['{"city"', ': "Par', 'is"}']
+
+
+def chat_chunks(number: int, model: str, *, tools: bool = False, usage: bool = False) -> list[bytes]:
+    """A realistic chat.completion.chunk stream: role, text (or tool-call) deltas, finish, usage, [DONE]."""
+    base: dict[str, Any] = {
         "id": f"chatcmpl-{number}",
         "object": "chat.completion.chunk",
-        "created": 1_700_000_000,
+        "created": 1_700_000_000 + number,
         "model": model,
+        "system_fingerprint": "fp_test",
     }
-    deltas = [{"role": "assistant", "content": ""}, {"content": "answer "}, {"content": str(number)}]
-    events = [{**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas]
-    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    if usage:
+        base["usage"] = None
+    if tools:
+        deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None}]
+        deltas.append({"tool_calls": [{"index": 0, **WEATHER_CALL}]})
+        deltas += [
+            {"tool_calls": [{"index": 0, "function": {"arguments": part}}]} for part in WEATHER_ARGUMENTS
+        ]
+        finish = "tool_calls"
+    else:
+        deltas = [
+            {"role": "assistant", "content": "", "refusal": None},
+            {"content": "answer "},
+            {"content": str(number)},
+        ]
+        finish = "stop"
+    choice = {"index": 0, "logprobs": None, "finish_reason": None}
+    events = [{**base, "choices": [{**choice, "delta": delta}]} for delta in deltas]
+    events.append({**base, "choices": [{**choice, "delta": {}, "finish_reason": finish}]})
+    if usage:
+        events.append(
+            {**base, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}}
+        )
     return [f"data: {json.dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"]
+
+
+def chat_tool_completion(number: int, model: str) -> dict[str, Any]:
+    completion = chat_completion(number, model)
+    arguments = "".join(WEATHER_ARGUMENTS)
+    call = {**WEATHER_CALL, "function": {"name": "get_weather", "arguments": arguments}}
+    completion["choices"][0]["message"] = {
+        "role": "assistant",
+        "content": None,
+        "refusal": None,
+        "tool_calls": [call],
+    }
+    completion["choices"][0]["finish_reason"] = "tool_calls"
+    return completion
+
+
+def anthropic_events(number: int, model: str, *, tools: bool = False) -> list[bytes]:
+    """A realistic Anthropic message stream, with a text block and optionally a tool_use block."""
+    start = {**anthropic_message(number, model), "content": [], "stop_reason": None}
+    start["usage"] = {"input_tokens": 9, "output_tokens": 1}
+    events: list[dict[str, Any]] = [{"type": "message_start", "message": start}, {"type": "ping"}]
+    events += [
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "answer "}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": str(number)}},
+        {"type": "content_block_stop", "index": 0},
+    ]
+    if tools:
+        block = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+        events.append({"type": "content_block_start", "index": 1, "content_block": block})
+        events += [
+            {
+                "type": "content_block_delta",
+                "index": 1,
+                "delta": {"type": "input_json_delta", "partial_json": part},
+            }
+            for part in WEATHER_ARGUMENTS
+        ]
+        events.append({"type": "content_block_stop", "index": 1})
+    stop = "tool_use" if tools else "end_turn"
+    events.append(
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": stop, "stop_sequence": None},
+            "usage": {"output_tokens": 3},
+        }
+    )
+    events.append({"type": "message_stop"})
+    return [f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in events]
 
 
 @dataclass
@@ -125,6 +200,7 @@ class FakeUpstream:
     chunk_delay: float = 0.0
     calls: int = 0
     url: str = ""
+    sent_at: list[float] = field(default_factory=list)
 
     def app(self) -> Starlette:
         return Starlette(
@@ -157,14 +233,31 @@ class FakeUpstream:
         except ValueError:
             return JSONResponse({"error": {"message": "We could not parse the JSON body"}}, status_code=400)
         model = body.get("model", "unknown")
+        tools = bool(body.get("tools"))
         if path.endswith("/chat/completions"):
             if body.get("stream"):
-                return StreamingResponse(
-                    self._paced(chat_chunks(number, model)), media_type="text/event-stream"
-                )
-            return JSONResponse(chat_completion(number, model))
+                usage = bool((body.get("stream_options") or {}).get("include_usage"))
+                return self.stream(chat_chunks(number, model, tools=tools, usage=usage))
+            return JSONResponse(
+                chat_tool_completion(number, model) if tools else chat_completion(number, model)
+            )
         if path.endswith("/messages"):
-            return JSONResponse(anthropic_message(number, model))
+            if body.get("stream"):
+                return self.stream(anthropic_events(number, model, tools=tools))
+            message = anthropic_message(number, model)
+            if tools:
+                message["content"].append(
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+                )
+                message["stop_reason"] = "tool_use"
+            return JSONResponse(message)
+        if path.endswith("/completions") and body.get("stream"):
+            text = {
+                "id": f"cmpl-{number}",
+                "object": "text_completion",
+                "choices": [{"text": f"answer {number}"}],
+            }
+            return self.stream([f"data: {json.dumps(text)}\n\n".encode(), b"data: [DONE]\n\n"])
         if path.endswith("/embeddings"):
             vector = [0.1 * number, 0.2, 0.3]
             return JSONResponse(
@@ -177,11 +270,18 @@ class FakeUpstream:
             )
         return JSONResponse({"echo": path, "number": number})
 
-    async def _paced(self, chunks: list[bytes]) -> Any:
-        for chunk in chunks:
-            yield chunk
-            if self.chunk_delay:
-                await asyncio.sleep(self.chunk_delay)
+    def stream(self, chunks: list[bytes]) -> StreamingResponse:
+        """Streams `chunks`, waiting `chunk_delay` after each; `sent_at` gets each chunk's send time."""
+        self.sent_at = []
+
+        async def paced() -> Any:
+            for chunk in chunks:
+                self.sent_at.append(time.perf_counter())
+                yield chunk
+                if self.chunk_delay:
+                    await asyncio.sleep(self.chunk_delay)
+
+        return StreamingResponse(paced(), media_type="text/event-stream")
 
 
 def gzip_json(value: Any, **headers: str) -> Response:

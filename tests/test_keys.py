@@ -430,12 +430,12 @@ JSON_BODY = json.dumps({"id": "chatcmpl-1", "choices": []}).encode()
     ],
 )
 def test_successful_json_is_storable(headers: list[tuple[str, str]]) -> None:
-    assert is_storable(200, headers, JSON_BODY)
+    assert is_storable(200, headers, JSON_BODY, "chat/completions")
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 429, 500, 503, 304, 199])
 def test_unsuccessful_status_is_not_storable(status: int) -> None:
-    assert not is_storable(status, JSON_HEADERS, JSON_BODY)
+    assert not is_storable(status, JSON_HEADERS, JSON_BODY, "chat/completions")
 
 
 @pytest.mark.parametrize(
@@ -447,7 +447,7 @@ def test_unsuccessful_status_is_not_storable(status: int) -> None:
     ],
 )
 def test_non_json_content_type_is_not_storable(headers: list[tuple[str, str]]) -> None:
-    assert not is_storable(200, headers, JSON_BODY)
+    assert not is_storable(200, headers, JSON_BODY, "chat/completions")
 
 
 @pytest.mark.parametrize(
@@ -460,12 +460,12 @@ def test_non_json_content_type_is_not_storable(headers: list[tuple[str, str]]) -
     ],
 )
 def test_invalid_json_body_is_not_storable(body: bytes) -> None:
-    assert not is_storable(200, JSON_HEADERS, body)
+    assert not is_storable(200, JSON_HEADERS, body, "chat/completions")
 
 
 @pytest.mark.parametrize("name", ["set-cookie", "Set-Cookie"])
 def test_set_cookie_is_not_storable(name: str) -> None:
-    assert not is_storable(200, [*JSON_HEADERS, (name, "session=abc")], JSON_BODY)
+    assert not is_storable(200, [*JSON_HEADERS, (name, "session=abc")], JSON_BODY, "chat/completions")
 
 
 @pytest.mark.parametrize(
@@ -482,4 +482,4 @@ def test_set_cookie_is_not_storable(name: str) -> None:
 )
 def test_cache_control_forbidding_storage_is_not_storable(value: str) -> None:
     for name in ("cache-control", "Cache-Control"):
-        assert not is_storable(200, [*JSON_HEADERS, (name, value)], JSON_BODY)
+        assert not is_storable(200, [*JSON_HEADERS, (name, value)], JSON_BODY, "chat/completions")

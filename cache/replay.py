@@ -1,0 +1,70 @@
+"""Pure: how a stored entry answers a request, in the shape (stream or not, usage or not) it asks for."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from cache.base import CachedResponse
+from cache.convert import (
+    anthropic_json_to_stream,
+    anthropic_stream_to_json,
+    chat_json_to_stream,
+    chat_stream_to_json,
+    is_usage_chunk,
+)
+from cache.keys import STREAM_CONVERTIBLE
+from cache.sse import EVENT_STREAM, parse_events
+
+
+@dataclass(frozen=True)
+class Replay:
+    body: bytes
+    content_type: str
+
+
+def is_event_stream(content_type: str) -> bool:
+    return content_type.split(";", 1)[0].strip().lower() == EVENT_STREAM
+
+
+def replay(entry: CachedResponse, endpoint: str, wants_stream: bool, wants_usage: bool) -> Replay | None:
+    """The answer to send for `entry`, or None when it cannot answer faithfully (then it is a miss).
+
+    The stored bytes go out unchanged when the request asks for the shape that was recorded.
+    """
+    stored_stream = is_event_stream(entry.content_type)
+    if stored_stream and wants_stream and endpoint == "chat/completions":
+        return _chat_stream_with_usage_as_asked(entry, wants_usage)
+    if stored_stream == wants_stream:
+        return Replay(entry.body, entry.content_type)
+    if endpoint not in STREAM_CONVERTIBLE:
+        return None
+    if stored_stream:
+        events = parse_events(entry.body)
+        message = (
+            chat_stream_to_json(events)
+            if endpoint == "chat/completions"
+            else anthropic_stream_to_json(events)
+        )
+        if message is None:
+            return None
+        return Replay(json.dumps(message, ensure_ascii=False).encode(), "application/json")
+    try:
+        stored = json.loads(entry.body)
+    except ValueError:
+        return None
+    if endpoint == "chat/completions":
+        return Replay(chat_json_to_stream(stored, include_usage=wants_usage), EVENT_STREAM)
+    return Replay(anthropic_json_to_stream(stored), EVENT_STREAM)
+
+
+def _chat_stream_with_usage_as_asked(entry: CachedResponse, wants_usage: bool) -> Replay | None:
+    events = parse_events(entry.body)
+    usage_events = {index for index, event in enumerate(events) if is_usage_chunk(event.json())}
+    if bool(usage_events) == wants_usage:
+        return Replay(entry.body, entry.content_type)
+    if wants_usage:
+        return None  # the recording has no usage to give; fetch an answer that has
+    kept = b"".join(event.raw for index, event in enumerate(events) if index not in usage_events)
+    tail = entry.body[sum(len(event.raw) for event in events) :]
+    return Replay(kept + tail, entry.content_type)

@@ -1,0 +1,110 @@
+"""Pure Server-Sent Events handling: split a recorded stream into events, and tell whether it completed."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+EVENT_STREAM = "text/event-stream"
+DONE = "[DONE]"
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+# How each generation endpoint says its stream is over. Endpoints not listed have no terminator:
+# a clean end of a 200 response is a complete stream for them.
+_OPENAI_DONE = frozenset({DONE})
+_TERMINATORS: dict[str, frozenset[str]] = {
+    "chat/completions": _OPENAI_DONE,
+    "completions": _OPENAI_DONE,
+    "messages": frozenset({"message_stop"}),
+    "responses": frozenset({"response.completed", "response.incomplete"}),
+}
+_ERROR_TYPES = frozenset({"error", "response.failed"})
+
+
+@dataclass(frozen=True)
+class SseEvent:
+    """One event: its `event:` name, its joined `data:` lines, and its exact bytes (with the blank line)."""
+
+    name: str | None
+    data: str
+    raw: bytes
+
+    def json(self) -> Any:
+        """The data as JSON, or None when it is not JSON (such as `[DONE]`)."""
+        try:
+            return json.loads(self.data)
+        except ValueError:
+            return None
+
+    @property
+    def type(self) -> str:
+        """What the event is: `[DONE]`, the `type` of its JSON data, or its `event:` name."""
+        if self.data == DONE:
+            return DONE
+        payload = self.json()
+        if isinstance(payload, dict) and isinstance(payload.get("type"), str):
+            return str(payload["type"])
+        return self.name or ""
+
+
+def parse_events(stream: bytes) -> list[SseEvent]:
+    """Every complete event in `stream`; comments-only blocks are kept (as events without data)."""
+    events = []
+    position = 0
+    for end in _EVENT_END.finditer(stream):
+        raw = stream[position : end.end()]
+        position = end.end()
+        events.append(_parse_event(raw))
+    return events
+
+
+def _parse_event(raw: bytes) -> SseEvent:
+    name: str | None = None
+    data: list[str] = []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+    return SseEvent(name, "\n".join(data), raw)
+
+
+def encode_event(data: Any, name: str | None = None) -> bytes:
+    """One event with `data` as compact JSON (or a literal string such as `[DONE]`)."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    prefix = f"event: {name}\n" if name else ""
+    return f"{prefix}data: {text}\n\n".encode()
+
+
+def stream_completed(endpoint: str, stream: bytes) -> bool:
+    """Whether a recorded stream ended the way the endpoint ends a whole answer, with no error in it.
+
+    Bytes after the last blank line count as a final event: the upstream ended its response there.
+    """
+    events = parse_events(stream)
+    tail = stream[sum(len(event.raw) for event in events) :]
+    if tail.strip():
+        events.append(_parse_event(tail))
+    events = [event for event in events if event.data]
+    if not events or any(_is_error(event) for event in events):
+        return False
+    terminators = _TERMINATORS.get(endpoint)
+    return terminators is None or events[-1].type in terminators
+
+
+def _is_error(event: SseEvent) -> bool:
+    if event.type in _ERROR_TYPES or event.name == "error":
+        return True
+    payload = event.json()
+    return isinstance(payload, dict) and "error" in payload and payload["error"] is not None
+
+
+def data_events(events: Iterable[SseEvent]) -> list[Any]:
+    """The JSON payloads of the events, skipping `[DONE]`, pings without data and comments."""
+    return [payload for event in events if event.data and (payload := event.json()) is not None]
