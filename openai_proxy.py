@@ -7,12 +7,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import uvicorn
 from fastapi import FastAPI
@@ -22,9 +26,12 @@ from starlette.responses import JSONResponse, Response
 
 from cache import CacheBackend, CacheError, CacheHealth, SqliteBackend
 from cache.health import Operation
+from proxy import commands
+from proxy.admin import AdminApi
 from proxy.errors import ProxyError, error_response
 from proxy.handler import Proxy
 from proxy.settings import Settings, describe_invalid_settings
+from proxy.statistics import Statistics
 
 __all__ = ["Settings", "create_app", "main"]
 
@@ -39,21 +46,30 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False)
 
 
+def sqlite_backend(settings: Settings) -> SqliteBackend:
+    return SqliteBackend(
+        settings.cache_db,
+        busy_timeout=settings.cache_busy_timeout,
+        max_entries=settings.cache_max_entries,
+        max_bytes=settings.cache_max_bytes,
+    )
+
+
 def create_app(
     settings: Settings | None = None,
     backend: CacheBackend | None = None,
     http: httpx.AsyncClient | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> FastAPI:
     settings = settings if settings is not None else Settings()
-    backend = (
-        backend
-        if backend is not None
-        else SqliteBackend(settings.cache_db, busy_timeout=settings.cache_busy_timeout)
-    )
+    backend = backend if backend is not None else sqlite_backend(settings)
     owns_http = http is None
     client = http if http is not None else upstream_client(settings)
     health = CacheHealth(backend.name)
-    proxy = Proxy(settings, backend, health, client)
+    statistics = Statistics(backend, health)
+    proxy = Proxy(settings, backend, health, client, statistics, clock)
+    admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
+    admin = AdminApi(backend, statistics, admin_key, proxy.proxy_keys, clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -62,8 +78,12 @@ def create_app(
         except CacheError as exc:
             health.failed(Operation.READ, exc)
         try:
-            yield
+            async with anyio.create_task_group() as background:
+                background.start_soon(statistics.flush_periodically)
+                yield
+                background.cancel_scope.cancel()
         finally:
+            await statistics.flush()
             await backend.close()
             if owns_http:
                 await client.aclose()
@@ -81,6 +101,11 @@ def create_app(
                 reason = str(exc)
         cache = {"backend": backend.name, "ok": reason is None, "reason": reason}
         return JSONResponse({"status": "ok" if reason is None else "degraded", "cache": cache})
+
+    @app.api_route("/cache", methods=PROXIED_METHODS)
+    @app.api_route("/cache/{path:path}", methods=PROXIED_METHODS)
+    async def cache_admin(request: Request) -> Response:
+        return await admin.serve(request)
 
     @app.api_route("/{path:path}", methods=PROXIED_METHODS)
     async def forward(request: Request) -> Response:
@@ -141,7 +166,8 @@ def _settings_epilog() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openai-proxy",
-        description="A caching reverse proxy for LLM APIs. Point your SDK at http://HOST:PORT/v1.",
+        description="A caching reverse proxy for LLM APIs. Point your SDK at http://HOST:PORT/v1. "
+        "Without a command it serves; the commands work on the cache file (CACHE_DB).",
         epilog=_settings_epilog(),
     )
     parser.add_argument("--host", help="address to bind (HOST; default 127.0.0.1)")
@@ -152,13 +178,37 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug", "trace"],
         help="log level (LOG_LEVEL; default info)",
     )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    stats = commands.add_parser("stats", help="show cache statistics and tokens saved")
+    stats.add_argument("--json", action="store_true", help="print the figures as JSON")
+    purge = commands.add_parser("purge", help="delete entries (all of them, or those matching every filter)")
+    purge.add_argument("--namespace", help="only entries of this X-Cache-Namespace")
+    purge.add_argument("--provider", help="only entries of this provider (openai, anthropic, ...)")
+    purge.add_argument("--older-than", metavar="AGE", help="only entries older than AGE (3600s, 30m, 12h, 7d, 2w)")
+    export = commands.add_parser("export", help="write every entry to a JSON-lines file")
+    export.add_argument("file", type=Path, metavar="FILE.jsonl")
+    load = commands.add_parser("import", help="store the entries of a JSON-lines file made by export")
+    load.add_argument("file", type=Path, metavar="FILE.jsonl")
     return parser
+
+
+def run_command(settings: Settings, args: argparse.Namespace) -> int:
+    backend = sqlite_backend(settings)
+    actions: dict[str, Callable[[], Awaitable[int]]] = {
+        "stats": lambda: commands.show_statistics(backend, args.json),
+        "purge": lambda: commands.purge(backend, args.namespace, args.provider, args.older_than),
+        "export": lambda: commands.export_entries(backend, args.file),
+        "import": lambda: commands.import_entries(backend, args.file),
+    }
+    return asyncio.run(commands.run(backend, args.command, actions[args.command]))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    overrides = {name: value for name, value in vars(args).items() if value is not None}
-    settings = load_settings(**overrides)
+    serving = {name: getattr(args, name) for name in ("host", "port", "workers", "log_level")}
+    settings = load_settings(**{name: value for name, value in serving.items() if value is not None})
+    if args.command is not None:
+        raise SystemExit(run_command(settings, args))
     configure_logging(settings.log_level)
     options: dict[str, Any] = {
         "host": settings.host,

@@ -135,9 +135,7 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=50, help="streams per measurement (default 50)")
     parser.add_argument("--gap-ms", type=float, default=20, help="upstream pause between events (default 20)")
     args = parser.parse_args()

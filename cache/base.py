@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -12,7 +13,11 @@ class CacheError(Exception):
 
 @dataclass(frozen=True)
 class CachedResponse:
-    """A complete upstream answer, as replayed on a hit. Never holds a credential."""
+    """A complete upstream answer, as replayed on a hit, with what the admin API shows of it.
+
+    Never holds a credential. `ttl` is the entry's own time to live in seconds (from
+    `X-Cache-TTL`); None means the proxy's `CACHE_TTL` applies.
+    """
 
     status: int
     content_type: str
@@ -21,6 +26,86 @@ class CachedResponse:
     provider: str
     endpoint: str
     model: str | None = None
+    namespace: str = ""
+    ttl: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """An entry as the admin API lists it: everything but the body."""
+
+    key: str
+    provider: str
+    endpoint: str
+    model: str | None
+    namespace: str
+    size: int
+    created_at: float
+    last_hit_at: float | None
+    hits: int
+
+
+@dataclass(frozen=True)
+class EntryFilter:
+    """Which entries a purge or a listing covers; None matches anything."""
+
+    namespace: str | None = None
+    provider: str | None = None
+    created_before: float | None = None
+
+
+@dataclass(frozen=True)
+class Saving:
+    """What hits saved for one provider and model: tokens not paid for again."""
+
+    provider: str
+    model: str
+    hits: int
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class CacheStatistics:
+    entries: int
+    bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    savings: list[Saving] = field(default_factory=list)
+
+    @property
+    def hit_ratio(self) -> float:
+        answered = self.hits + self.misses
+        return self.hits / answered if answered else 0.0
+
+
+@dataclass
+class Tally:
+    """Counts gathered in memory between two flushes to the store, so no request writes for them."""
+
+    hits: int = 0
+    misses: int = 0
+    # key -> (hits, time of the last one)
+    entry_hits: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # (provider, model) -> [hits, input tokens, output tokens]
+    savings: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.hits or self.misses)
+
+    def merge(self, other: Tally) -> None:
+        self.hits += other.hits
+        self.misses += other.misses
+        for key, (count, at) in other.entry_hits.items():
+            previous, last = self.entry_hits.get(key, (0, 0.0))
+            self.entry_hits[key] = (previous + count, max(last, at))
+        for group, figures in other.savings.items():
+            totals = self.savings.setdefault(group, [0, 0, 0])
+            for index, value in enumerate(figures):
+                totals[index] += value
 
 
 class CacheBackend(Protocol):
@@ -32,7 +117,27 @@ class CacheBackend(Protocol):
 
     async def get(self, key: str) -> CachedResponse | None: ...
 
-    async def set(self, key: str, entry: CachedResponse) -> None: ...
+    async def set(self, key: str, entry: CachedResponse) -> None:
+        """Store `entry`, evicting least-recently-used entries if the store's limits are exceeded."""
+        ...
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def purge(self, which: EntryFilter) -> int:
+        """Delete the matching entries; return how many."""
+        ...
+
+    async def list_entries(self, which: EntryFilter, offset: int, limit: int) -> list[EntryInfo]:
+        """Matching entries, newest first."""
+        ...
+
+    def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]: ...
+
+    async def record(self, tally: Tally) -> None:
+        """Add counts gathered in memory to the store's statistics."""
+        ...
+
+    async def statistics(self) -> CacheStatistics: ...
 
     async def ping(self) -> None:
         """Return when the store is usable; raise CacheError saying why it is not."""

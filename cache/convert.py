@@ -85,7 +85,7 @@ def _merge_chat_choice(state: dict[str, Any], choice: dict[str, Any]) -> None:
 def _finish_choice(index: int, state: dict[str, Any]) -> dict[str, Any]:
     message: dict[str, Any] = {
         "role": state["role"] or "assistant",
-        "content": "".join(state["content"]) if state["content"] or not state["tool_calls"] else None,
+        "content": "".join(state["content"]) if state["content"] else _absent_content(state),
         "refusal": "".join(state["refusal"]) or None,
     }
     if state["tool_calls"]:
@@ -98,20 +98,21 @@ def _finish_choice(index: int, state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _absent_content(state: dict[str, Any]) -> str | None:
+    # OpenAI sends null content with tool calls or a refusal, and "" for an empty text answer.
+    return None if state["tool_calls"] or state["refusal"] else ""
+
+
 def chat_json_to_stream(completion: dict[str, Any], include_usage: bool) -> bytes:
     """A chunk stream equivalent to a chat.completion object, ending with `[DONE]`."""
     envelope = {"object": "chat.completion.chunk"}
     envelope.update({field: completion[field] for field in _CHUNK_ENVELOPE if field in completion})
     usage = completion.get("usage") if include_usage else None
 
-    def chunk(
-        index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None
-    ) -> bytes:
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> bytes:
         body: dict[str, Any] = {
             **envelope,
-            "choices": [
-                {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-            ],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if usage is not None:
             body["usage"] = None
@@ -164,9 +165,7 @@ def anthropic_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
     return message
 
 
-def _apply_block_delta(
-    block: dict[str, Any], index: int, delta: dict[str, Any], partial_json: dict[int, str]
-) -> None:
+def _apply_block_delta(block: dict[str, Any], index: int, delta: dict[str, Any], partial_json: dict[int, str]) -> None:
     kind = delta.get("type")
     if kind == "text_delta":
         block["text"] = block.get("text", "") + delta["text"]
@@ -187,12 +186,9 @@ def anthropic_json_to_stream(message: dict[str, Any]) -> bytes:
     events = [_anthropic_event({"type": "message_start", "message": start})]
     for index, block in enumerate(message.get("content") or []):
         skeleton, deltas = _block_skeleton_and_deltas(block)
-        events.append(
-            _anthropic_event({"type": "content_block_start", "index": index, "content_block": skeleton})
-        )
+        events.append(_anthropic_event({"type": "content_block_start", "index": index, "content_block": skeleton}))
         events.extend(
-            _anthropic_event({"type": "content_block_delta", "index": index, "delta": delta})
-            for delta in deltas
+            _anthropic_event({"type": "content_block_delta", "index": index, "delta": delta}) for delta in deltas
         )
         events.append(_anthropic_event({"type": "content_block_stop", "index": index}))
     final = {"stop_reason": message.get("stop_reason"), "stop_sequence": message.get("stop_sequence")}

@@ -98,17 +98,12 @@ def cache_key(
         "namespace": namespace,
         "content": content,
     }
-    if (
-        body.get("stream") is True
-        and generation_endpoint(endpoint.split("?", 1)[0]) not in STREAM_CONVERTIBLE
-    ):
+    if body.get("stream") is True and generation_endpoint(endpoint.split("?", 1)[0]) not in STREAM_CONVERTIBLE:
         material["stream"] = True
     return hashlib.sha256(canonical_json(material)).hexdigest()
 
 
-def conversation_content(
-    body: Mapping[str, Any], endpoint: str, include: Iterable[str] = ()
-) -> dict[str, Any]:
+def conversation_content(body: Mapping[str, Any], endpoint: str, include: Iterable[str] = ()) -> dict[str, Any]:
     content: dict[str, Any] = {}
     for name in CONTENT_FIELDS:
         if name in body:

@@ -41,11 +41,7 @@ def replay(entry: CachedResponse, endpoint: str, wants_stream: bool, wants_usage
         return None
     if stored_stream:
         events = parse_events(entry.body)
-        message = (
-            chat_stream_to_json(events)
-            if endpoint == "chat/completions"
-            else anthropic_stream_to_json(events)
-        )
+        message = chat_stream_to_json(events) if endpoint == "chat/completions" else anthropic_stream_to_json(events)
         if message is None:
             return None
         return Replay(json.dumps(message, ensure_ascii=False).encode(), "application/json")

@@ -2,37 +2,98 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
+import anyio
 
-from cache.base import CachedResponse, CacheError
+from cache.base import CachedResponse, CacheError, CacheStatistics, EntryFilter, EntryInfo, Saving, Tally
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS entries (
-    key TEXT PRIMARY KEY,
-    provider TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    model TEXT,
-    status INTEGER NOT NULL,
-    content_type TEXT NOT NULL,
-    body BLOB NOT NULL,
-    created_at REAL NOT NULL
+# Each step brings a database from the version before it to its own; `user_version` records the last.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS entries (
+            key TEXT PRIMARY KEY,
+            provider TEXT NOT NULL,
+            endpoint TEXT NOT NULL,
+            model TEXT,
+            status INTEGER NOT NULL,
+            content_type TEXT NOT NULL,
+            body BLOB NOT NULL,
+            created_at REAL NOT NULL
+        )""",
+    ),
+    (
+        "ALTER TABLE entries ADD COLUMN namespace TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE entries ADD COLUMN ttl REAL",
+        "ALTER TABLE entries ADD COLUMN input_tokens INTEGER",
+        "ALTER TABLE entries ADD COLUMN output_tokens INTEGER",
+        "ALTER TABLE entries ADD COLUMN size INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE entries ADD COLUMN hits INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE entries ADD COLUMN last_hit_at REAL",
+        # Least recently used first: the eviction order.
+        "ALTER TABLE entries ADD COLUMN used_at REAL NOT NULL DEFAULT 0",
+        "UPDATE entries SET size = length(body), used_at = created_at",
+        "CREATE INDEX entries_by_use ON entries (used_at)",
+        "CREATE INDEX entries_by_creation ON entries (created_at)",
+        # Totals kept by triggers, so limits are checked without counting the table.
+        "CREATE TABLE totals (id INTEGER PRIMARY KEY CHECK (id = 1), entries INTEGER NOT NULL, bytes INTEGER NOT NULL)",
+        "INSERT INTO totals SELECT 1, count(*), coalesce(sum(size), 0) FROM entries",
+        """CREATE TRIGGER entries_added AFTER INSERT ON entries BEGIN
+            UPDATE totals SET entries = entries + 1, bytes = bytes + NEW.size;
+        END""",
+        """CREATE TRIGGER entries_removed AFTER DELETE ON entries BEGIN
+            UPDATE totals SET entries = entries - 1, bytes = bytes - OLD.size;
+        END""",
+        """CREATE TRIGGER entries_resized AFTER UPDATE OF size ON entries BEGIN
+            UPDATE totals SET bytes = bytes - OLD.size + NEW.size;
+        END""",
+        "CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+        """CREATE TABLE savings (
+            provider TEXT NOT NULL,
+            model TEXT NOT NULL,
+            hits INTEGER NOT NULL,
+            input_tokens INTEGER NOT NULL,
+            output_tokens INTEGER NOT NULL,
+            PRIMARY KEY (provider, model)
+        )""",
+    ),
 )
-"""
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_ENTRY_COLUMNS = (
+    "status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, input_tokens, output_tokens"
+)
+_INFO_COLUMNS = "key, provider, endpoint, model, namespace, size, created_at, last_hit_at, hits"
+_EXPORT_BATCH = 500
+_PURGE_BATCH = 1000
 
 
 class SqliteBackend:
     name = "sqlite"
 
-    def __init__(self, path: Path, *, busy_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout: float = 5.0,
+        max_entries: int = 0,
+        max_bytes: int = 0,
+    ) -> None:
+        """`max_entries` and `max_bytes` bound the store (0: unbounded); past them, LRU entries go."""
         self.path = path
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._open_error = "not opened yet"
+        # One connection serves every coroutine; a transaction must not take in another's statements.
+        self._transaction = asyncio.Lock()
 
     async def open(self) -> None:
         try:
@@ -53,15 +114,31 @@ class SqliteBackend:
         # WAL lets readers (hits) go on while one writer stores a miss; NORMAL sync is safe with WAL.
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
-        async with db.execute("PRAGMA user_version") as cursor:
-            row = await cursor.fetchone()
-        version = row[0] if row else 0
+        version = await self._scalar(db, "PRAGMA user_version")
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
                 f"cache schema version {version} is newer than this proxy understands ({SCHEMA_VERSION})"
             )
-        await db.execute(_SCHEMA)
-        await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if version == SCHEMA_VERSION:
+            return
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while this one waited for the lock.
+            version = await self._scalar(db, "PRAGMA user_version")
+            for steps in _MIGRATIONS[version:]:
+                for statement in steps:
+                    await db.execute(statement)
+            await db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            await db.execute("COMMIT")
+        except sqlite3.Error:
+            await db.execute("ROLLBACK")
+            raise
+
+    @staticmethod
+    async def _scalar(db: aiosqlite.Connection, query: str, parameters: tuple[Any, ...] = ()) -> int:
+        async with db.execute(query, parameters) as cursor:
+            row = await cursor.fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
 
     def _connection(self) -> aiosqlite.Connection:
         if self._db is None:
@@ -71,47 +148,184 @@ class SqliteBackend:
     async def get(self, key: str) -> CachedResponse | None:
         db = self._connection()
         try:
-            async with db.execute(
-                "SELECT status, content_type, body, created_at, provider, endpoint, model"
-                " FROM entries WHERE key = ?",
-                (key,),
-            ) as cursor:
+            async with db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?", (key,)) as cursor:
                 row = await cursor.fetchone()
         except sqlite3.Error as exc:
             raise CacheError(f"cache read failed: {exc}") from exc
-        if row is None:
-            return None
-        status, content_type, body, created_at, provider, endpoint, model = row
-        return CachedResponse(
-            status=status,
-            content_type=content_type,
-            body=bytes(body),
-            created_at=created_at,
-            provider=provider,
-            endpoint=endpoint,
-            model=model,
-        )
+        return None if row is None else _entry(row)
 
     async def set(self, key: str, entry: CachedResponse) -> None:
+        size = len(entry.body)
+        if self.max_bytes and size > self.max_bytes:
+            return  # it would evict everything else and still not fit
+        async with self._write("cache write") as db:
+            await self._upsert(db, key, entry, size)
+            await self._evict_over_limits(db)
+
+    @asynccontextmanager
+    async def _write(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction, committed whole or not at all."""
+        db = self._connection()
+        async with self._transaction:
+            try:
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    # Shielded: a cancelled request must not leave the shared connection mid-transaction.
+                    with anyio.CancelScope(shield=True):
+                        await db.execute("ROLLBACK")
+                    raise
+                with anyio.CancelScope(shield=True):
+                    await db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise CacheError(f"{what} failed: {exc}") from exc
+
+    @staticmethod
+    async def _upsert(db: aiosqlite.Connection, key: str, entry: CachedResponse, size: int) -> None:
+        await db.execute(
+            "INSERT INTO entries (key, status, content_type, body, created_at, provider, endpoint, model,"
+            " namespace, ttl, input_tokens, output_tokens, size, used_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET status = excluded.status, content_type = excluded.content_type,"
+            " body = excluded.body, created_at = excluded.created_at, provider = excluded.provider,"
+            " endpoint = excluded.endpoint, model = excluded.model, namespace = excluded.namespace,"
+            " ttl = excluded.ttl, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,"
+            " size = excluded.size, used_at = excluded.used_at",
+            (
+                key,
+                entry.status,
+                entry.content_type,
+                entry.body,
+                entry.created_at,
+                entry.provider,
+                entry.endpoint,
+                entry.model,
+                entry.namespace,
+                entry.ttl,
+                entry.input_tokens,
+                entry.output_tokens,
+                size,
+                entry.created_at,
+            ),
+        )
+
+    async def _evict_over_limits(self, db: aiosqlite.Connection) -> None:
+        if not (self.max_entries or self.max_bytes):
+            return
+        evicted = 0
+        while True:
+            async with db.execute("SELECT entries, bytes FROM totals") as cursor:
+                row = await cursor.fetchone()
+            entries, size = row if row else (0, 0)
+            excess = max(
+                entries - self.max_entries if self.max_entries else 0,
+                1 if self.max_bytes and size > self.max_bytes else 0,
+            )
+            if excess <= 0 or entries <= 1:
+                break
+            await db.execute(
+                "DELETE FROM entries WHERE key IN (SELECT key FROM entries ORDER BY used_at LIMIT ?)",
+                (excess,),
+            )
+            evicted += excess
+        if evicted:
+            await _add_counter(db, "evictions", evicted)
+
+    async def delete(self, key: str) -> bool:
         db = self._connection()
         try:
-            await db.execute(
-                "INSERT OR REPLACE INTO entries"
-                " (key, provider, endpoint, model, status, content_type, body, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    key,
-                    entry.provider,
-                    entry.endpoint,
-                    entry.model,
-                    entry.status,
-                    entry.content_type,
-                    entry.body,
-                    entry.created_at,
-                ),
-            )
+            async with self._transaction:
+                cursor = await db.execute("DELETE FROM entries WHERE key = ?", (key,))
+                return cursor.rowcount > 0
         except sqlite3.Error as exc:
-            raise CacheError(f"cache write failed: {exc}") from exc
+            raise CacheError(f"cache delete failed: {exc}") from exc
+
+    async def purge(self, which: EntryFilter) -> int:
+        db = self._connection()
+        where, parameters = _where(which)
+        deleted = 0
+        try:
+            while True:
+                # In batches, so a large purge never holds the write lock for long.
+                async with self._transaction:
+                    cursor = await db.execute(
+                        f"DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries {where} LIMIT ?)",
+                        (*parameters, _PURGE_BATCH),
+                    )
+                deleted += cursor.rowcount
+                if cursor.rowcount < _PURGE_BATCH:
+                    return deleted
+        except sqlite3.Error as exc:
+            raise CacheError(f"cache purge failed: {exc}") from exc
+
+    async def list_entries(self, which: EntryFilter, offset: int, limit: int) -> list[EntryInfo]:
+        db = self._connection()
+        where, parameters = _where(which)
+        query = f"SELECT {_INFO_COLUMNS} FROM entries {where} ORDER BY created_at DESC LIMIT ? OFFSET ?"
+        try:
+            async with db.execute(query, (*parameters, limit, offset)) as cursor:
+                rows = await cursor.fetchall()
+        except sqlite3.Error as exc:
+            raise CacheError(f"cache read failed: {exc}") from exc
+        return [EntryInfo(*row) for row in rows]
+
+    async def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]:
+        db = self._connection()
+        after = ""
+        while True:
+            try:
+                async with db.execute(
+                    f"SELECT key, {_ENTRY_COLUMNS} FROM entries WHERE key > ? ORDER BY key LIMIT ?",
+                    (after, _EXPORT_BATCH),
+                ) as cursor:
+                    rows = list(await cursor.fetchall())
+            except sqlite3.Error as exc:
+                raise CacheError(f"cache read failed: {exc}") from exc
+            for row in rows:
+                yield row[0], _entry(row[1:])
+            if len(rows) < _EXPORT_BATCH:
+                return
+            after = rows[-1][0]
+
+    async def record(self, tally: Tally) -> None:
+        async with self._write("cache statistics write") as db:
+            await _add_counter(db, "hits", tally.hits)
+            await _add_counter(db, "misses", tally.misses)
+            await db.executemany(
+                "UPDATE entries SET hits = hits + ?, last_hit_at = max(coalesce(last_hit_at, 0), ?),"
+                " used_at = max(used_at, ?) WHERE key = ?",
+                [(count, at, at, key) for key, (count, at) in tally.entry_hits.items()],
+            )
+            await db.executemany(
+                "INSERT INTO savings VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, model) DO UPDATE SET"
+                " hits = hits + excluded.hits, input_tokens = input_tokens + excluded.input_tokens,"
+                " output_tokens = output_tokens + excluded.output_tokens",
+                [(provider, model, *figures) for (provider, model), figures in tally.savings.items()],
+            )
+
+    async def statistics(self) -> CacheStatistics:
+        db = self._connection()
+        try:
+            async with db.execute("SELECT entries, bytes FROM totals") as cursor:
+                totals = await cursor.fetchone()
+            async with db.execute("SELECT name, value FROM counters") as cursor:
+                counters: dict[str, int] = {name: value for name, value in await cursor.fetchall()}
+            async with db.execute(
+                "SELECT provider, model, hits, input_tokens, output_tokens FROM savings ORDER BY provider, model"
+            ) as cursor:
+                savings = [Saving(*row) for row in await cursor.fetchall()]
+        except sqlite3.Error as exc:
+            raise CacheError(f"cache read failed: {exc}") from exc
+        entries, size = totals if totals else (0, 0)
+        return CacheStatistics(
+            entries=entries,
+            bytes=size,
+            hits=counters.get("hits", 0),
+            misses=counters.get("misses", 0),
+            evictions=counters.get("evictions", 0),
+            savings=savings,
+        )
 
     async def ping(self) -> None:
         db = self._connection()
@@ -126,3 +340,42 @@ class SqliteBackend:
             db, self._db = self._db, None
             self._open_error = "closed"
             await db.close()
+
+
+def _entry(row: Any) -> CachedResponse:
+    status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, inputs, outputs = row
+    return CachedResponse(
+        status=status,
+        content_type=content_type,
+        body=bytes(body),
+        created_at=created_at,
+        provider=provider,
+        endpoint=endpoint,
+        model=model,
+        namespace=namespace,
+        ttl=ttl,
+        input_tokens=inputs,
+        output_tokens=outputs,
+    )
+
+
+def _where(which: EntryFilter) -> tuple[str, tuple[Any, ...]]:
+    clauses: list[str] = []
+    parameters: list[Any] = []
+    for clause, value in (
+        ("namespace = ?", which.namespace),
+        ("provider = ?", which.provider),
+        ("created_at < ?", which.created_before),
+    ):
+        if value is not None:
+            clauses.append(clause)
+            parameters.append(value)
+    return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(parameters)
+
+
+async def _add_counter(db: aiosqlite.Connection, name: str, amount: int) -> None:
+    if amount:
+        await db.execute(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
+            (name, amount),
+        )

@@ -12,6 +12,7 @@ EVENT_STREAM = "text/event-stream"
 DONE = "[DONE]"
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+_LINE_END = re.compile(r"\r\n|\r|\n")
 
 # How each generation endpoint says its stream is over. Endpoints not listed have no terminator:
 # a clean end of a 200 response is a complete stream for them.
@@ -21,6 +22,7 @@ _TERMINATORS: dict[str, frozenset[str]] = {
     "completions": _OPENAI_DONE,
     "messages": frozenset({"message_stop"}),
     "responses": frozenset({"response.completed", "response.incomplete"}),
+    "chat": frozenset({"message-end"}),  # Cohere v2
 }
 _ERROR_TYPES = frozenset({"error", "response.failed"})
 
@@ -65,7 +67,8 @@ def parse_events(stream: bytes) -> list[SseEvent]:
 def _parse_event(raw: bytes) -> SseEvent:
     name: str | None = None
     data: list[str] = []
-    for line in raw.decode("utf-8", errors="replace").splitlines():
+    # Only CR, LF and CRLF end an SSE line; str.splitlines would also split on U+2028 inside JSON text.
+    for line in _LINE_END.split(raw.decode("utf-8", errors="replace")):
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if field == "event":

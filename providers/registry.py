@@ -58,9 +58,7 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
 )
 
 # Path prefixes the proxy serves itself (or keeps for itself), so no provider may take them.
-RESERVED_NAMES = frozenset(
-    {"v1", "healthz", "cache", "metrics", "dashboard", "admin", "docs", "openapi.json"}
-)
+RESERVED_NAMES = frozenset({"v1", "healthz", "cache", "metrics", "dashboard", "admin", "docs", "openapi.json"})
 
 PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 

@@ -7,9 +7,11 @@ from starlette.responses import JSONResponse
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
     502: "upstream_error",
+    503: "cache_unavailable",
     504: "upstream_timeout",
 }
 

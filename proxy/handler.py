@@ -15,14 +15,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cache import CacheBackend, CachedResponse, CacheError, CacheHealth, cache_key, generation_endpoint
+from cache.control import ControlError, RequestControl, is_fresh, request_control
 from cache.health import Operation
 from cache.keys import credential_scope, is_storable
 from cache.replay import Replay, replay
+from cache.usage import reported_tokens
 from providers import Provider
+from proxy.access import presents_key
 from proxy.errors import ProxyError, error_response
-from proxy.headers import Headers, client_response_headers, upstream_request_headers
+from proxy.headers import Headers, client_response_headers, request_headers, upstream_request_headers
 from proxy.responses import RelayResponse, buffered_response, upstream_chunks
 from proxy.settings import Settings
+from proxy.statistics import Statistics
 from proxy.upstream import RequestContent, open_response, read_body, upstream_url
 
 logger = logging.getLogger("openai_proxy")
@@ -39,12 +43,16 @@ class PendingEntry:
     endpoint_path: str
     endpoint: str
     model: str | None
+    namespace: str
+    ttl: int | None
 
 
 class CacheStatus(StrEnum):
     HIT = "HIT"
     MISS = "MISS"
     BYPASS = "BYPASS"
+    EXPIRED = "EXPIRED"
+    REFRESH = "REFRESH"
 
 
 def resolve_route(raw_path: bytes, providers: Mapping[str, Provider]) -> tuple[Provider, bytes]:
@@ -58,9 +66,7 @@ def resolve_route(raw_path: bytes, providers: Mapping[str, Provider]) -> tuple[P
     provider = providers.get(prefix.decode("latin-1"))
     if provider is None:
         known = ", ".join(f"/{name}/" for name in ["v1", *providers])
-        raise ProxyError(
-            404, f"Unknown route. The proxy serves /healthz and these prefixes: {known}", "unknown_route"
-        )
+        raise ProxyError(404, f"Unknown route. The proxy serves /healthz and these prefixes: {known}", "unknown_route")
     return provider, rest
 
 
@@ -72,16 +78,21 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _client_headers(request: Request) -> Headers:
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw]
-
-
 def _has_body(headers: Headers) -> bool:
     for name, value in headers:
         lowered = name.lower()
         if lowered == "transfer-encoding" or (lowered == "content-length" and value.strip() != "0"):
             return True
     return False
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where one request goes: the provider, the URL and the headers to send."""
+
+    provider: Provider
+    url: httpx.URL
+    headers: Headers
 
 
 class Proxy:
@@ -91,14 +102,17 @@ class Proxy:
         backend: CacheBackend,
         health: CacheHealth,
         http: httpx.AsyncClient,
+        statistics: Statistics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
         self.providers = settings.providers()
         self.key_config = settings.key_config()
+        self.proxy_keys = [key.get_secret_value() for key in settings.proxy_api_keys]
         self.backend = backend
         self.health = health
         self.http = http
+        self.statistics = statistics
         self.clock = clock
 
     async def handle(self, request: Request) -> Response:
@@ -108,42 +122,68 @@ class Proxy:
             return error_response(error)
 
     async def _handle(self, request: Request) -> Response:
-        provider, rest = resolve_route(
-            request.scope.get("raw_path") or request.url.path.encode(), self.providers
-        )
+        client_headers = request_headers(request)
+        if self.proxy_keys and not presents_key(client_headers, self.proxy_keys):
+            raise ProxyError(
+                401, "A valid proxy API key is required (Authorization: Bearer or x-api-key).", "invalid_api_key"
+            )
+        provider, rest = resolve_route(request.scope.get("raw_path") or request.url.path.encode(), self.providers)
         query: bytes = request.scope.get("query_string", b"")
-        url = upstream_url(provider, rest, query)
-        client_headers = _client_headers(request)
-        headers = upstream_request_headers(client_headers, provider)
+        strip_client_key = bool(self.proxy_keys)
+        upstream = Upstream(
+            provider,
+            upstream_url(provider, rest, query),
+            upstream_request_headers(client_headers, provider, strip_client_credentials=strip_client_key),
+        )
         endpoint_path = rest.decode("latin-1")
         endpoint = generation_endpoint(endpoint_path)
         if request.method != "POST" or endpoint is None:
-            return await self._pass_through(request, provider, url, headers, client_headers)
+            self._refuse_if_offline()
+            return await self._pass_through(request, upstream, client_headers)
 
         body = await request.body()
         payload = parse_json_object(body)
         if payload is None:
-            return await self._relay(provider, "POST", url, headers, body, CacheStatus.BYPASS)
+            self._refuse_if_offline()
+            return await self._relay(upstream, "POST", body, CacheStatus.BYPASS)
+        try:
+            control = request_control(client_headers, offline=self.settings.cache_offline)
+        except ControlError as exc:
+            raise ProxyError(400, str(exc), "invalid_cache_control") from exc
         if self.settings.override_model and "model" in payload:
             payload["model"] = self.settings.override_model
             body = json.dumps(payload).encode()
         if query:
             endpoint_path += "?" + query.decode("latin-1")
-        scope = "" if provider.api_key is not None else credential_scope(client_headers)
+        scope = "" if provider.api_key is not None or strip_client_key else credential_scope(client_headers)
         model = payload.get("model")
         pending = PendingEntry(
-            key=cache_key(provider.name, endpoint_path, payload, self.key_config, scope=scope),
+            key=cache_key(
+                provider.name, endpoint_path, payload, self.key_config, scope=scope, namespace=control.namespace
+            ),
             provider=provider.name,
             endpoint_path=endpoint_path,
             endpoint=endpoint,
             model=model if isinstance(model, str) else None,
+            namespace=control.namespace,
+            ttl=control.ttl,
         )
+        return await self._cacheable(upstream, body, payload, pending, control)
+
+    async def _cacheable(
+        self,
+        upstream: Upstream,
+        body: bytes,
+        payload: dict[str, Any],
+        pending: PendingEntry,
+        control: RequestControl,
+    ) -> Response:
         wants_stream = payload.get("stream") is True
         stream_options = payload.get("stream_options")
         wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
 
-        status = CacheStatus.MISS
-        if self.settings.respond_with_cache:
+        status = CacheStatus.REFRESH if control.no_cache else CacheStatus.MISS
+        if self.settings.respond_with_cache and not control.no_cache:
             try:
                 entry = await self.backend.get(pending.key)
             except CacheError as exc:
@@ -151,34 +191,57 @@ class Proxy:
                 status = CacheStatus.BYPASS
             else:
                 self.health.succeeded(Operation.READ)
-                answer = replay(entry, endpoint, wants_stream, wants_usage) if entry is not None else None
-                if entry is not None and answer is not None:
-                    return self._hit(entry, answer, pending.key)
-        storing = self.settings.store_cache and status is not CacheStatus.BYPASS
-        if wants_stream:
-            return await self._relay(
-                provider, "POST", url, headers, body, status, pending=pending, store=storing
+                if entry is not None:
+                    now = self.clock()
+                    ttl = entry.ttl if entry.ttl is not None else self.settings.cache_ttl
+                    answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
+                    if not is_fresh(entry.created_at, ttl, now, control.max_age):
+                        status = CacheStatus.EXPIRED
+                    elif answer is not None:
+                        self.statistics.hit(pending.key, entry, now)
+                        return self._hit(entry, answer, pending.key, now)
+        if control.only_if_cached:
+            why = "offline (CACHE_OFFLINE=true)" if self.settings.cache_offline else "asked for only-if-cached"
+            error = ProxyError(
+                504, f"Not in the cache, and the proxy is {why}, so it did not ask the upstream.", "not_cached"
             )
+            error.headers.update(self._cache_headers(status, pending.key))
+            raise error
+        if status is not CacheStatus.BYPASS:
+            self.statistics.miss()
+        storing = self.settings.store_cache and not control.no_store and status is not CacheStatus.BYPASS
+        if wants_stream:
+            return await self._relay(upstream, "POST", body, status, pending=pending, store=storing)
 
         try:
-            upstream = await open_response(self.http, provider, "POST", url, headers, body)
-            answer_body = await read_body(upstream, provider)
+            response = await open_response(self.http, upstream.provider, "POST", upstream.url, upstream.headers, body)
+            answer_body = await read_body(response, upstream.provider)
         except ProxyError as error:
             error.headers.update(self._cache_headers(status, pending.key))
             raise
-        upstream_headers = upstream.headers.multi_items()
+        response_headers = response.headers.multi_items()
         if storing:
-            await self._store(pending, upstream.status_code, upstream_headers, answer_body)
+            await self._store(pending, response.status_code, response_headers, answer_body)
         return buffered_response(
-            upstream.status_code,
+            response.status_code,
             answer_body,
-            [*client_response_headers(upstream_headers), *self._cache_headers(status, pending.key)],
+            [*client_response_headers(response_headers), *self._cache_headers(status, pending.key)],
         )
+
+    def _refuse_if_offline(self) -> None:
+        if self.settings.cache_offline:
+            raise ProxyError(
+                504,
+                "The proxy is offline (CACHE_OFFLINE=true) and this request is not cacheable,"
+                " so it cannot be answered.",
+                "not_cached",
+            )
 
     async def _store(self, pending: PendingEntry, status: int, headers: Headers, body: bytes) -> None:
         if not is_storable(status, headers, body, pending.endpoint):
             return
         content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
+        input_tokens, output_tokens = reported_tokens(pending.endpoint, content_type, body)
         entry = CachedResponse(
             status=status,
             content_type=content_type,
@@ -187,6 +250,10 @@ class Proxy:
             provider=pending.provider,
             endpoint=pending.endpoint_path,
             model=pending.model,
+            namespace=pending.namespace,
+            ttl=pending.ttl,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
         )
         try:
             await self.backend.set(pending.key, entry)
@@ -195,11 +262,10 @@ class Proxy:
         else:
             self.health.succeeded(Operation.WRITE)
 
-    def _hit(self, entry: CachedResponse, answer: Replay, key: str) -> Response:
-        age = max(0, int(self.clock() - entry.created_at))
+    def _hit(self, entry: CachedResponse, answer: Replay, key: str, now: float) -> Response:
         headers = [
             ("content-type", answer.content_type),
-            ("age", str(age)),
+            ("age", str(max(0, int(now - entry.created_at)))),
             *self._cache_headers(CacheStatus.HIT, key),
         ]
         return buffered_response(entry.status, answer.body, headers)
@@ -211,21 +277,18 @@ class Proxy:
             headers.append(("x-cache-key", key))
         return headers
 
-    async def _pass_through(
-        self, request: Request, provider: Provider, url: httpx.URL, headers: Headers, client_headers: Headers
-    ) -> Response:
+    async def _pass_through(self, request: Request, upstream: Upstream, client_headers: Headers) -> Response:
         content: RequestContent = None
         if _has_body(client_headers):
             content = request.stream()
-            headers = [*headers, *((n, v) for n, v in client_headers if n.lower() == "content-length")]
-        return await self._relay(provider, request.method, url, headers, content, CacheStatus.BYPASS)
+            length = [(name, value) for name, value in client_headers if name.lower() == "content-length"]
+            upstream = Upstream(upstream.provider, upstream.url, [*upstream.headers, *length])
+        return await self._relay(upstream, request.method, content, CacheStatus.BYPASS)
 
     async def _relay(
         self,
-        provider: Provider,
+        upstream: Upstream,
         method: str,
-        url: httpx.URL,
-        headers: Headers,
         content: RequestContent,
         status: CacheStatus,
         *,
@@ -234,22 +297,21 @@ class Proxy:
     ) -> Response:
         """Relay the upstream answer as it arrives; with `store`, record it and store it once it completed."""
         key = pending.key if pending is not None else None
+        provider = upstream.provider
         try:
-            upstream = await open_response(self.http, provider, method, url, headers, content)
+            response = await open_response(self.http, provider, method, upstream.url, upstream.headers, content)
         except ProxyError as error:
             error.headers.update(self._cache_headers(status, key))
             raise
-        upstream_headers = upstream.headers.multi_items()
+        upstream_headers = response.headers.multi_items()
         response_headers = [*client_response_headers(upstream_headers), *self._cache_headers(status, key)]
         if pending is None or not store:
-            return RelayResponse(
-                upstream.status_code, response_headers, upstream_chunks(upstream, provider.name)
-            )
+            return RelayResponse(response.status_code, response_headers, upstream_chunks(response, provider.name))
 
         recorded: list[bytes] = []
 
         async def store_recording() -> None:
-            await self._store(pending, upstream.status_code, upstream_headers, b"".join(recorded))
+            await self._store(pending, response.status_code, upstream_headers, b"".join(recorded))
 
-        chunks = upstream_chunks(upstream, provider.name, record=recorded)
-        return RelayResponse(upstream.status_code, response_headers, chunks, on_complete=store_recording)
+        chunks = upstream_chunks(response, provider.name, record=recorded)
+        return RelayResponse(response.status_code, response_headers, chunks, on_complete=store_recording)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from starlette.requests import Request
+
 from cache.keys import CREDENTIAL_HEADERS
 from providers import Provider
 
@@ -29,6 +31,11 @@ _REQUEST_RECOMPUTED = frozenset({"host", "content-length", "accept-encoding"})
 _RESPONSE_RECOMPUTED = frozenset({"content-length", "content-encoding", "date", "server"})
 
 
+def request_headers(request: Request) -> Headers:
+    """The client's headers as sent, repeats kept."""
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw]
+
+
 def connection_listed(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     """Header names a `Connection` header declares hop-by-hop."""
     names: set[str] = set()
@@ -38,14 +45,18 @@ def connection_listed(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     return frozenset(names)
 
 
-def upstream_request_headers(client_headers: Headers, provider: Provider) -> Headers:
+def upstream_request_headers(
+    client_headers: Headers, provider: Provider, *, strip_client_credentials: bool = False
+) -> Headers:
     """The headers to send upstream: the client's, cleaned, with the proxy's credential if it has one.
 
     The proxy's credential is added after every removal, so nothing the client lists in
     `Connection` can strip or replace it, and upstream receives exactly one credential.
+    `strip_client_credentials` drops the client's even when the proxy has no key of its own
+    (the client's is then a proxy access key, which must not travel upstream).
     """
     dropped = HOP_BY_HOP | _REQUEST_RECOMPUTED | connection_listed(client_headers)
-    if provider.api_key is not None:
+    if provider.api_key is not None or strip_client_credentials:
         dropped |= frozenset(CREDENTIAL_HEADERS)
     headers = [(name, value) for name, value in client_headers if name.lower() not in dropped]
     headers.extend(provider.credential_headers())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -71,6 +72,13 @@ class Settings(BaseSettings):
     cache_key_include: Annotated[tuple[str, ...], NoDecode] = ()
     upstream_timeout: float = Field(default=600.0, gt=0)
 
+    cache_ttl: float = Field(default=0, ge=0)
+    cache_max_bytes: Annotated[int, NoDecode] = Field(default=0, ge=0)
+    cache_max_entries: int = Field(default=0, ge=0)
+    cache_offline: bool = False
+    proxy_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
+    admin_api_key: SecretStr | None = None
+
     @field_validator(
         "openai_base_url",
         "anthropic_base_url",
@@ -90,6 +98,18 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("proxy_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("cache_max_bytes", mode="before")
+    @classmethod
+    def _byte_size(cls, value: Any) -> Any:
+        return parse_byte_size(value) if isinstance(value, str) else value
 
     @field_validator("extra_providers")
     @classmethod
@@ -120,6 +140,18 @@ class Settings(BaseSettings):
 
     def key_config(self) -> KeyConfig:
         return KeyConfig(mode=self.cache_key_mode, include=self.cache_key_include)
+
+
+_BYTE_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?$")
+_BYTE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_byte_size(text: str) -> int:
+    """Bytes in `1048576`, `512KB`, `100MB`, `2GiB` (units are powers of 1024)."""
+    match = _BYTE_SIZE.match(text.strip().lower())
+    if not match:
+        raise ValueError("must be a number of bytes, optionally with KB, MB, GB or TB")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
 
 
 def describe_invalid_settings(exc: ValidationError) -> str:

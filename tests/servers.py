@@ -120,9 +120,7 @@ def chat_chunks(number: int, model: str, *, tools: bool = False, usage: bool = F
     if tools:
         deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None}]
         deltas.append({"tool_calls": [{"index": 0, **WEATHER_CALL}]})
-        deltas += [
-            {"tool_calls": [{"index": 0, "function": {"arguments": part}}]} for part in WEATHER_ARGUMENTS
-        ]
+        deltas += [{"tool_calls": [{"index": 0, "function": {"arguments": part}}]} for part in WEATHER_ARGUMENTS]
         finish = "tool_calls"
     else:
         deltas = [
@@ -203,9 +201,7 @@ class FakeUpstream:
     sent_at: list[float] = field(default_factory=list)
 
     def app(self) -> Starlette:
-        return Starlette(
-            routes=[Route("/{path:path}", self._serve, methods=["GET", "POST", "PUT", "DELETE"])]
-        )
+        return Starlette(routes=[Route("/{path:path}", self._serve, methods=["GET", "POST", "PUT", "DELETE"])])
 
     async def _serve(self, request: Request) -> Response:
         recorded = Recorded(
@@ -238,9 +234,7 @@ class FakeUpstream:
             if body.get("stream"):
                 usage = bool((body.get("stream_options") or {}).get("include_usage"))
                 return self.stream(chat_chunks(number, model, tools=tools, usage=usage))
-            return JSONResponse(
-                chat_tool_completion(number, model) if tools else chat_completion(number, model)
-            )
+            return JSONResponse(chat_tool_completion(number, model) if tools else chat_completion(number, model))
         if path.endswith("/messages"):
             if body.get("stream"):
                 return self.stream(anthropic_events(number, model, tools=tools))

@@ -36,9 +36,7 @@ def test_system_prompt_is_part_of_the_conversation(start_proxy: ProxyFactory, up
     as_blocks = sdk.messages.with_raw_response.create(
         model="m", max_tokens=10, system=[{"type": "text", "text": "Be brief."}], messages=MESSAGES
     )
-    other = sdk.messages.with_raw_response.create(
-        model="m", max_tokens=10, system="Be verbose.", messages=MESSAGES
-    )
+    other = sdk.messages.with_raw_response.create(model="m", max_tokens=10, system="Be verbose.", messages=MESSAGES)
     assert as_blocks.headers["x-cache-status"] == "HIT"
     assert other.headers["x-cache-status"] == "MISS"
 
@@ -51,21 +49,15 @@ def test_proxy_key_replaces_x_api_key(start_proxy: ProxyFactory, upstream: FakeU
     assert len(sent.header_values("anthropic-version")) == 1, "the SDK's own version is kept, not doubled"
 
 
-def test_requests_without_a_version_get_the_default_one(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_requests_without_a_version_get_the_default_one(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     body = {"model": "m", "max_tokens": 10, "messages": MESSAGES}
     response = httpx.post(f"{start_proxy()}/anthropic/v1/messages", json=body)
     assert response.status_code == 200
     assert upstream.requests[0].header_values("anthropic-version") == ["2023-06-01"]
 
 
-def test_bearer_credential_from_the_sdk_is_replaced_too(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
-    client(start_proxy(), auth_token="client-oauth-token").messages.create(
-        model="m", max_tokens=10, messages=MESSAGES
-    )
+def test_bearer_credential_from_the_sdk_is_replaced_too(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    client(start_proxy(), auth_token="client-oauth-token").messages.create(model="m", max_tokens=10, messages=MESSAGES)
     sent = upstream.requests[0]
     assert sent.header_values("x-api-key") == [PROXY_ANTHROPIC_KEY]
     assert sent.header("authorization") is None

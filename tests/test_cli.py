@@ -103,9 +103,7 @@ def test_several_workers_share_one_cache(tmp_path: Path, upstream: FakeUpstream)
     env = environment(OPENAI_BASE_URL=upstream.url)
     with running([*OPENAI_PROXY, "--workers", "2"], tmp_path, env) as base:
         body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-        statuses = [
-            httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(6)
-        ]
+        statuses = [httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(6)]
     assert statuses[0] == "MISS"
     assert statuses[1:] == ["HIT"] * 5
     assert upstream.calls == 1

@@ -30,9 +30,7 @@ def closed_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_gzipped_upstream_answers_reach_the_client_decoded(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_gzipped_upstream_answers_reach_the_client_decoded(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     async def gzipped(request: Request, recorded: Recorded) -> Response:
         return gzip_json(chat_completion(7, "m"))
 
@@ -40,18 +38,14 @@ def test_gzipped_upstream_answers_reach_the_client_decoded(
     base = start_proxy()
     for expected in ("MISS", "HIT"):
         with httpx.Client() as http:
-            response = http.post(
-                f"{base}/v1/chat/completions", json=CHAT, headers={"accept-encoding": "identity"}
-            )
+            response = http.post(f"{base}/v1/chat/completions", json=CHAT, headers={"accept-encoding": "identity"})
         assert response.headers["x-cache-status"] == expected
         assert "content-encoding" not in response.headers
         assert response.json()["id"] == "chatcmpl-7"
         assert int(response.headers["content-length"]) == len(response.content)
 
 
-def test_hop_by_hop_request_headers_are_not_forwarded(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_hop_by_hop_request_headers_are_not_forwarded(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     headers = {
         "keep-alive": "timeout=5",
         "te": "trailers",
@@ -67,9 +61,7 @@ def test_hop_by_hop_request_headers_are_not_forwarded(
     assert sent.header("x-end-to-end") == "kept"
 
 
-def test_hop_by_hop_response_headers_are_not_relayed(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_hop_by_hop_response_headers_are_not_relayed(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     async def with_hop_headers(request: Request, recorded: Recorded) -> Response:
         headers = {"keep-alive": "timeout=5", "x-upstream": "kept", "proxy-authenticate": "Basic"}
         return JSONResponse(chat_completion(1, "m"), headers=headers)
@@ -89,9 +81,7 @@ def test_unreachable_upstream_is_a_502_and_nothing_is_stored(start_proxy: ProxyF
         assert response.headers["x-cache-status"] == "MISS"
 
 
-def test_slow_upstream_is_a_504_and_nothing_is_stored(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_slow_upstream_is_a_504_and_nothing_is_stored(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     async def slow(request: Request, recorded: Recorded) -> Response:
         await asyncio.sleep(1.5 if upstream.calls == 1 else 0)
         return JSONResponse(chat_completion(upstream.calls, "m"))
@@ -165,9 +155,7 @@ class TestBrokenStore:
         assert health.status_code == 200
         assert health.json()["status"] == "degraded"
         assert cause in health.json()["cache"]["reason"]
-        failures = [
-            r for r in caplog.records if r.name == "openai_proxy.cache" and r.levelno == logging.ERROR
-        ]
+        failures = [r for r in caplog.records if r.name == "openai_proxy.cache" and r.levelno == logging.ERROR]
         assert len(failures) == 1, [r.getMessage() for r in failures]
         assert cause in failures[0].getMessage()
 

@@ -135,9 +135,7 @@ def user_says(content: Any) -> dict[str, Any]:
     [
         pytest.param([{"type": "text", "text": "hi"}], id="text-part"),
         pytest.param([{"type": "input_text", "text": "hi"}], id="input_text-part"),
-        pytest.param(
-            [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}], id="cache-control"
-        ),
+        pytest.param([{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}], id="cache-control"),
     ],
 )
 def test_single_text_part_equals_plain_string(parts: list[dict[str, Any]]) -> None:
@@ -219,9 +217,7 @@ def test_responses_input_parts_equal_string_content() -> None:
             id="message-role",
         ),
         pytest.param({"messages": [{"role": "user", "content": "hi"}]}, id="dropped-message"),
-        pytest.param(
-            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, id="tools"
-        ),
+        pytest.param({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, id="tools"),
         pytest.param({"tool_choice": "required"}, id="tool_choice"),
         pytest.param({"response_format": {"type": "json_object"}}, id="response_format"),
         pytest.param({"n": 2}, id="n-two"),
@@ -263,9 +259,7 @@ def test_provider_changes_key(mode: KeyMode) -> None:
 @pytest.mark.parametrize("mode", list(KeyMode))
 def test_endpoint_changes_key(mode: KeyMode) -> None:
     config = KeyConfig(mode=mode)
-    assert cache_key("openai", CHAT, CONVERSATION, config) != cache_key(
-        "openai", "v1/responses", CONVERSATION, config
-    )
+    assert cache_key("openai", CHAT, CONVERSATION, config) != cache_key("openai", "v1/responses", CONVERSATION, config)
 
 
 def test_mode_changes_key() -> None:
@@ -299,9 +293,7 @@ EMBEDDING: dict[str, Any] = {"model": "text-embedding-3-small", "input": "hello"
 @pytest.mark.parametrize("endpoint", ["v1/embeddings", "v1/embeddings?api-version=1"])
 def test_embeddings_key_includes_model_settings(endpoint: str, field: str, value: Any) -> None:
     changed = with_fields(EMBEDDING, **{field: value})
-    assert cache_key("openai", endpoint, changed, KeyConfig()) != cache_key(
-        "openai", endpoint, EMBEDDING, KeyConfig()
-    )
+    assert cache_key("openai", endpoint, changed, KeyConfig()) != cache_key("openai", endpoint, EMBEDDING, KeyConfig())
 
 
 def test_embeddings_key_ignores_user() -> None:

@@ -15,9 +15,7 @@ def client(base_url: str, key: str = "sk-dummy") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
 
 
-def test_miss_then_hit_gives_identical_parsed_results(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_miss_then_hit_gives_identical_parsed_results(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     sdk = client(start_proxy())
     first = sdk.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
     second = sdk.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -51,9 +49,7 @@ def test_different_conversation_is_a_miss(start_proxy: ProxyFactory, upstream: F
     assert other.parse().choices[0].message.content == "answer 2"
 
 
-def test_string_and_text_part_content_share_an_entry(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_string_and_text_part_content_share_an_entry(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     sdk = client(start_proxy())
     sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     parts = sdk.chat.completions.with_raw_response.create(
@@ -92,9 +88,7 @@ def test_models_list_is_passed_through(start_proxy: ProxyFactory, upstream: Fake
     assert upstream.requests[0].path == "/v1/models"
 
 
-def test_upstream_errors_are_returned_and_not_stored(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_upstream_errors_are_returned_and_not_stored(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     from starlette.responses import JSONResponse
 
     async def rate_limited(request, recorded):  # type: ignore[no-untyped-def]

@@ -25,9 +25,7 @@ def test_v1_is_the_openai_prefix(start_proxy: ProxyFactory, upstream: FakeUpstre
     assert upstream.requests[0].path == "/v1/chat/completions"
 
 
-@pytest.mark.parametrize(
-    "provider", [p.name for p in BUILTIN_PROVIDERS if p.name not in ("openai", "anthropic")]
-)
+@pytest.mark.parametrize("provider", [p.name for p in BUILTIN_PROVIDERS if p.name not in ("openai", "anthropic")])
 def test_every_builtin_provider_forwards_below_its_base_url(
     start_proxy: ProxyFactory, upstream: FakeUpstream, provider: str
 ) -> None:
@@ -65,9 +63,7 @@ def test_extra_provider_from_configuration(start_proxy: ProxyFactory, upstream: 
     assert upstream.requests[0].header_values("authorization") == ["Bearer sk-ollama"]
 
 
-def test_unknown_prefix_is_a_404_listing_the_known_ones(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_unknown_prefix_is_a_404_listing_the_known_ones(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     response = httpx.post(f"{start_proxy()}/nope/v1/chat/completions", json=CHAT)
     assert response.status_code == 404
     error = response.json()["error"]
@@ -124,9 +120,7 @@ def test_non_cacheable_requests_are_forwarded_and_bypass(
     assert upstream.requests[0].body == (content or b"")
 
 
-def test_invalid_json_is_forwarded_unchanged_and_bypasses(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_invalid_json_is_forwarded_unchanged_and_bypasses(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     response = httpx.post(
         f"{start_proxy()}/v1/chat/completions",
         content=b"{not json",
@@ -140,15 +134,11 @@ def test_invalid_json_is_forwarded_unchanged_and_bypasses(
 
 def test_the_body_is_forwarded_byte_for_byte(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     raw = b'{"messages": [{"role": "user", "content": "hi"}],   "model": "m", "z": 1.50}'
-    httpx.post(
-        f"{start_proxy()}/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
-    )
+    httpx.post(f"{start_proxy()}/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
     assert upstream.requests[0].body == raw
 
 
-def test_override_model_replaces_the_model_forwarded(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_override_model_replaces_the_model_forwarded(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     httpx.post(f"{start_proxy(override_model='local-llama')}/v1/chat/completions", json=CHAT)
     assert upstream.requests[0].json()["model"] == "local-llama"
 
@@ -174,22 +164,15 @@ class TestCredentials:
         assert same.headers["x-cache-status"] == "HIT"
         assert other.headers["x-cache-status"] == "MISS"
         assert keyless.headers["x-cache-status"] == "MISS"
-        assert (
-            len({paid.headers["x-cache-key"], other.headers["x-cache-key"], keyless.headers["x-cache-key"]})
-            == 3
-        )
+        assert len({paid.headers["x-cache-key"], other.headers["x-cache-key"], keyless.headers["x-cache-key"]}) == 3
 
-    def test_the_proxy_key_makes_one_shared_cache(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream
-    ) -> None:
+    def test_the_proxy_key_makes_one_shared_cache(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
         url = f"{start_proxy()}/v1/chat/completions"
         httpx.post(url, json=CHAT, headers={"authorization": "Bearer sk-client-a"})
         other = httpx.post(url, json=CHAT, headers={"authorization": "Bearer sk-client-b"})
         assert other.headers["x-cache-status"] == "HIT"
 
-    def test_upstream_receives_exactly_one_credential(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream
-    ) -> None:
+    def test_upstream_receives_exactly_one_credential(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
         headers = [
             ("authorization", "Bearer a"),
             ("authorization", "Bearer b"),
@@ -208,13 +191,9 @@ class TestCredentials:
         httpx.post(f"{start_proxy()}/v1/chat/completions", json=CHAT, headers=headers)
         assert upstream.requests[0].header_values("authorization") == [f"Bearer {PROXY_OPENAI_KEY}"]
 
-    def test_no_credential_is_stored(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path
-    ) -> None:  # type: ignore[no-untyped-def]
+    def test_no_credential_is_stored(self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
         base = start_proxy(openai_api_key=None)
-        httpx.post(
-            f"{base}/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-client-SECRET"}
-        )
+        httpx.post(f"{base}/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-client-SECRET"})
         database = (tmp_path / "cache.db").read_bytes() + (tmp_path / "cache.db-wal").read_bytes()
         assert b"sk-client-SECRET" not in database
         assert b"answer 1" in database
@@ -230,9 +209,7 @@ def test_credentials_never_reach_the_logs_or_error_bodies(
     answers = [
         httpx.post(f"{base}/v1/chat/completions", json=CHAT, headers=headers),
         httpx.post(f"{base}/nope/v1/chat/completions", json=CHAT, headers=headers),
-        httpx.post(
-            f"{start_proxy(openai_base_url='http://127.0.0.1:9')}/v1/chat/completions", headers=headers
-        ),
+        httpx.post(f"{start_proxy(openai_base_url='http://127.0.0.1:9')}/v1/chat/completions", headers=headers),
     ]
     assert [answer.status_code for answer in answers] == [200, 404, 502]
     assert all(secret not in answer.text and secret not in str(answer.headers) for answer in answers)

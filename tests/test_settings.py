@@ -293,9 +293,7 @@ def test_key_config_follows_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     ("value", "expected"),
     [("false", False), ("0", False), ("no", False), ("true", True), ("1", True), ("yes", True)],
 )
-def test_boolean_settings_from_environment(
-    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
-) -> None:
+def test_boolean_settings_from_environment(monkeypatch: pytest.MonkeyPatch, value: str, expected: bool) -> None:
     monkeypatch.setenv("RESPOND_WITH_CACHE", value)
     monkeypatch.setenv("STORE_CACHE", value)
     loaded = settings()
@@ -328,9 +326,7 @@ def test_empty_environment_value_means_default(monkeypatch: pytest.MonkeyPatch) 
         pytest.param("ANTHROPIC_BASE_URL", "ftp://host", id="base-url"),
     ],
 )
-def test_invalid_setting_is_described_in_one_line(
-    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
-) -> None:
+def test_invalid_setting_is_described_in_one_line(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
     monkeypatch.setenv(variable, value)
     message = invalid_settings_message()
     assert "\n" not in message

@@ -51,9 +51,7 @@ def chat_body(**extra: Any) -> dict[str, Any]:
 
 
 class TestOpenAIChat:
-    def test_stream_miss_then_byte_for_byte_hit(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream
-    ) -> None:
+    def test_stream_miss_then_byte_for_byte_hit(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
         base = start_proxy()
         body = chat_body(stream_options={"include_usage": True})
         miss, recorded = raw_stream(base, "/v1/chat/completions", body)
@@ -111,9 +109,7 @@ class TestOpenAIChat:
         assert final.choices[0].message.content == stored.choices[0].message.content
         assert upstream.calls == 1
 
-    def test_tool_calls_survive_both_conversions(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream
-    ) -> None:
+    def test_tool_calls_survive_both_conversions(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
         sdk = openai_client(start_proxy())
         options: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES, "tools": TOOLS}
         list(sdk.chat.completions.create(**options, stream=True, stream_options={"include_usage": True}))
@@ -136,9 +132,7 @@ class TestOpenAIChat:
         assert final.choices[0].finish_reason == "tool_calls"
         assert upstream.calls == 2
 
-    def test_usage_chunk_is_dropped_when_not_asked_for(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream
-    ) -> None:
+    def test_usage_chunk_is_dropped_when_not_asked_for(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
         base = start_proxy()
         raw_stream(base, "/v1/chat/completions", chat_body(stream_options={"include_usage": True}))
         hit, replayed = raw_stream(base, "/v1/chat/completions", chat_body())
@@ -163,9 +157,7 @@ class TestOpenAIChat:
 
 
 class TestAnthropicMessages:
-    def test_stream_miss_then_byte_for_byte_hit(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream
-    ) -> None:
+    def test_stream_miss_then_byte_for_byte_hit(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
         base = start_proxy()
         body = {"model": "claude-test", "max_tokens": 100, "messages": MESSAGES}
         miss, recorded = raw_stream(base, "/anthropic/v1/messages", body)
@@ -249,9 +241,7 @@ class TestIncompleteStreamsAreNeverStored:
         "chunks",
         [
             pytest.param(chat_chunks(1, "m")[:-1], id="no-done"),
-            pytest.param(
-                [*chat_chunks(1, "m")[:2], b'data: {"error": {"message": "overloaded"}}\n\n'], id="error"
-            ),
+            pytest.param([*chat_chunks(1, "m")[:2], b'data: {"error": {"message": "overloaded"}}\n\n'], id="error"),
             pytest.param([chat_chunks(1, "m")[0][:40]], id="cut-mid-event"),
         ],
     )
@@ -269,9 +259,7 @@ class TestIncompleteStreamsAreNeverStored:
             assert content == b"".join(chunks)
         assert upstream.calls == 2
 
-    def test_anthropic_stream_without_message_stop(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream
-    ) -> None:
+    def test_anthropic_stream_without_message_stop(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
         from tests.servers import anthropic_events
 
         async def unfinished(request: Request, recorded: Recorded) -> Response:
@@ -284,9 +272,7 @@ class TestIncompleteStreamsAreNeverStored:
             assert raw_stream(base, "/anthropic/v1/messages", body)[0].headers["x-cache-status"] == "MISS"
 
 
-def test_endpoints_without_conversion_keep_streams_apart(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
-) -> None:
+def test_endpoints_without_conversion_keep_streams_apart(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     base = start_proxy()
     body = {"model": "m", "prompt": "Once upon a time"}
     first, _ = raw_stream(base, "/v1/completions", body)
@@ -309,9 +295,7 @@ def test_each_chunk_reaches_the_client_while_the_upstream_holds_the_next(
 ) -> None:
     upstream.chunk_delay = 0.25
     delays = []
-    with httpx.stream(
-        "POST", f"{start_proxy()}/v1/chat/completions", json=chat_body(stream=True)
-    ) as response:
+    with httpx.stream("POST", f"{start_proxy()}/v1/chat/completions", json=chat_body(stream=True)) as response:
         for index, chunk in enumerate(response.iter_raw()):
             delays.append(time.perf_counter() - upstream.sent_at[index])
             assert chunk == chat_chunks(1, "gpt-4o-mini")[index], "each upstream chunk arrives on its own"

@@ -1,0 +1,137 @@
+"""The admin API under /cache: statistics, listing, deleting and purging entries.
+
+The CLI (`openai-proxy stats|purge`) uses the same functions on the same store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from cache import CacheBackend, CacheError
+from cache.base import CacheStatistics, EntryFilter
+from cache.control import ControlError, parse_duration
+from proxy.access import is_loopback, presents_key
+from proxy.errors import ProxyError, error_response
+from proxy.headers import request_headers
+from proxy.statistics import Statistics
+
+MAX_PAGE = 1000
+
+
+def statistics_report(statistics: CacheStatistics) -> dict[str, Any]:
+    """What `GET /cache/stats` and `openai-proxy stats` show."""
+    by_provider: dict[str, dict[str, int]] = {}
+    for saving in statistics.savings:
+        totals = by_provider.setdefault(saving.provider, {"hits": 0, "input_tokens": 0, "output_tokens": 0})
+        totals["hits"] += saving.hits
+        totals["input_tokens"] += saving.input_tokens
+        totals["output_tokens"] += saving.output_tokens
+    saved_input = sum(saving.input_tokens for saving in statistics.savings)
+    saved_output = sum(saving.output_tokens for saving in statistics.savings)
+    return {
+        "entries": statistics.entries,
+        "bytes": statistics.bytes,
+        "hits": statistics.hits,
+        "misses": statistics.misses,
+        "hit_ratio": round(statistics.hit_ratio, 4),
+        "evictions": statistics.evictions,
+        "tokens_saved": {"input": saved_input, "output": saved_output, "total": saved_input + saved_output},
+        "by_provider": by_provider,
+        "by_model": [asdict(saving) for saving in statistics.savings],
+    }
+
+
+def entry_filter(namespace: str | None, provider: str | None, older_than: str | None, now: float) -> EntryFilter:
+    """The filter that `purge` options and `DELETE /cache` query parameters describe."""
+    created_before = None
+    if older_than is not None:
+        created_before = now - parse_duration(older_than)
+    return EntryFilter(namespace=namespace, provider=provider, created_before=created_before)
+
+
+class AdminApi:
+    def __init__(
+        self,
+        backend: CacheBackend,
+        statistics: Statistics,
+        admin_key: str | None,
+        proxy_keys: list[str],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.backend = backend
+        self.statistics = statistics
+        self.admin_key = admin_key
+        self.proxy_keys = proxy_keys
+        self.clock = clock
+
+    def authorize(self, request: Request) -> None:
+        """ADMIN_API_KEY when set; otherwise only loopback clients (and their proxy key, if one is required)."""
+        headers = request_headers(request)
+        if self.admin_key is not None:
+            if not presents_key(headers, [self.admin_key]):
+                raise ProxyError(
+                    401, "The admin API needs ADMIN_API_KEY (Authorization: Bearer or x-api-key).", "invalid_api_key"
+                )
+            return
+        # The socket's peer address, never a header: a crafted Host or X-Forwarded-For changes nothing.
+        if not is_loopback(request.client.host if request.client else None):
+            raise ProxyError(
+                403, "The admin API answers only loopback clients unless ADMIN_API_KEY is set.", "forbidden"
+            )
+        if self.proxy_keys and not presents_key(headers, self.proxy_keys):
+            raise ProxyError(
+                401, "A valid proxy API key is required (Authorization: Bearer or x-api-key).", "invalid_api_key"
+            )
+
+    async def serve(self, request: Request) -> Response:
+        try:
+            self.authorize(request)
+            return await self._route(request)
+        except ControlError as exc:
+            return error_response(ProxyError(400, str(exc), "invalid_parameter"))
+        except CacheError as exc:
+            return error_response(ProxyError(503, f"The cache store is unavailable: {exc}", "cache_unavailable"))
+        except ProxyError as error:
+            return error_response(error)
+
+    async def _route(self, request: Request) -> Response:
+        path, method = request.url.path.rstrip("/"), request.method
+        if path == "/cache/stats" and method == "GET":
+            await self.statistics.flush()
+            return JSONResponse(statistics_report(await self.backend.statistics()))
+        if path == "/cache/entries" and method == "GET":
+            return await self._list(request)
+        if path.startswith("/cache/entries/") and method == "DELETE":
+            key = path.removeprefix("/cache/entries/")
+            if not await self.backend.delete(key):
+                raise ProxyError(404, f"No cache entry has the key {key[:80]!r}.", "entry_not_found")
+            return JSONResponse({"deleted": 1})
+        if path == "/cache" and method == "DELETE":
+            query = request.query_params
+            which = entry_filter(query.get("namespace"), query.get("provider"), query.get("older_than"), self.clock())
+            return JSONResponse({"deleted": await self.backend.purge(which)})
+        raise ProxyError(404, "Unknown admin route. See the README's admin API section.", "unknown_route")
+
+    async def _list(self, request: Request) -> Response:
+        query = request.query_params
+        limit = _bounded_int(query.get("limit"), "limit", default=100, low=1, high=MAX_PAGE)
+        offset = _bounded_int(query.get("offset"), "offset", default=0, low=0, high=2**62)
+        which = EntryFilter(namespace=query.get("namespace"), provider=query.get("provider"))
+        entries = await self.backend.list_entries(which, offset, limit + 1)
+        page = [asdict(entry) for entry in entries[:limit]]
+        next_offset = offset + limit if len(entries) > limit else None
+        return JSONResponse({"entries": page, "offset": offset, "limit": limit, "next_offset": next_offset})
+
+
+def _bounded_int(value: str | None, name: str, *, default: int, low: int, high: int) -> int:
+    if value is None:
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise ControlError(f"{name} must be a whole number from {low} to {high}.")
+    return int(value)
