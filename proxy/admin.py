@@ -92,6 +92,8 @@ class AdminApi:
     async def serve(self, request: Request) -> Response:
         try:
             self.authorize(request)
+            # Counts gathered since the last flush belong in every answer.
+            await self.statistics.flush()
             return await self._route(request)
         except ControlError as exc:
             return error_response(ProxyError(400, str(exc), "invalid_parameter"))
@@ -103,7 +105,6 @@ class AdminApi:
     async def _route(self, request: Request) -> Response:
         path, method = request.url.path.rstrip("/"), request.method
         if path == "/cache/stats" and method == "GET":
-            await self.statistics.flush()
             return JSONResponse(statistics_report(await self.backend.statistics()))
         if path == "/cache/entries" and method == "GET":
             return await self._list(request)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,31 +34,57 @@ def upstream() -> Iterator[FakeUpstream]:
     server.stop()
 
 
-ProxyFactory = Callable[..., str]
+class ProxyFactory:
+    """Starts the proxy as a real server on a loopback port and returns its base URL.
+
+    By default it fronts the fake upstream for openai and anthropic and holds a key for each.
+    """
+
+    def __init__(self, upstream: FakeUpstream, tmp_path: Path) -> None:
+        self.upstream = upstream
+        self.tmp_path = tmp_path
+        self.servers: dict[str, ServerThread] = {}
+
+    def __call__(self, clock: Callable[[], float] = time.time, **overrides: Any) -> str:
+        values: dict[str, Any] = {
+            "openai_base_url": self.upstream.url,
+            "anthropic_base_url": self.upstream.url,
+            "openai_api_key": PROXY_OPENAI_KEY,
+            "anthropic_api_key": PROXY_ANTHROPIC_KEY,
+            "cache_db": self.tmp_path / "cache.db",
+        }
+        values.update(overrides)
+        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+        server = ServerThread(create_app(settings, clock=clock)).start()
+        self.servers[server.url] = server
+        return server.url
+
+    def stop(self, url: str) -> None:
+        """Shut one proxy down the way a signal would: its lifespan ends and flushes what it holds."""
+        self.servers.pop(url).stop()
 
 
 @pytest.fixture
 def start_proxy(upstream: FakeUpstream, tmp_path: Path) -> Iterator[ProxyFactory]:
-    """Start the proxy as a real server on a loopback port; returns its base URL.
-
-    By default it fronts the fake upstream for openai and anthropic and holds a key for each.
-    """
-    servers: list[ServerThread] = []
-
-    def start(**overrides: Any) -> str:
-        values: dict[str, Any] = {
-            "openai_base_url": upstream.url,
-            "anthropic_base_url": upstream.url,
-            "openai_api_key": PROXY_OPENAI_KEY,
-            "anthropic_api_key": PROXY_ANTHROPIC_KEY,
-            "cache_db": tmp_path / "cache.db",
-        }
-        values.update(overrides)
-        settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
-        server = ServerThread(create_app(settings)).start()
-        servers.append(server)
-        return server.url
-
-    yield start
-    for server in servers:
+    factory = ProxyFactory(upstream, tmp_path)
+    yield factory
+    for server in factory.servers.values():
         server.stop()
+
+
+@dataclass
+class FakeClock:
+    """A clock the tests move by hand, so expiry is tested without sleeping."""
+
+    now: float = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()

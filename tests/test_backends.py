@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
+from cache.base import EntryFilter, EntryInfo, Tally
+from cache.sqlite import SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
 
@@ -22,7 +27,20 @@ ENTRY = CachedResponse(
     model="gpt-4o-mini",
 )
 
-Opener = Callable[[], Awaitable[CacheBackend]]
+# More entries than a store plausibly reads or deletes in one batch, with bodies small enough to stay fast.
+MANY = 1001
+
+
+class Opener(Protocol):
+    """Opens a backend over the test's store; `max_entries`/`max_bytes` bound it (0: unbounded)."""
+
+    def __call__(self, *, max_entries: int = 0, max_bytes: int = 0) -> Awaitable[CacheBackend]: ...
+
+
+def build_backend(name: str, tmp_path: Path, *, max_entries: int, max_bytes: int) -> CacheBackend:
+    if name == "sqlite":
+        return SqliteBackend(tmp_path / "contract.db", max_entries=max_entries, max_bytes=max_bytes)
+    raise ValueError(f"no backend named {name!r}")
 
 
 @pytest.fixture
@@ -35,8 +53,8 @@ async def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     """Opens a backend over the same store each time it is called, to test what persists."""
     opened: list[CacheBackend] = []
 
-    async def open_one() -> CacheBackend:
-        backend = SqliteBackend(tmp_path / "contract.db")
+    async def open_one(*, max_entries: int = 0, max_bytes: int = 0) -> CacheBackend:
+        backend = build_backend(request.param, tmp_path, max_entries=max_entries, max_bytes=max_bytes)
         await backend.open()
         opened.append(backend)
         return backend
@@ -44,6 +62,33 @@ async def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     yield open_one
     for backend in opened:
         await backend.close()
+
+
+def entry(
+    created_at: float = 1_700_000_000.0,
+    *,
+    body: bytes = b"{}",
+    namespace: str = "",
+    provider: str = "openai",
+    model: str | None = "gpt-4o-mini",
+) -> CachedResponse:
+    return dataclasses.replace(
+        ENTRY, created_at=created_at, body=body, namespace=namespace, provider=provider, model=model
+    )
+
+
+async def stored_keys(backend: CacheBackend, candidates: list[str]) -> set[str]:
+    return {key for key in candidates if await backend.get(key) is not None}
+
+
+async def exported(backend: CacheBackend) -> list[tuple[str, CachedResponse]]:
+    return [pair async for pair in backend.export_entries()]
+
+
+async def listed(
+    backend: CacheBackend, which: EntryFilter | None = None, offset: int = 0, limit: int = 100
+) -> list[str]:
+    return [info.key for info in await backend.list_entries(which or EntryFilter(), offset, limit)]
 
 
 async def test_an_unknown_key_is_none(open_backend: Opener) -> None:
@@ -55,6 +100,38 @@ async def test_a_stored_entry_comes_back_unchanged(open_backend: Opener) -> None
     backend = await open_backend()
     await backend.set("k", ENTRY)
     assert await backend.get("k") == ENTRY
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        pytest.param(
+            CachedResponse(
+                status=203,
+                content_type="text/event-stream; charset=utf-8",
+                body=b"data: \xff\xfe\x00 not utf-8\n\n",
+                created_at=1_700_000_123.25,
+                provider="anthropic",
+                endpoint="v1/messages?beta=true",
+                model=None,
+                namespace="team-a/eval:1",
+                ttl=3600.5,
+                input_tokens=1234,
+                output_tokens=0,
+            ),
+            id="every-field-set-model-none",
+        ),
+        pytest.param(
+            CachedResponse(200, "application/json", b"", 0.0, "openai", "v1/embeddings"),
+            id="defaults-and-empty-body",
+        ),
+    ],
+)
+async def test_every_field_round_trips(open_backend: Opener, stored: CachedResponse) -> None:
+    backend = await open_backend()
+    await backend.set("k", stored)
+    assert await backend.get("k") == stored
+    assert await exported(backend) == [("k", stored)]
 
 
 async def test_storing_again_replaces_the_entry(open_backend: Opener) -> None:
@@ -87,6 +164,378 @@ async def test_a_closed_backend_raises_cache_error(open_backend: Opener) -> None
         await backend.ping()
 
 
+# delete and purge
+
+
+async def test_delete_says_whether_there_was_an_entry(open_backend: Opener) -> None:
+    backend = await open_backend()
+    await backend.set("k", ENTRY)
+    await backend.set("other", ENTRY)
+
+    assert await backend.delete("k") is True
+    assert await backend.get("k") is None
+    assert await backend.delete("k") is False
+    assert await backend.delete("never-stored") is False
+    assert await backend.get("other") == ENTRY
+
+
+async def test_purge_without_a_filter_deletes_everything(open_backend: Opener) -> None:
+    backend = await open_backend()
+    for number in range(5):
+        await backend.set(f"k{number}", entry(number, namespace=f"ns{number % 2}"))
+
+    assert await backend.purge(EntryFilter()) == 5
+    assert await exported(backend) == []
+    assert await backend.purge(EntryFilter()) == 0
+
+
+# key -> (namespace, provider, created_at)
+FILTERED: dict[str, tuple[str, str, float]] = {
+    "a-openai-100": ("a", "openai", 100.0),
+    "a-anthropic-200": ("a", "anthropic", 200.0),
+    "b-openai-300": ("b", "openai", 300.0),
+    "default-openai-400": ("", "openai", 400.0),
+    "default-anthropic-500": ("", "anthropic", 500.0),
+}
+
+FILTERS = [
+    pytest.param(EntryFilter(namespace="a"), {"a-openai-100", "a-anthropic-200"}, id="namespace"),
+    pytest.param(EntryFilter(namespace=""), {"default-openai-400", "default-anthropic-500"}, id="default-namespace"),
+    pytest.param(EntryFilter(namespace="nobody"), set(), id="namespace-matching-nothing"),
+    pytest.param(EntryFilter(provider="anthropic"), {"a-anthropic-200", "default-anthropic-500"}, id="provider"),
+    pytest.param(EntryFilter(created_before=300.0), {"a-openai-100", "a-anthropic-200"}, id="created-before-is-strict"),
+    pytest.param(EntryFilter(namespace="a", provider="openai"), {"a-openai-100"}, id="namespace-and-provider"),
+    pytest.param(
+        EntryFilter(provider="openai", created_before=350.0), {"a-openai-100", "b-openai-300"}, id="provider-and-age"
+    ),
+    pytest.param(
+        EntryFilter(namespace="", provider="openai", created_before=450.0),
+        {"default-openai-400"},
+        id="all-three",
+    ),
+    pytest.param(EntryFilter(namespace="b", created_before=300.0), set(), id="all-must-match"),
+]
+
+
+async def store_filtered(backend: CacheBackend) -> None:
+    for key, (namespace, provider, created_at) in FILTERED.items():
+        await backend.set(key, entry(created_at, namespace=namespace, provider=provider))
+
+
+@pytest.mark.parametrize(("which", "matching"), FILTERS)
+async def test_purge_deletes_exactly_the_matching_entries(
+    open_backend: Opener, which: EntryFilter, matching: set[str]
+) -> None:
+    backend = await open_backend()
+    await store_filtered(backend)
+
+    assert await backend.purge(which) == len(matching)
+    assert await stored_keys(backend, list(FILTERED)) == set(FILTERED) - matching
+
+
+@pytest.mark.parametrize("count", [pytest.param(1000, id="1000"), pytest.param(MANY, id=str(MANY))])
+async def test_purge_deletes_more_entries_than_one_batch(open_backend: Opener, count: int) -> None:
+    backend = await open_backend()
+    for number in range(count):
+        await backend.set(f"bulk-{number:05d}", entry(number, body=b"x", namespace="bulk"))
+    for number in range(3):
+        await backend.set(f"kept-{number}", entry(number, body=b"x", namespace="kept"))
+
+    assert await backend.purge(EntryFilter(namespace="bulk")) == count
+    assert sorted(key for key, _ in await exported(backend)) == ["kept-0", "kept-1", "kept-2"]
+    assert await backend.purge(EntryFilter()) == 3
+    assert (await backend.statistics()).entries == 0
+
+
+# list_entries
+
+
+async def test_list_entries_are_newest_first_whatever_the_order_of_storing(open_backend: Opener) -> None:
+    backend = await open_backend()
+    for created_at in (300.0, 100.0, 500.0, 200.0, 400.0):
+        await backend.set(f"at-{created_at:.0f}", entry(created_at))
+
+    assert await listed(backend) == ["at-500", "at-400", "at-300", "at-200", "at-100"]
+
+
+@pytest.mark.parametrize(
+    ("offset", "limit", "expected"),
+    [
+        pytest.param(0, 2, ["at-5", "at-4"], id="first-page"),
+        pytest.param(2, 2, ["at-3", "at-2"], id="second-page"),
+        pytest.param(4, 2, ["at-1"], id="last-partial-page"),
+        pytest.param(5, 2, [], id="past-the-end"),
+        pytest.param(1, 10, ["at-4", "at-3", "at-2", "at-1"], id="limit-larger-than-rest"),
+    ],
+)
+async def test_list_entries_pages_with_offset_and_limit(
+    open_backend: Opener, offset: int, limit: int, expected: list[str]
+) -> None:
+    backend = await open_backend()
+    for number in range(1, 6):
+        await backend.set(f"at-{number}", entry(float(number)))
+
+    assert await listed(backend, offset=offset, limit=limit) == expected
+
+
+@pytest.mark.parametrize(("which", "matching"), FILTERS)
+async def test_list_entries_shows_only_the_matching_entries(
+    open_backend: Opener, which: EntryFilter, matching: set[str]
+) -> None:
+    backend = await open_backend()
+    await store_filtered(backend)
+
+    newest_first = sorted(matching, key=lambda key: FILTERED[key][2], reverse=True)
+    assert await listed(backend, which) == newest_first
+
+
+async def test_list_entries_describe_each_entry_without_its_body(open_backend: Opener) -> None:
+    backend = await open_backend()
+    body = "é answer".encode()
+    await backend.set("k", entry(123.5, body=body, namespace="team", provider="anthropic", model=None))
+
+    assert await backend.list_entries(EntryFilter(), 0, 10) == [
+        EntryInfo(
+            key="k",
+            provider="anthropic",
+            endpoint=ENTRY.endpoint,
+            model=None,
+            namespace="team",
+            size=len(body),
+            created_at=123.5,
+            last_hit_at=None,
+            hits=0,
+        )
+    ]
+
+
+async def test_list_entries_show_the_hits_recorded_for_each_entry(open_backend: Opener) -> None:
+    backend = await open_backend()
+    await backend.set("hit", entry(1.0))
+    await backend.set("missed", entry(2.0))
+
+    await backend.record(Tally(hits=3, entry_hits={"hit": (3, 50.0)}))
+    await backend.record(Tally(hits=2, entry_hits={"hit": (2, 40.0)}))
+
+    infos = {info.key: info for info in await backend.list_entries(EntryFilter(), 0, 10)}
+    assert (infos["hit"].hits, infos["hit"].last_hit_at) == (5, 50.0)
+    assert (infos["missed"].hits, infos["missed"].last_hit_at) == (0, None)
+
+
+# export_entries
+
+
+@pytest.mark.parametrize(
+    "count", [pytest.param(3, id="few"), pytest.param(500, id="500"), pytest.param(MANY, id=str(MANY))]
+)
+async def test_export_yields_every_entry_exactly_once(open_backend: Opener, count: int) -> None:
+    backend = await open_backend()
+    stored = {f"key-{number:05d}": entry(float(number), body=str(number).encode()) for number in range(count)}
+    for key, value in stored.items():
+        await backend.set(key, value)
+
+    pairs = await exported(backend)
+
+    assert len(pairs) == count
+    assert dict(pairs) == stored
+
+
+async def test_export_of_an_empty_store_yields_nothing(open_backend: Opener) -> None:
+    assert await exported(await open_backend()) == []
+
+
+# record and statistics
+
+
+async def test_an_empty_store_has_zero_statistics(open_backend: Opener) -> None:
+    stats = await (await open_backend()).statistics()
+
+    assert (stats.entries, stats.bytes, stats.hits, stats.misses, stats.evictions) == (0, 0, 0, 0, 0)
+    assert stats.savings == []
+    assert stats.hit_ratio == 0.0
+
+
+async def test_recorded_hits_and_misses_add_up(open_backend: Opener) -> None:
+    backend = await open_backend()
+    await backend.record(Tally(hits=3, misses=1))
+    await backend.record(Tally(hits=0, misses=4))
+    await backend.record(Tally(hits=2, misses=0))
+
+    stats = await backend.statistics()
+    assert (stats.hits, stats.misses) == (5, 5)
+    assert stats.hit_ratio == 0.5
+
+
+async def test_recorded_statistics_persist_across_reopening(open_backend: Opener) -> None:
+    first = await open_backend()
+    await first.record(Tally(hits=2, misses=1, savings={("openai", "gpt-4o"): [2, 20, 10]}))
+    await first.close()
+
+    stats = await (await open_backend()).statistics()
+    assert (stats.hits, stats.misses) == (2, 1)
+    assert [(s.provider, s.model, s.hits) for s in stats.savings] == [("openai", "gpt-4o", 2)]
+
+
+async def test_savings_add_up_per_provider_and_model(open_backend: Opener) -> None:
+    backend = await open_backend()
+    await backend.record(
+        Tally(
+            hits=3,
+            savings={("openai", "gpt-4o"): [2, 100, 40], ("anthropic", "claude"): [1, 7, 3]},
+        )
+    )
+    await backend.record(
+        Tally(hits=2, savings={("openai", "gpt-4o"): [1, 50, 20], ("openai", "gpt-4o-mini"): [1, 5, 1]})
+    )
+
+    savings = {
+        (s.provider, s.model): (s.hits, s.input_tokens, s.output_tokens) for s in (await backend.statistics()).savings
+    }
+    assert savings == {
+        ("openai", "gpt-4o"): (3, 150, 60),
+        ("openai", "gpt-4o-mini"): (1, 5, 1),
+        ("anthropic", "claude"): (1, 7, 3),
+    }
+
+
+async def test_recording_hits_for_a_deleted_entry_does_not_fail_or_revive_it(open_backend: Opener) -> None:
+    backend = await open_backend()
+    await backend.set("kept", entry(1.0))
+    await backend.set("gone", entry(2.0))
+    await backend.delete("gone")
+
+    await backend.record(Tally(hits=2, entry_hits={"gone": (1, 10.0), "kept": (1, 10.0)}))
+
+    assert await backend.get("gone") is None
+    assert [(info.key, info.hits) for info in await backend.list_entries(EntryFilter(), 0, 10)] == [("kept", 1)]
+    stats = await backend.statistics()
+    assert (stats.entries, stats.hits) == (1, 2)
+
+
+async def test_entry_totals_follow_inserts_replacements_and_deletes(open_backend: Opener) -> None:
+    backend = await open_backend()
+
+    async def totals() -> tuple[int, int]:
+        stats = await backend.statistics()
+        return stats.entries, stats.bytes
+
+    await backend.set("a", entry(body=b"a" * 10))
+    assert await totals() == (1, 10)
+    await backend.set("b", entry(body=b"b" * 20))
+    assert await totals() == (2, 30)
+    await backend.set("a", entry(body=b"A" * 50))
+    assert await totals() == (2, 70), "a bigger body for the same key"
+    await backend.set("a", entry(body=b"a" * 5))
+    assert await totals() == (2, 25), "a smaller body for the same key"
+    await backend.delete("b")
+    assert await totals() == (1, 5)
+    await backend.delete("b")
+    assert await totals() == (1, 5), "deleting a missing key changes nothing"
+    await backend.set("c", entry(body=b"c" * 7, namespace="x"))
+    await backend.purge(EntryFilter(namespace="x"))
+    assert await totals() == (1, 5)
+    await backend.purge(EntryFilter())
+    assert await totals() == (0, 0)
+
+
+# Least-recently-used eviction. Entries are stored as if created in the recent past and touched "now",
+# so the order holds whether a store takes the time of use from the entry or from its own clock.
+
+
+def past(seconds_ago: float) -> float:
+    return time.time() - seconds_ago
+
+
+async def test_past_max_entries_the_oldest_entry_goes(open_backend: Opener) -> None:
+    backend = await open_backend(max_entries=3)
+    for number, key in enumerate("abcd"):
+        await backend.set(key, entry(past(100 - number)))
+
+    assert await stored_keys(backend, list("abcd")) == {"b", "c", "d"}
+    stats = await backend.statistics()
+    assert (stats.entries, stats.evictions) == (3, 1)
+
+
+async def test_a_recorded_hit_keeps_an_entry_from_eviction(open_backend: Opener) -> None:
+    backend = await open_backend(max_entries=3)
+    for number, key in enumerate("abc"):
+        await backend.set(key, entry(past(100 - number)))
+
+    await backend.record(Tally(hits=1, entry_hits={"a": (1, time.time())}))
+    await backend.set("d", entry(past(50)))
+
+    assert await stored_keys(backend, list("abcd")) == {"a", "c", "d"}
+    assert (await backend.statistics()).evictions == 1
+
+
+async def test_the_evictions_counter_counts_every_evicted_entry(open_backend: Opener) -> None:
+    backend = await open_backend(max_entries=3)
+    keys = [f"k{number}" for number in range(7)]
+    for number, key in enumerate(keys):
+        await backend.set(key, entry(past(100 - number)))
+
+    assert await stored_keys(backend, keys) == {"k4", "k5", "k6"}
+    stats = await backend.statistics()
+    assert (stats.entries, stats.evictions) == (3, 4)
+
+
+async def test_replacing_an_entry_in_a_full_store_evicts_nothing(open_backend: Opener) -> None:
+    backend = await open_backend(max_entries=3)
+    for number, key in enumerate("abc"):
+        await backend.set(key, entry(past(100 - number)))
+
+    await backend.set("b", entry(past(10), body=b"newer"))
+
+    assert await stored_keys(backend, list("abc")) == {"a", "b", "c"}
+    assert (await backend.statistics()).evictions == 0
+
+
+async def test_past_max_bytes_least_recently_used_entries_go_until_under_the_cap(open_backend: Opener) -> None:
+    backend = await open_backend(max_bytes=100)
+    for number, key in enumerate("abc"):
+        await backend.set(key, entry(past(100 - number), body=b"x" * 30))
+    await backend.record(Tally(hits=1, entry_hits={"a": (1, time.time())}))
+
+    await backend.set("d", entry(past(50), body=b"y" * 50))
+
+    assert await stored_keys(backend, list("abcd")) == {"a", "d"}
+    stats = await backend.statistics()
+    assert (stats.entries, stats.bytes, stats.evictions) == (2, 80, 2)
+
+
+async def test_filling_max_bytes_exactly_evicts_nothing(open_backend: Opener) -> None:
+    backend = await open_backend(max_bytes=100)
+    await backend.set("a", entry(past(10), body=b"x" * 60))
+    await backend.set("b", entry(past(5), body=b"x" * 40))
+
+    stats = await backend.statistics()
+    assert (stats.entries, stats.bytes, stats.evictions) == (2, 100, 0)
+
+
+async def test_an_entry_bigger_than_max_bytes_is_not_stored_and_evicts_nothing(open_backend: Opener) -> None:
+    backend = await open_backend(max_bytes=100)
+    await backend.set("a", entry(past(10), body=b"x" * 40))
+    await backend.set("b", entry(past(5), body=b"x" * 40))
+
+    await backend.set("huge", entry(past(1), body=b"x" * 101))
+
+    assert await backend.get("huge") is None
+    assert await stored_keys(backend, ["a", "b"]) == {"a", "b"}
+    stats = await backend.statistics()
+    assert (stats.entries, stats.bytes, stats.evictions) == (2, 80, 0)
+
+
+async def test_an_entry_of_exactly_max_bytes_is_stored_alone(open_backend: Opener) -> None:
+    backend = await open_backend(max_bytes=100)
+    await backend.set("a", entry(past(10), body=b"x" * 40))
+
+    await backend.set("whole", entry(past(1), body=b"x" * 100))
+
+    assert await stored_keys(backend, ["a", "whole"]) == {"whole"}
+    stats = await backend.statistics()
+    assert (stats.entries, stats.bytes, stats.evictions) == (1, 100, 1)
+
+
 class TestSqliteOpening:
     async def test_an_unusable_path_raises_cache_error(self, tmp_path: Path) -> None:
         (tmp_path / "file").write_text("")
@@ -115,3 +564,81 @@ class TestSqliteOpening:
         await backend.set("k", ENTRY)
         await backend.close()
         assert (tmp_path / "a" / "b" / "cache.db").exists()
+
+
+class TestSqliteMigration:
+    V1_ROWS = [
+        ("old-chat", "openai", "v1/chat/completions", "gpt-4o-mini", 200, "application/json", b'{"a": 1}', 100.0),
+        (
+            "old-stream",
+            "anthropic",
+            "v1/messages",
+            None,
+            200,
+            "text/event-stream",
+            b"\xe9\xff!",
+            200.0,
+        ),
+    ]
+
+    @pytest.fixture
+    def version_1_database(self, tmp_path: Path) -> Path:
+        path = tmp_path / "v1.db"
+        db = sqlite3.connect(path)
+        db.execute(
+            "CREATE TABLE entries (key TEXT PRIMARY KEY, provider TEXT NOT NULL, endpoint TEXT NOT NULL,"
+            " model TEXT, status INTEGER NOT NULL, content_type TEXT NOT NULL, body BLOB NOT NULL,"
+            " created_at REAL NOT NULL)"
+        )
+        db.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?)", self.V1_ROWS)
+        db.execute("PRAGMA user_version=1")
+        db.commit()
+        db.close()
+        return path
+
+    async def open_migrated(self, path: Path, **limits: int) -> SqliteBackend:
+        backend = SqliteBackend(path, **limits)
+        await backend.open()
+        return backend
+
+    async def test_entries_stay_readable_with_defaults_for_the_new_fields(self, version_1_database: Path) -> None:
+        backend = await self.open_migrated(version_1_database)
+        try:
+            for key, provider, endpoint, model, status, content_type, body, created_at in self.V1_ROWS:
+                assert await backend.get(key) == CachedResponse(
+                    status, content_type, body, created_at, provider, endpoint, model, "", None, None, None
+                )
+        finally:
+            await backend.close()
+
+    async def test_statistics_count_the_migrated_entries_and_their_bytes(self, version_1_database: Path) -> None:
+        backend = await self.open_migrated(version_1_database)
+        try:
+            stats = await backend.statistics()
+            assert (stats.entries, stats.bytes) == (2, sum(len(row[6]) for row in self.V1_ROWS))
+            sizes = {info.key: (info.size, info.hits) for info in await backend.list_entries(EntryFilter(), 0, 10)}
+            assert sizes == {row[0]: (len(row[6]), 0) for row in self.V1_ROWS}
+
+            await backend.set("new", entry(body=b"12345"))
+            await backend.delete("old-chat")
+            stats = await backend.statistics()
+            assert (stats.entries, stats.bytes) == (2, len(self.V1_ROWS[1][6]) + 5)
+        finally:
+            await backend.close()
+
+    async def test_the_schema_version_becomes_current(self, version_1_database: Path) -> None:
+        backend = await self.open_migrated(version_1_database)
+        await backend.close()
+        with sqlite3.connect(version_1_database) as db:
+            assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert SCHEMA_VERSION > 1
+
+    async def test_migrated_entries_are_evicted_oldest_first(self, version_1_database: Path) -> None:
+        backend = await self.open_migrated(version_1_database, max_entries=2)
+        try:
+            await backend.set("new", entry(300.0))
+            assert await backend.get("old-chat") is None
+            assert await backend.get("old-stream") is not None
+            assert await backend.get("new") is not None
+        finally:
+            await backend.close()

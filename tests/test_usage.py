@@ -1,0 +1,197 @@
+"""The tokens a stored answer reports, so that hits can count what they saved."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from cache.usage import reported_tokens
+from tests.servers import anthropic_events, anthropic_message, chat_chunks, chat_completion
+
+JSON = "application/json"
+STREAM = "text/event-stream"
+
+
+def as_json(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def sse(*events: dict[str, Any], done: bool = False) -> bytes:
+    encoded = [f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode() for event in events]
+    return b"".join(encoded) + (b"data: [DONE]\n\n" if done else b"")
+
+
+def anthropic_with_cache_usage() -> dict[str, Any]:
+    message = anthropic_message(1, "claude")
+    message["usage"] = {
+        "input_tokens": 9,
+        "cache_creation_input_tokens": 100,
+        "cache_read_input_tokens": 1000,
+        "output_tokens": 3,
+    }
+    return message
+
+
+def anthropic_stream_with_cache_usage() -> bytes:
+    events = [json.loads(chunk.split(b"data: ", 1)[1]) for chunk in anthropic_events(1, "claude")]
+    events[0]["message"]["usage"].update(cache_creation_input_tokens=20, cache_read_input_tokens=300)
+    return sse(*events)
+
+
+RESPONSE = {
+    "id": "resp_1",
+    "object": "response",
+    "status": "completed",
+    "output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}],
+    "usage": {"input_tokens": 11, "output_tokens": 22, "total_tokens": 33},
+}
+
+
+def responses_stream(final: str = "response.completed") -> bytes:
+    started = {**RESPONSE, "status": "in_progress", "output": [], "usage": None}
+    return sse(
+        {"type": "response.created", "sequence_number": 0, "response": started},
+        {"type": "response.in_progress", "sequence_number": 1, "response": started},
+        {"type": "response.output_text.delta", "sequence_number": 2, "delta": "hi"},
+        {"type": final, "sequence_number": 3, "response": RESPONSE},
+    )
+
+
+COHERE_V2 = {
+    "id": "c1",
+    "finish_reason": "COMPLETE",
+    "message": {"role": "assistant", "content": [{"type": "text", "text": "hi"}]},
+    "usage": {
+        "billed_units": {"input_tokens": 5, "output_tokens": 7},
+        "tokens": {"input_tokens": 150, "output_tokens": 7},
+    },
+}
+COHERE_V1 = {"text": "hi", "meta": {"billed_units": {"input_tokens": 4, "output_tokens": 6}}}
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "content_type", "body", "tokens"),
+    [
+        pytest.param("chat/completions", JSON, as_json(chat_completion(1, "m")), (9, 3), id="openai-chat-json"),
+        pytest.param(
+            "chat/completions", JSON + "; charset=utf-8", as_json(chat_completion(1, "m")), (9, 3), id="charset"
+        ),
+        pytest.param(
+            "chat/completions", STREAM, b"".join(chat_chunks(1, "m", usage=True)), (9, 3), id="openai-chat-stream"
+        ),
+        pytest.param(
+            "chat/completions",
+            "Text/Event-Stream; charset=utf-8",
+            b"".join(chat_chunks(1, "m", tools=True, usage=True)),
+            (9, 3),
+            id="openai-chat-stream-tools-mixed-case-type",
+        ),
+        pytest.param(
+            "chat/completions",
+            STREAM,
+            b"".join(chat_chunks(1, "m")),
+            (None, None),
+            id="openai-chat-stream-without-usage",
+        ),
+        pytest.param(
+            "completions",
+            JSON,
+            as_json({"choices": [{"text": "x"}], "usage": {"prompt_tokens": 4, "completion_tokens": 16}}),
+            (4, 16),
+            id="openai-legacy-completions",
+        ),
+        pytest.param("messages", JSON, as_json(anthropic_message(1, "claude")), (9, 3), id="anthropic-json"),
+        pytest.param(
+            "messages", JSON, as_json(anthropic_with_cache_usage()), (1109, 3), id="anthropic-json-with-cache-tokens"
+        ),
+        pytest.param("messages", STREAM, b"".join(anthropic_events(1, "claude")), (9, 3), id="anthropic-stream"),
+        pytest.param(
+            "messages",
+            STREAM,
+            b"".join(anthropic_events(1, "claude", tools=True)),
+            (9, 3),
+            id="anthropic-stream-with-tool-use",
+        ),
+        pytest.param(
+            "messages", STREAM, anthropic_stream_with_cache_usage(), (329, 3), id="anthropic-stream-with-cache-tokens"
+        ),
+        pytest.param(
+            "embeddings",
+            JSON,
+            as_json({"object": "list", "data": [], "usage": {"prompt_tokens": 2, "total_tokens": 2}}),
+            (2, 0),
+            id="embeddings",
+        ),
+        pytest.param("responses", JSON, as_json(RESPONSE), (11, 22), id="responses-json"),
+        pytest.param("responses", STREAM, responses_stream(), (11, 22), id="responses-stream-completed"),
+        pytest.param(
+            "responses", STREAM, responses_stream("response.incomplete"), (11, 22), id="responses-stream-incomplete"
+        ),
+        pytest.param("chat", JSON, as_json(COHERE_V2), (5, 7), id="cohere-v2-billed-units"),
+        pytest.param("chat", JSON, as_json(COHERE_V1), (4, 6), id="cohere-v1-meta-billed-units"),
+    ],
+)
+def test_reported_tokens(endpoint: str, content_type: str, body: bytes, tokens: tuple[int | None, int | None]) -> None:
+    assert reported_tokens(endpoint, content_type, body) == tokens
+
+
+def test_anthropic_input_tokens_without_cache_fields_are_just_input_tokens() -> None:
+    body = as_json({"usage": {"input_tokens": 5, "cache_read_input_tokens": None, "output_tokens": 1}})
+
+    assert reported_tokens("messages", JSON, body) == (5, 1)
+
+
+def test_embeddings_without_usage_report_nothing_not_zero() -> None:
+    assert reported_tokens("embeddings", JSON, as_json({"object": "list", "data": []})) == (None, None)
+
+
+def test_a_responses_stream_without_a_final_event_reports_nothing() -> None:
+    body = responses_stream().rsplit(b"event: response.completed", 1)[0]
+
+    assert reported_tokens("responses", STREAM, body) == (None, None)
+
+
+def test_one_missing_count_leaves_only_that_side_unknown() -> None:
+    body = as_json({"usage": {"prompt_tokens": 9}})
+
+    assert reported_tokens("chat/completions", JSON, body) == (9, None)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "content_type", "body"),
+    [
+        pytest.param("chat/completions", JSON, b"this is not json", id="not-json"),
+        pytest.param("chat/completions", JSON, b"", id="empty"),
+        pytest.param("chat/completions", JSON, b"\xff\xfe\x00", id="binary"),
+        pytest.param("chat/completions", JSON, b"[1, 2, 3]", id="array"),
+        pytest.param("chat/completions", JSON, b'"usage"', id="string"),
+        pytest.param("chat/completions", JSON, b'{"id": "x"}', id="no-usage"),
+        pytest.param("chat/completions", JSON, b'{"usage": "lots"}', id="usage-not-object"),
+        pytest.param("chat/completions", JSON, b'{"usage": null}', id="usage-null"),
+        pytest.param(
+            "chat/completions",
+            JSON,
+            b'{"usage": {"prompt_tokens": "9", "completion_tokens": true}}',
+            id="counts-not-integers",
+        ),
+        pytest.param("chat/completions", JSON, b'{"usage": {"prompt_tokens": 1.5}}', id="count-fraction"),
+        pytest.param("messages", JSON, b'{"usage": {"input_tokens": "9", "output_tokens": null}}', id="anthropic-bad"),
+        pytest.param("chat", JSON, b'{"usage": {"tokens": {"input_tokens": 3}}}', id="cohere-without-billed-units"),
+        pytest.param("chat", JSON, b'{"usage": {"billed_units": [1]}}', id="cohere-billed-units-not-object"),
+        pytest.param("chat/completions", STREAM, b"data: not json\n\ndata: [DONE]\n\n", id="stream-of-non-json"),
+        pytest.param("chat/completions", STREAM, b"data: [DONE]\n\n", id="stream-only-done"),
+        pytest.param("chat/completions", STREAM, b"", id="empty-stream"),
+        pytest.param("chat/completions", STREAM, b"data: [1, 2]\n\n", id="stream-of-arrays"),
+        pytest.param("messages", STREAM, b"event: ping\ndata: {}\n\n", id="anthropic-stream-without-start"),
+        pytest.param("responses", STREAM, sse({"type": "response.completed"}), id="responses-completed-no-response"),
+        pytest.param(
+            "responses", STREAM, sse({"type": "response.completed", "response": [1]}), id="responses-response-list"
+        ),
+        pytest.param("embeddings", STREAM, b"data: {}\n\n", id="stream-for-endpoint-without-streams"),
+        pytest.param("unknown", JSON, b'{"usage": "x"}', id="unknown-endpoint"),
+    ],
+)
+def test_garbage_reports_no_tokens(endpoint: str, content_type: str, body: bytes) -> None:
+    assert reported_tokens(endpoint, content_type, body) == (None, None)
