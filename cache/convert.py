@@ -12,6 +12,8 @@ from typing import Any
 from cache.sse import DONE, SseEvent, data_events, encode_event
 
 _CHUNK_ENVELOPE = ("id", "created", "model", "system_fingerprint", "service_tier")
+# What a body that only looks like the expected format raises while being converted.
+_MALFORMED = (KeyError, IndexError, TypeError, AttributeError, ValueError)
 
 
 # OpenAI chat completions
@@ -22,7 +24,15 @@ def is_usage_chunk(chunk: Any) -> bool:
 
 
 def chat_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
-    """The chat.completion object a recorded chunk stream amounts to; None without usage to report."""
+    """The chat.completion object a recorded chunk stream amounts to; None without usage to report
+    or when the chunks do not have the shape of a chat completion."""
+    try:
+        return _chat_stream_to_json(events)
+    except _MALFORMED:
+        return None
+
+
+def _chat_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
     chunks = [chunk for chunk in data_events(events) if isinstance(chunk, dict)]
     if not chunks:
         return None
@@ -103,8 +113,15 @@ def _absent_content(state: dict[str, Any]) -> str | None:
     return None if state["tool_calls"] or state["refusal"] else ""
 
 
-def chat_json_to_stream(completion: dict[str, Any], include_usage: bool) -> bytes:
-    """A chunk stream equivalent to a chat.completion object, ending with `[DONE]`."""
+def chat_json_to_stream(completion: Any, include_usage: bool) -> bytes | None:
+    """A chunk stream equivalent to a chat.completion object, ending with `[DONE]`; None when it is not one."""
+    try:
+        return _chat_json_to_stream(completion, include_usage)
+    except _MALFORMED:
+        return None
+
+
+def _chat_json_to_stream(completion: dict[str, Any], include_usage: bool) -> bytes:
     envelope = {"object": "chat.completion.chunk"}
     envelope.update({field: completion[field] for field in _CHUNK_ENVELOPE if field in completion})
     usage = completion.get("usage") if include_usage else None
@@ -140,7 +157,14 @@ def chat_json_to_stream(completion: dict[str, Any], include_usage: bool) -> byte
 
 
 def anthropic_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
-    """The message object a recorded Anthropic event stream amounts to."""
+    """The message object a recorded Anthropic event stream amounts to; None when it describes none."""
+    try:
+        return _anthropic_stream_to_json(events)
+    except _MALFORMED:
+        return None
+
+
+def _anthropic_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
     message: dict[str, Any] | None = None
     blocks: dict[int, dict[str, Any]] = {}
     partial_json: dict[int, str] = {}
@@ -179,8 +203,16 @@ def _apply_block_delta(block: dict[str, Any], index: int, delta: dict[str, Any],
         block.setdefault("citations", []).append(delta["citation"])
 
 
-def anthropic_json_to_stream(message: dict[str, Any]) -> bytes:
-    """An Anthropic event stream equivalent to a message object, ending with `message_stop`."""
+def anthropic_json_to_stream(message: Any) -> bytes | None:
+    """An Anthropic event stream equivalent to a message object, ending with `message_stop`; None when
+    it is not one."""
+    try:
+        return _anthropic_json_to_stream(message)
+    except _MALFORMED:
+        return None
+
+
+def _anthropic_json_to_stream(message: dict[str, Any]) -> bytes:
     usage = dict(message.get("usage") or {})
     start = {**message, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
     events = [_anthropic_event({"type": "message_start", "message": start})]

@@ -50,8 +50,10 @@ def replay(entry: CachedResponse, endpoint: str, wants_stream: bool, wants_usage
     except ValueError:
         return None
     if endpoint == "chat/completions":
-        return Replay(chat_json_to_stream(stored, include_usage=wants_usage), EVENT_STREAM)
-    return Replay(anthropic_json_to_stream(stored), EVENT_STREAM)
+        stream = chat_json_to_stream(stored, include_usage=wants_usage)
+    else:
+        stream = anthropic_json_to_stream(stored)
+    return None if stream is None else Replay(stream, EVENT_STREAM)
 
 
 def _chat_stream_with_usage_as_asked(entry: CachedResponse, wants_usage: bool) -> Replay | None:

@@ -157,7 +157,9 @@ class SqliteBackend:
     async def set(self, key: str, entry: CachedResponse) -> None:
         size = len(entry.body)
         if self.max_bytes and size > self.max_bytes:
-            return  # it would evict everything else and still not fit
+            # It would evict everything else and still not fit; what it replaces is outdated now.
+            await self.delete(key)
+            return
         async with self._write("cache write") as db:
             await self._upsert(db, key, entry, size)
             await self._evict_over_limits(db)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -26,6 +27,9 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
 }
 
 
+_LATEST_TIME = 1e11  # seconds since the epoch, in the year 5138
+
+
 class MalformedLine(ValueError):
     """A line that is not an exported entry; the message says what is wrong with it."""
 
@@ -45,6 +49,8 @@ def line_to_entry(line: str) -> tuple[str, CachedResponse]:
         record = json.loads(line)
     except ValueError as exc:
         raise MalformedLine(f"not JSON ({exc.args[0]})") from exc
+    except RecursionError as exc:
+        raise MalformedLine("not JSON (nested too deeply)") from exc
     if not isinstance(record, dict):
         raise MalformedLine("not a JSON object")
     for name, kind in _REQUIRED.items():
@@ -53,8 +59,13 @@ def line_to_entry(line: str) -> tuple[str, CachedResponse]:
     for name, kind in _OPTIONAL.items():
         if record.get(name) is not None and (not isinstance(record[name], kind) or isinstance(record[name], bool)):
             raise MalformedLine(f"field {name!r} is of the wrong type")
+    if abs(record["created_at"]) > _LATEST_TIME or not math.isfinite(record["created_at"]):
+        raise MalformedLine("field 'created_at' is not a time")
     if isinstance(record.get("body"), str):
-        body = record["body"].encode("utf-8")
+        try:
+            body = record["body"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise MalformedLine("field 'body' is not valid Unicode text") from exc
     elif isinstance(record.get("body_base64"), str):
         try:
             body = base64.b64decode(record["body_base64"], validate=True)

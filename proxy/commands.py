@@ -20,11 +20,11 @@ PROGRESS_EVERY = 1000
 class Progress:
     """A one-line counter on stderr for long runs, redrawn in place on a terminal."""
 
-    def __init__(self, verb: str, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, verb: str, stream: TextIO | None = None) -> None:
         self.verb = verb
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr
         self.count = 0
-        self.live = stream.isatty()
+        self.live = self.stream.isatty()
 
     def advance(self) -> None:
         self.count += 1
@@ -36,7 +36,8 @@ class Progress:
         self.stream.write(f"{chr(13) if self.live else ''}{self.verb} {self.count} entries{suffix}\n")
 
 
-async def show_statistics(backend: CacheBackend, as_json: bool, out: TextIO = sys.stdout) -> int:
+async def show_statistics(backend: CacheBackend, as_json: bool) -> int:
+    out = sys.stdout
     report = statistics_report(await backend.statistics())
     if as_json:
         out.write(json.dumps(report, indent=2) + "\n")
@@ -80,7 +81,7 @@ async def import_entries(backend: CacheBackend, path: Path) -> int:
     """Store every well-formed line; report each malformed one and skip it. Exit status 1 if any was skipped."""
     progress = Progress("imported")
     skipped = 0
-    with path.open(encoding="utf-8", errors="replace") as file:
+    with path.open(encoding="utf-8-sig", errors="replace") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
                 continue

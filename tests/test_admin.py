@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from openai_proxy import create_app
+from openai_proxy import create_app, main
 from proxy.settings import Settings
 from tests.conftest import FakeClock, ProxyFactory
 from tests.servers import FakeUpstream
@@ -174,16 +177,19 @@ class TestAdminAccess:
 
 
 def run_cli(*arguments: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
-    return subprocess.run(
-        [str(BIN / "openai-proxy"), *arguments],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """`openai-proxy ARGUMENTS` through its real entry point, in this process (a new one costs a second)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                main(list(arguments))
+                code = 0
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+    return subprocess.CompletedProcess(list(arguments), code, stdout.getvalue(), stderr.getvalue())
 
 
 class TestCli:
@@ -246,6 +252,13 @@ class TestCli:
         assert "tokens saved  36 (27 input, 9 output)" in human
 
     def test_bad_purge_age_is_a_clear_error(self, tmp_path: Path) -> None:
-        result = run_cli("purge", "--older-than", "soon", cwd=tmp_path, env={"CACHE_DB": str(tmp_path / "c.db")})
+        result = subprocess.run(
+            [str(BIN / "openai-proxy"), "purge", "--older-than", "soon"],
+            cwd=tmp_path,
+            env={**os.environ, "CACHE_DB": str(tmp_path / "c.db")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 2
         assert "not a duration" in result.stderr and "Traceback" not in result.stderr

@@ -642,3 +642,10 @@ class TestSqliteMigration:
             assert await backend.get("new") is not None
         finally:
             await backend.close()
+
+
+async def test_an_answer_too_big_to_store_removes_the_outdated_one(open_backend: Opener) -> None:
+    backend = await open_backend(max_bytes=100)
+    await backend.set("k", ENTRY)
+    await backend.set("k", CachedResponse(200, "application/json", b"x" * 101, 2.0, "openai", "v1/chat/completions"))
+    assert await backend.get("k") is None

@@ -83,7 +83,7 @@ def test_unreachable_upstream_is_a_502_and_nothing_is_stored(start_proxy: ProxyF
 
 def test_slow_upstream_is_a_504_and_nothing_is_stored(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     async def slow(request: Request, recorded: Recorded) -> Response:
-        await asyncio.sleep(1.5 if upstream.calls == 1 else 0)
+        await asyncio.sleep(0.6 if upstream.calls == 1 else 0)
         return JSONResponse(chat_completion(upstream.calls, "m"))
 
     upstream.handler = slow

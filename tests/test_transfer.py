@@ -158,6 +158,7 @@ def without(name: str, **changes: Any) -> str:
         pytest.param(json.dumps(valid_record(body=123)), r"'body' \(or 'body_base64'\) is missing", id="body-int"),
         pytest.param(without("body", body_base64="not base64!"), r"'body_base64' is not valid base64", id="bad-base64"),
         pytest.param(without("body", body_base64="abc"), r"'body_base64' is not valid base64", id="bad-padding"),
+        pytest.param(without("body", body_base64="aGVs!bG8="), r"'body_base64' is not valid base64", id="junk-inside"),
         pytest.param(without("body", body_base64="é"), r"'body_base64' is not valid base64", id="non-ascii-base64"),
     ],
 )
@@ -168,3 +169,28 @@ def test_a_malformed_line_says_what_is_wrong(line: str, message: str) -> None:
 
 def test_malformed_line_is_a_value_error() -> None:
     assert issubclass(MalformedLine, ValueError)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        pytest.param(
+            '{"key":"k","status":200,"content_type":"a","created_at":1.0,"provider":"p","endpoint":"e",'
+            '"body":"\\ud800"}',
+            id="lone-surrogate-body",
+        ),
+        pytest.param(
+            '{"key":"k","status":200,"content_type":"a","created_at":' + "9" * 400 + ',"provider":"p",'
+            '"endpoint":"e","body":""}',
+            id="huge-created-at",
+        ),
+        pytest.param(
+            '{"key":"k","status":200,"content_type":"a","created_at":NaN,"provider":"p","endpoint":"e","body":""}',
+            id="nan-created-at",
+        ),
+        pytest.param("[" * 100_000, id="deep-nesting"),
+    ],
+)
+def test_hostile_lines_are_malformed_not_crashes(line: str) -> None:
+    with pytest.raises(MalformedLine):
+        line_to_entry(line)

@@ -195,3 +195,25 @@ def test_one_missing_count_leaves_only_that_side_unknown() -> None:
 )
 def test_garbage_reports_no_tokens(endpoint: str, content_type: str, body: bytes) -> None:
     assert reported_tokens(endpoint, content_type, body) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "body"),
+    [
+        pytest.param(
+            "messages",
+            b'data: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"x"}}\n\n'
+            b'data: {"type":"message_stop"}\n\n',
+            id="delta-before-its-block",
+        ),
+        pytest.param("messages", b'data: {"type":"message_start"}\n\n', id="start-without-message"),
+        pytest.param(
+            "chat/completions",
+            b'data: {"choices":["x"],"usage":{"prompt_tokens":1}}\n\ndata: [DONE]\n\n',
+            id="choice-not-an-object",
+        ),
+        pytest.param("chat/completions", b'data: {"choices":[{"delta":"x"}]}\n\ndata: [DONE]\n\n', id="delta-text"),
+    ],
+)
+def test_streams_of_the_wrong_shape_report_no_tokens_rather_than_fail(endpoint: str, body: bytes) -> None:
+    assert reported_tokens(endpoint, "text/event-stream", body) == (None, None)
