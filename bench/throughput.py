@@ -1,0 +1,326 @@
+"""Hit and miss throughput of the proxy, next to nginx `proxy_cache` as the practical ceiling.
+
+    uv run python bench/throughput.py [--duration 10] [--runs 3] [--connections 32] [--scale 1000000]
+
+Needs `wrk` and `nginx` (Debian packages of those names). Method: the server under test is pinned
+to CPU 0 and `wrk -t1` to CPU 1; a zero-delay fake upstream (nginx answering a fixed ~1 kB chat
+completion) shares CPU 1. Each figure is the median of `--runs` runs. `--scale N` also measures hits
+on entries that are only in SQLite (not in the memory tier) with N entries stored, against the same
+test with 1,000 entries, plus start-up time and RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cache.keys import KeyConfig, cache_key  # noqa: E402
+from cache.sqlite import SqliteBackend  # noqa: E402
+
+ANSWER = (
+    '{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini",'
+    '"choices":[{"index":0,"message":{"role":"assistant","content":"'
+    + ("Caching makes repeated prompts free and instant. " * 16)
+    + '","refusal":null},"logprobs":null,"finish_reason":"stop"}],'
+    '"usage":{"prompt_tokens":12,"completion_tokens":180,"total_tokens":192}}'
+)
+HIT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"What does a cache do?"}]}'
+
+NGINX_CONF = """
+{user}
+worker_processes 1;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/client_body;
+    proxy_temp_path {dir}/proxy_temp;
+    fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+    proxy_cache_path {dir}/nginx-cache levels=1:2 keys_zone=bench:64m max_size=2g inactive=1h;
+    upstream fake {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+    server {{
+        listen 127.0.0.1:{upstream};
+        keepalive_requests 1000000;
+        location / {{ default_type application/json; return 200 '{answer}'; }}
+    }}
+    server {{
+        listen 127.0.0.1:{reference};
+        keepalive_requests 1000000;
+        client_body_buffer_size 64k;
+        location / {{
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_cache bench;
+            proxy_cache_methods POST;
+            proxy_cache_key "$request_uri|$request_body";
+            proxy_cache_valid 200 1h;
+            proxy_cache_lock on;
+            add_header X-Cache-Status $upstream_cache_status;
+        }}
+    }}
+}}
+"""
+
+HIT_SCRIPT = """
+wrk.method = "POST"
+wrk.body = '{body}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+MISS_SCRIPT = """
+counter = 0
+math.randomseed(os.time())
+local run = math.random(1, 1000000000)
+request = function()
+  counter = counter + 1
+  local body = '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"miss ' .. run .. ' ' .. counter .. '"}}]}}'
+  return wrk.format("POST", "/v1/chat/completions", {{["Content-Type"] = "application/json"}}, body)
+end
+"""
+
+SPREAD_SCRIPT = """
+math.randomseed(os.time())
+request = function()
+  local n = math.random(0, {count} - 1)
+  local body = '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"prompt ' .. n .. '"}}]}}'
+  return wrk.format("POST", "/v1/chat/completions", {{["Content-Type"] = "application/json"}}, body)
+end
+"""
+
+
+@dataclass
+class Figures:
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_up(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"{url} exited with status {process.returncode}")
+        try:
+            httpx.get(url, timeout=0.5)
+            return time.monotonic() - started
+        except httpx.TransportError:
+            time.sleep(0.02)
+    raise SystemExit(f"{url} did not come up")
+
+
+def _milliseconds(text: str) -> float:
+    value, unit = re.match(r"([0-9.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def run_wrk(url: str, script: Path, duration: int, connections: int) -> Figures:
+    command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s"]
+    output = subprocess.run([*command, str(script), url], capture_output=True, text=True, check=True).stdout
+    rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))  # type: ignore[union-attr]
+    p50 = _milliseconds(re.search(r"50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    p99 = _milliseconds(re.search(r"99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
+    count = int(errors.group(1)) if errors else 0
+    count += sum(int(n) for n in socket_errors.groups()) if socket_errors else 0
+    return Figures(rate, p50, p99, count)
+
+
+def median_of(runs: list[Figures]) -> Figures:
+    ordered = sorted(runs, key=lambda figures: figures.requests_per_second)
+    middle = ordered[len(ordered) // 2]
+    return Figures(middle.requests_per_second, middle.p50_ms, middle.p99_ms, sum(f.errors for f in runs))
+
+
+def measure(url: str, script: Path, args: argparse.Namespace) -> Figures:
+    return median_of([run_wrk(url, script, args.duration, args.connections) for _ in range(args.runs)])
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the workers), in MB."""
+    total = 0
+    pids = [
+        pid,
+        *(int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()),
+    ]
+    for each in pids:
+        status = Path(f"/proc/{each}/status").read_text()
+        total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
+    return total / 1024
+
+
+def start_proxy(port: int, upstream: int, database: Path, extra: dict[str, str]) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream}",
+        "OPENAI_API_KEY": "sk-bench",
+        "CACHE_DB": str(database),
+        "LOG_LEVEL": "warning",
+        **extra,
+    }
+    command = ["taskset", "-c", "0", sys.executable, "-c", "import openai_proxy; openai_proxy.main()"]
+    return subprocess.Popen([*command, "--port", str(port)], env=env)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def populate(database: Path, count: int) -> None:
+    """`count` entries as the proxy would store them, written straight into the cache file."""
+    import asyncio
+
+    async def create_schema() -> None:
+        backend = SqliteBackend(database)
+        await backend.open()
+        await backend.close()
+
+    asyncio.run(create_schema())
+    config = KeyConfig()
+    body = ANSWER.encode()
+    now = time.time()
+    with sqlite3.connect(database) as db:
+        db.execute("PRAGMA synchronous=OFF")
+        batch = []
+        for number in range(count):
+            request = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"prompt {number}"}]}
+            key = cache_key("openai", "v1/chat/completions", request, config)
+            batch.append((key, "openai", "v1/chat/completions", "gpt-4o-mini", 200, "application/json", body, now,
+                          "", None, 12, 180, len(body), 0, None, now))  # fmt: skip
+            if len(batch) == 20_000:
+                db.executemany("INSERT INTO entries (key, provider, endpoint, model, status, content_type, body,"
+                               " created_at, namespace, ttl, input_tokens, output_tokens, size, hits, last_hit_at,"
+                               " used_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch)  # fmt: skip
+                batch.clear()
+        if batch:
+            db.executemany("INSERT INTO entries (key, provider, endpoint, model, status, content_type, body,"
+                           " created_at, namespace, ttl, input_tokens, output_tokens, size, hits, last_hit_at,"
+                           " used_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", batch)  # fmt: skip
+
+
+def table(rows: list[tuple[str, Figures]]) -> str:
+    lines = [f"{'server / test':<46} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"]
+    for name, figures in rows:
+        lines.append(
+            f"{name:<46} {figures.requests_per_second:>9.0f} {figures.p50_ms:>8.2f} {figures.p99_ms:>8.2f}"
+            f" {figures.errors:>7}"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is shown (default 3)")
+    parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
+    parser.add_argument("--scale", type=int, default=0, help="also measure with this many entries stored")
+    parser.add_argument("--no-nginx", action="store_true", help="skip the nginx proxy_cache reference")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "taskset"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is needed: apt-get install wrk nginx util-linux")
+
+    rows: list[tuple[str, Figures]] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as work:
+        folder = Path(work)
+        upstream, reference, port = free_port(), free_port(), free_port()
+        (folder / "nginx.conf").write_text(
+            NGINX_CONF.format(
+                # As root, nginx's workers would otherwise drop to a user that cannot write the temporary folder.
+                user="user root;" if os.geteuid() == 0 else "",
+                dir=folder,
+                upstream=upstream,
+                reference=reference,
+                answer=ANSWER,
+            )
+        )
+        (folder / "hit.lua").write_text(HIT_SCRIPT.format(body=HIT_BODY))
+        (folder / "miss.lua").write_text(MISS_SCRIPT)
+        nginx = subprocess.Popen(["taskset", "-c", "1", "nginx", "-c", str(folder / "nginx.conf")])
+        try:
+            wait_until_up(f"http://127.0.0.1:{upstream}/", nginx)
+            proxy = start_proxy(port, upstream, folder / "cache.db", {})
+            try:
+                wait_until_up(f"http://127.0.0.1:{port}/healthz", proxy)
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                httpx.post(url, content=HIT_BODY, headers={"content-type": "application/json"})
+                rows.append(("openai-proxy: cache HIT", measure(url, folder / "hit.lua", args)))
+                rows.append(("openai-proxy: cache MISS (zero-delay upstream)", measure(url, folder / "miss.lua", args)))
+                notes.append(f"openai-proxy RSS after the runs: {rss_mb(proxy.pid):.0f} MB")
+            finally:
+                stop(proxy)
+            if not args.no_nginx:
+                url = f"http://127.0.0.1:{reference}/v1/chat/completions"
+                httpx.post(url, content=HIT_BODY, headers={"content-type": "application/json"})
+                rows.append(("nginx proxy_cache: cache HIT", measure(url, folder / "hit.lua", args)))
+                rows.append(("nginx proxy_cache: cache MISS", measure(url, folder / "miss.lua", args)))
+            if args.scale:
+                for count in (1000, args.scale):
+                    rows.append(scale_row(folder, upstream, count, args, notes))
+        finally:
+            nginx.send_signal(signal.SIGQUIT)
+            nginx.wait(timeout=20)
+
+    sys.stdout.write(
+        f"wrk -t1 -c{args.connections} -d{args.duration}s, median of {args.runs}; server on CPU 0, wrk on CPU 1\n"
+    )
+    sys.stdout.write(table(rows) + "\n")
+    for note in notes:
+        sys.stdout.write(note + "\n")
+
+
+def scale_row(
+    folder: Path, upstream: int, count: int, args: argparse.Namespace, notes: list[str]
+) -> tuple[str, Figures]:
+    database = folder / f"scale-{count}.db"
+    started = time.monotonic()
+    populate(database, count)
+    notes.append(f"{count} entries written in {time.monotonic() - started:.0f} s ({database.stat().st_size >> 20} MB)")
+    script = folder / f"spread-{count}.lua"
+    script.write_text(SPREAD_SCRIPT.format(count=count))
+    port = free_port()
+    # A memory tier of one entry: every hit is read from SQLite.
+    proxy = start_proxy(port, upstream, database, {"MEMORY_CACHE_BYTES": "1"})
+    try:
+        startup = wait_until_up(f"http://127.0.0.1:{port}/healthz", proxy)
+        figures = measure(f"http://127.0.0.1:{port}/v1/chat/completions", script, args)
+        notes.append(f"{count} entries: start-up {startup:.2f} s, RSS {rss_mb(proxy.pid):.0f} MB")
+    finally:
+        stop(proxy)
+    return f"openai-proxy: HIT from SQLite, {count} entries", figures
+
+
+if __name__ == "__main__":
+    main()
