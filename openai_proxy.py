@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,14 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from cache import CacheBackend, CacheError, CacheHealth, SqliteBackend
 from cache.health import Operation
+from cache.memory import TieredBackend
 from proxy import commands
 from proxy.admin import AdminApi
 from proxy.errors import ProxyError, error_response
@@ -60,9 +63,11 @@ def create_app(
     backend: CacheBackend | None = None,
     http: httpx.AsyncClient | None = None,
     clock: Callable[[], float] = time.time,
-) -> FastAPI:
+) -> ProxyApp:
     settings = settings if settings is not None else Settings()
-    backend = backend if backend is not None else sqlite_backend(settings)
+    store = backend if backend is not None else sqlite_backend(settings)
+    tiered = TieredBackend(store, settings.memory_cache_bytes)
+    backend = tiered
     owns_http = http is None
     client = http if http is not None else upstream_client(settings)
     health = CacheHealth(backend.name)
@@ -80,6 +85,7 @@ def create_app(
         try:
             async with anyio.create_task_group() as background:
                 background.start_soon(statistics.flush_periodically)
+                background.start_soon(tiered.sync_periodically)
                 yield
                 background.cancel_scope.cancel()
         finally:
@@ -90,6 +96,7 @@ def create_app(
 
     app = FastAPI(title="openai-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(Exception, _internal_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> JSONResponse:
@@ -107,16 +114,41 @@ def create_app(
     async def cache_admin(request: Request) -> Response:
         return await admin.serve(request)
 
-    @app.api_route("/{path:path}", methods=PROXIED_METHODS)
-    async def forward(request: Request) -> Response:
-        return await proxy.handle(request)
+    return ProxyApp(proxy, app)
 
-    return app
+
+# First path segments the proxy's own routes answer; every other path is proxied.
+OWN_ROUTES = frozenset({"healthz", "cache"})
+
+
+class ProxyApp:
+    """The ASGI application. Proxied paths go straight to the proxy, with no framework in the way of a
+    hit; the proxy's own routes (/healthz, /cache) and the lifespan go to the FastAPI app."""
+
+    def __init__(self, proxy: Proxy, api: FastAPI) -> None:
+        self.proxy = proxy
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].split("/", 2)[1] not in OWN_ROUTES:
+            await self.proxy(scope, receive, send)
+        else:
+            await self.api(scope, receive, send)
+
+    def lifespan(self) -> AbstractAsyncContextManager[Any]:
+        """Start-up and shutdown, for running the app without a server (tests)."""
+        return self.api.router.lifespan_context(self.api)
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     logger.error("unexpected error while serving %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(ProxyError(500, "The proxy failed unexpectedly; see its log.", "internal_error"))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+    code = {404: "unknown_route", 405: "method_not_allowed"}.get(status, "invalid_request")
+    return error_response(ProxyError(status, f"{request.method} {request.url.path}: {exc}", code))
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -135,13 +167,13 @@ def configure_logging(level: str) -> None:
     )
 
 
-def _app_from_environment() -> FastAPI:
+def _app_from_environment() -> ProxyApp:
     settings = load_settings()
     configure_logging(settings.log_level)
     return create_app(settings)
 
 
-_app: FastAPI | None = None
+_app: ProxyApp | None = None
 
 
 def __getattr__(name: str) -> Any:
@@ -215,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         "port": settings.port,
         "log_level": settings.log_level,
         "server_header": False,
+        # Client addresses are the sockets' own: the admin API's loopback rule must not trust X-Forwarded-For.
+        "proxy_headers": False,
     }
     if settings.workers > 1:
         # Each worker process builds its own app from the environment.

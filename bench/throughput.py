@@ -18,7 +18,6 @@ import shutil
 import signal
 import socket
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -92,7 +91,8 @@ math.randomseed(os.time())
 local run = math.random(1, 1000000000)
 request = function()
   counter = counter + 1
-  local body = '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"miss ' .. run .. ' ' .. counter .. '"}}]}}'
+  local prompt = "miss " .. run .. " " .. counter
+  local body = '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"' .. prompt .. '"}}]}}'
   return wrk.format("POST", "/v1/chat/completions", {{["Content-Type"] = "application/json"}}, body)
 end
 """

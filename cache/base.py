@@ -137,6 +137,17 @@ class CacheBackend(Protocol):
         """Add counts gathered in memory to the store's statistics."""
         ...
 
+    async def latest_invalidation(self) -> int:
+        """The position of the newest entry in the invalidation feed (0 when empty)."""
+        ...
+
+    async def invalidations_since(self, after: int) -> tuple[int, list[str | None]]:
+        """Keys deleted or replaced after position `after` (None: a purge), and the newest position.
+
+        The feed keeps a bounded window; a caller that finds a gap must assume everything changed.
+        """
+        ...
+
     async def statistics(self) -> CacheStatistics: ...
 
     async def ping(self) -> None:

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 from cache.sse import EVENT_STREAM, stream_completed
 
-KEY_VERSION = 1
+KEY_VERSION = 2
 
 # A generation endpoint is the last part of a versioned path: `v1/chat/completions`,
 # `compatibility/v1/chat/completions`, `v2/chat`. Anything deeper (`v1/threads/x/messages`,
@@ -167,7 +169,11 @@ def _is_plain_text(part: Any) -> bool:
 
 
 def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Sorted keys, no whitespace, UTF-8."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # integers beyond 64 bits
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")

@@ -63,6 +63,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (provider, model)
         )""",
     ),
+    (
+        # Keys deleted or replaced, for the memory tiers of every process to drop (NULL: all of them).
+        "CREATE TABLE invalidations (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -72,6 +76,7 @@ _ENTRY_COLUMNS = (
 _INFO_COLUMNS = "key, provider, endpoint, model, namespace, size, created_at, last_hit_at, hits"
 _EXPORT_BATCH = 500
 _PURGE_BATCH = 1000
+_INVALIDATIONS_KEPT = 10_000
 
 
 class SqliteBackend:
@@ -161,7 +166,11 @@ class SqliteBackend:
             await self.delete(key)
             return
         async with self._write("cache write") as db:
+            async with db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)) as cursor:
+                replacing = await cursor.fetchone() is not None
             await self._upsert(db, key, entry, size)
+            if replacing:
+                await db.execute("INSERT INTO invalidations (key) VALUES (?)", (key,))
             await self._evict_over_limits(db)
 
     @asynccontextmanager
@@ -226,22 +235,23 @@ class SqliteBackend:
             )
             if excess <= 0 or entries <= 1:
                 break
-            await db.execute(
-                "DELETE FROM entries WHERE key IN (SELECT key FROM entries ORDER BY used_at LIMIT ?)",
+            async with db.execute(
+                "DELETE FROM entries WHERE key IN (SELECT key FROM entries ORDER BY used_at LIMIT ?) RETURNING key",
                 (excess,),
-            )
-            evicted += excess
+            ) as cursor:
+                keys = [(key,) for (key,) in await cursor.fetchall()]
+            await db.executemany("INSERT INTO invalidations (key) VALUES (?)", keys)
+            evicted += len(keys)
         if evicted:
             await _add_counter(db, "evictions", evicted)
 
     async def delete(self, key: str) -> bool:
-        db = self._connection()
-        try:
-            async with self._transaction:
-                cursor = await db.execute("DELETE FROM entries WHERE key = ?", (key,))
-                return cursor.rowcount > 0
-        except sqlite3.Error as exc:
-            raise CacheError(f"cache delete failed: {exc}") from exc
+        async with self._write("cache delete") as db:
+            cursor = await db.execute("DELETE FROM entries WHERE key = ?", (key,))
+            deleted = cursor.rowcount > 0
+            if deleted:
+                await db.execute("INSERT INTO invalidations (key) VALUES (?)", (key,))
+        return deleted
 
     async def purge(self, which: EntryFilter) -> int:
         db = self._connection()
@@ -255,9 +265,10 @@ class SqliteBackend:
                         f"DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries {where} LIMIT ?)",
                         (*parameters, _PURGE_BATCH),
                     )
-                deleted += cursor.rowcount
-                if cursor.rowcount < _PURGE_BATCH:
-                    return deleted
+                    deleted += cursor.rowcount
+                    if cursor.rowcount < _PURGE_BATCH:
+                        await db.execute("INSERT INTO invalidations (key) VALUES (NULL)")
+                        return deleted
         except sqlite3.Error as exc:
             raise CacheError(f"cache purge failed: {exc}") from exc
 
@@ -290,8 +301,32 @@ class SqliteBackend:
                 return
             after = rows[-1][0]
 
+    async def latest_invalidation(self) -> int:
+        db = self._connection()
+        try:
+            return await self._scalar(db, "SELECT max(seq) FROM invalidations")
+        except sqlite3.Error as exc:
+            raise CacheError(f"cache read failed: {exc}") from exc
+
+    async def invalidations_since(self, after: int) -> tuple[int, list[str | None]]:
+        db = self._connection()
+        try:
+            async with db.execute(
+                "SELECT seq, key FROM invalidations WHERE seq > ? ORDER BY seq LIMIT ?", (after, _INVALIDATIONS_KEPT)
+            ) as cursor:
+                rows = list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise CacheError(f"cache read failed: {exc}") from exc
+        if not rows:
+            return after, []
+        return rows[-1][0], [key for _, key in rows]
+
     async def record(self, tally: Tally) -> None:
         async with self._write("cache statistics write") as db:
+            await db.execute(
+                "DELETE FROM invalidations WHERE seq < (SELECT max(seq) FROM invalidations) - ?",
+                (_INVALIDATIONS_KEPT,),
+            )
             await _add_counter(db, "hits", tally.hits)
             await _add_counter(db, "misses", tally.misses)
             await db.executemany(

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 
 import httpx
-from starlette.requests import Request
-from starlette.responses import Response
+import orjson
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cache import CacheBackend, CachedResponse, CacheError, CacheHealth, cache_key, generation_endpoint
 from cache.control import ControlError, RequestControl, is_fresh, request_control
@@ -23,8 +25,8 @@ from cache.usage import reported_tokens
 from providers import Provider
 from proxy.access import presents_key
 from proxy.errors import ProxyError, error_response
-from proxy.headers import Headers, client_response_headers, request_headers, upstream_request_headers
-from proxy.responses import RelayResponse, buffered_response, upstream_chunks
+from proxy.headers import Headers, client_response_headers, upstream_request_headers
+from proxy.responses import BufferedResponse, RelayResponse, upstream_chunks
 from proxy.settings import Settings
 from proxy.statistics import Statistics
 from proxy.upstream import RequestContent, open_response, read_body, upstream_url
@@ -72,10 +74,35 @@ def resolve_route(raw_path: bytes, providers: Mapping[str, Provider]) -> tuple[P
 
 def parse_json_object(body: bytes) -> dict[str, Any] | None:
     try:
-        value = json.loads(body)
-    except ValueError:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def scope_headers(scope: Scope) -> Headers:
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]]
+
+
+async def read_request_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def stream_request_body(receive: Receive) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
 
 
 def _has_body(headers: Headers) -> bool:
@@ -86,13 +113,25 @@ def _has_body(headers: Headers) -> bool:
     return False
 
 
-@dataclass(frozen=True)
 class Upstream:
-    """Where one request goes: the provider, the URL and the headers to send."""
+    """Where one request goes. The URL and headers are worked out only if it does go (not on a hit)."""
 
-    provider: Provider
-    url: httpx.URL
-    headers: Headers
+    def __init__(
+        self, provider: Provider, rest: bytes, query: bytes, client_headers: Headers, strip_client_credentials: bool
+    ) -> None:
+        self.provider = provider
+        self._rest = rest
+        self._query = query
+        self._client_headers = client_headers
+        self._strip = strip_client_credentials
+
+    @cached_property
+    def url(self) -> httpx.URL:
+        return upstream_url(self.provider, self._rest, self._query)
+
+    @cached_property
+    def headers(self) -> Headers:
+        return upstream_request_headers(self._client_headers, self.provider, strip_client_credentials=self._strip)
 
 
 class Proxy:
@@ -115,33 +154,38 @@ class Proxy:
         self.statistics = statistics
         self.clock = clock
 
-    async def handle(self, request: Request) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The proxy as an ASGI application: no framework routing on the way to a hit."""
         try:
-            return await self._handle(request)
+            response = await self._handle(scope, receive)
         except ProxyError as error:
-            return error_response(error)
+            response = error_response(error)
+        except ClientDisconnect:
+            return
+        except Exception:
+            # The boundary of the application: a bug becomes a logged 500, not a dropped connection.
+            logger.exception("unexpected error while serving %s %s", scope["method"], scope["path"])
+            response = error_response(ProxyError(500, "The proxy failed unexpectedly; see its log.", "internal_error"))
+        await response(scope, receive, send)
 
-    async def _handle(self, request: Request) -> Response:
-        client_headers = request_headers(request)
+    async def _handle(self, scope: Scope, receive: Receive) -> ASGIApp:
+        client_headers = scope_headers(scope)
         if self.proxy_keys and not presents_key(client_headers, self.proxy_keys):
             raise ProxyError(
                 401, "A valid proxy API key is required (Authorization: Bearer or x-api-key).", "invalid_api_key"
             )
-        provider, rest = resolve_route(request.scope.get("raw_path") or request.url.path.encode(), self.providers)
-        query: bytes = request.scope.get("query_string", b"")
+        provider, rest = resolve_route(scope.get("raw_path") or scope["path"].encode(), self.providers)
+        query: bytes = scope.get("query_string", b"")
         strip_client_key = bool(self.proxy_keys)
-        upstream = Upstream(
-            provider,
-            upstream_url(provider, rest, query),
-            upstream_request_headers(client_headers, provider, strip_client_credentials=strip_client_key),
-        )
+        upstream = Upstream(provider, rest, query, client_headers, strip_client_key)
         endpoint_path = rest.decode("latin-1")
         endpoint = generation_endpoint(endpoint_path)
-        if request.method != "POST" or endpoint is None:
+        method: str = scope["method"]
+        if method != "POST" or endpoint is None:
             self._refuse_if_offline()
-            return await self._pass_through(request, upstream, client_headers)
+            return await self._pass_through(method, receive, upstream, client_headers)
 
-        body = await request.body()
+        body = await read_request_body(receive)
         payload = parse_json_object(body)
         if payload is None:
             self._refuse_if_offline()
@@ -155,11 +199,11 @@ class Proxy:
             body = json.dumps(payload).encode()
         if query:
             endpoint_path += "?" + query.decode("latin-1")
-        scope = "" if provider.api_key is not None or strip_client_key else credential_scope(client_headers)
+        credential = "" if provider.api_key is not None or strip_client_key else credential_scope(client_headers)
         model = payload.get("model")
         pending = PendingEntry(
             key=cache_key(
-                provider.name, endpoint_path, payload, self.key_config, scope=scope, namespace=control.namespace
+                provider.name, endpoint_path, payload, self.key_config, scope=credential, namespace=control.namespace
             ),
             provider=provider.name,
             endpoint_path=endpoint_path,
@@ -177,7 +221,7 @@ class Proxy:
         payload: dict[str, Any],
         pending: PendingEntry,
         control: RequestControl,
-    ) -> Response:
+    ) -> ASGIApp:
         wants_stream = payload.get("stream") is True
         stream_options = payload.get("stream_options")
         wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
@@ -220,12 +264,16 @@ class Proxy:
             error.headers.update(self._cache_headers(status, pending.key))
             raise
         response_headers = response.headers.multi_items()
-        if storing:
+
+        async def store() -> None:
             await self._store(pending, response.status_code, response_headers, answer_body)
-        return buffered_response(
+
+        # Stored once the answer is sent, so storing never delays it.
+        return BufferedResponse(
             response.status_code,
             answer_body,
             [*client_response_headers(response_headers), *self._cache_headers(status, pending.key)],
+            background=store if storing else None,
         )
 
     def _refuse_if_offline(self) -> None:
@@ -262,13 +310,13 @@ class Proxy:
         else:
             self.health.succeeded(Operation.WRITE)
 
-    def _hit(self, entry: CachedResponse, answer: Replay, key: str, now: float) -> Response:
+    def _hit(self, entry: CachedResponse, answer: Replay, key: str, now: float) -> ASGIApp:
         headers = [
             ("content-type", answer.content_type),
             ("age", str(max(0, int(now - entry.created_at)))),
             *self._cache_headers(CacheStatus.HIT, key),
         ]
-        return buffered_response(entry.status, answer.body, headers)
+        return BufferedResponse(entry.status, answer.body, headers)
 
     @staticmethod
     def _cache_headers(status: CacheStatus, key: str | None) -> Headers:
@@ -277,13 +325,15 @@ class Proxy:
             headers.append(("x-cache-key", key))
         return headers
 
-    async def _pass_through(self, request: Request, upstream: Upstream, client_headers: Headers) -> Response:
+    async def _pass_through(
+        self, method: str, receive: Receive, upstream: Upstream, client_headers: Headers
+    ) -> ASGIApp:
         content: RequestContent = None
+        length: Headers = []
         if _has_body(client_headers):
-            content = request.stream()
+            content = stream_request_body(receive)
             length = [(name, value) for name, value in client_headers if name.lower() == "content-length"]
-            upstream = Upstream(upstream.provider, upstream.url, [*upstream.headers, *length])
-        return await self._relay(upstream, request.method, content, CacheStatus.BYPASS)
+        return await self._relay(upstream, method, content, CacheStatus.BYPASS, extra_headers=length)
 
     async def _relay(
         self,
@@ -294,12 +344,14 @@ class Proxy:
         *,
         pending: PendingEntry | None = None,
         store: bool = False,
-    ) -> Response:
+        extra_headers: Sequence[tuple[str, str]] = (),
+    ) -> ASGIApp:
         """Relay the upstream answer as it arrives; with `store`, record it and store it once it completed."""
         key = pending.key if pending is not None else None
         provider = upstream.provider
+        headers = [*upstream.headers, *extra_headers]
         try:
-            response = await open_response(self.http, provider, method, upstream.url, upstream.headers, content)
+            response = await open_response(self.http, provider, method, upstream.url, headers, content)
         except ProxyError as error:
             error.headers.update(self._cache_headers(status, key))
             raise

@@ -20,11 +20,31 @@ def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
 
 
-def buffered_response(status: int, body: bytes, headers: Headers) -> Response:
-    """A complete response with exactly `headers` (repeats kept) plus its Content-Length."""
-    response = Response(content=body, status_code=status)
-    response.raw_headers.extend(_encode(headers))
-    return response
+class BufferedResponse:
+    """A complete response with exactly `headers` (repeats kept) plus its Content-Length, sent as two
+    ASGI messages; `background` runs once it was sent."""
+
+    __slots__ = ("status", "body", "raw_headers", "background")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        headers: Headers,
+        background: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.raw_headers = _encode(headers)
+        if status >= 200 and status not in (204, 304):
+            self.raw_headers.append((b"content-length", str(len(body)).encode()))
+        self.background = background
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+        await send({"type": "http.response.body", "body": self.body})
+        if self.background is not None:
+            await self.background()
 
 
 class UpstreamBrokeOff(Exception):

@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     cache_ttl: float = Field(default=0, ge=0)
     cache_max_bytes: Annotated[int, NoDecode] = Field(default=0, ge=0)
     cache_max_entries: int = Field(default=0, ge=0)
+    memory_cache_bytes: Annotated[int, NoDecode] = Field(default=32 * 1024 * 1024, ge=0)
     cache_offline: bool = False
     proxy_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     admin_api_key: SecretStr | None = None
@@ -106,7 +107,7 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("cache_max_bytes", mode="before")
+    @field_validator("cache_max_bytes", "memory_cache_bytes", mode="before")
     @classmethod
     def _byte_size(cls, value: Any) -> Any:
         return parse_byte_size(value) if isinstance(value, str) else value

@@ -168,7 +168,7 @@ class TestAdminAccess:
     ) -> None:
         app = create_app(Settings(_env_file=None, cache_db=tmp_path / "c.db"))  # type: ignore[call-arg]
         transport = httpx.ASGITransport(app=app, client=(client, 40000))
-        async with app.router.lifespan_context(app):
+        async with app.lifespan():
             async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as http:
                 response = await http.get("/cache/stats", headers=headers)
         assert response.status_code == expected

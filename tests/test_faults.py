@@ -20,8 +20,9 @@ from tests.servers import FakeUpstream, Recorded, chat_completion, gzip_json
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def post_chat(base: str, **kwargs: Any) -> httpx.Response:
-    return httpx.post(f"{base}/v1/chat/completions", json=CHAT, timeout=10, **kwargs)
+def post_chat(base: str, content: str = "hi", **kwargs: Any) -> httpx.Response:
+    body = {**CHAT, "messages": [{"role": "user", "content": content}]}
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10, **kwargs)
 
 
 def closed_port() -> int:
@@ -147,8 +148,8 @@ class TestBrokenStore:
     def assert_served_and_degraded(
         self, base: str, caplog: pytest.LogCaptureFixture, cause: str, status: str = "BYPASS"
     ) -> None:
-        for _ in range(3):
-            response = post_chat(base)
+        for number in range(3):
+            response = post_chat(base, content=f"question {number}")
             assert response.status_code == 200
             assert response.headers["x-cache-status"] == status
         health = httpx.get(f"{base}/healthz")

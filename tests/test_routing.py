@@ -194,6 +194,7 @@ class TestCredentials:
     def test_no_credential_is_stored(self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path) -> None:  # type: ignore[no-untyped-def]
         base = start_proxy(openai_api_key=None)
         httpx.post(f"{base}/v1/chat/completions", json=CHAT, headers={"authorization": "Bearer sk-client-SECRET"})
+        httpx.get(f"{base}/cache/stats")  # answered after the entry was written
         database = (tmp_path / "cache.db").read_bytes() + (tmp_path / "cache.db-wal").read_bytes()
         assert b"sk-client-SECRET" not in database
         assert b"answer 1" in database
