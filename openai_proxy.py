@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         "port": settings.port,
         "log_level": settings.log_level,
         "server_header": False,
+        # uvicorn's own request lines only when debugging: they cost time on every request.
+        "access_log": settings.log_level in ("debug", "trace"),
         # Client addresses are the sockets' own: the admin API's loopback rule must not trust X-Forwarded-For.
         "proxy_headers": False,
     }

@@ -7,6 +7,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from enum import StrEnum
 from typing import Any
 
@@ -67,6 +68,7 @@ class KeyConfig:
     include: tuple[str, ...] = ()
 
 
+@lru_cache(maxsize=1024)
 def generation_endpoint(path: str) -> str | None:
     """The generation endpoint (`chat/completions`, `messages`, ...) a request path names, if any."""
     match = _GENERATION_PATH.match(path.strip("/"))
