@@ -7,8 +7,8 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from enum import StrEnum
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -212,8 +212,8 @@ def is_storable(status: int, headers: Iterable[tuple[str, str]], body: bytes, en
     if content_type != "application/json" and not content_type.endswith("+json"):
         return False
     try:
-        json.loads(body)
-    except ValueError:
+        orjson.loads(body)
+    except orjson.JSONDecodeError:
         return False
     return True
 

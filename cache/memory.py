@@ -71,8 +71,10 @@ class HotEntries:
 class TieredBackend:
     """A backend with `HotEntries` in front. It is itself a CacheBackend."""
 
-    def __init__(self, backend: CacheBackend, max_bytes: int) -> None:
+    def __init__(self, backend: CacheBackend, max_bytes: int, *, evicts: bool = False) -> None:
+        """`evicts`: the backend enforces size limits, so a write may remove other entries."""
         self.backend = backend
+        self.evicts = evicts
         self.name = backend.name
         self.hot = HotEntries(max_bytes)
         self._seen_invalidation = 0
@@ -98,10 +100,11 @@ class TieredBackend:
         except BaseException:
             self.hot.discard(key)
             raise
-        try:
-            await self.sync()  # drops what this write evicted from the store
-        except CacheError:
-            self.hot.clear()
+        if self.evicts:
+            try:
+                await self.sync()  # drops what this write evicted from the store
+            except CacheError:
+                self.hot.clear()
 
     async def delete(self, key: str) -> bool:
         self.hot.discard(key)

@@ -66,6 +66,10 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         # Keys deleted or replaced, for the memory tiers of every process to drop (NULL: all of them).
         "CREATE TABLE invalidations (seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT)",
+        # A replacement (the upsert's UPDATE) is recorded by the same statement that makes it.
+        """CREATE TRIGGER entries_replaced AFTER UPDATE OF body ON entries BEGIN
+            INSERT INTO invalidations (key) VALUES (NEW.key);
+        END""",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -165,12 +169,17 @@ class SqliteBackend:
             # It would evict everything else and still not fit; what it replaces is outdated now.
             await self.delete(key)
             return
+        if not (self.max_entries or self.max_bytes):
+            # One statement is its own transaction (its triggers included): one trip to the database thread.
+            db = self._connection()
+            async with self._transaction:
+                try:
+                    await self._upsert(db, key, entry, size)
+                except sqlite3.Error as exc:
+                    raise CacheError(f"cache write failed: {exc}") from exc
+            return
         async with self._write("cache write") as db:
-            async with db.execute("SELECT 1 FROM entries WHERE key = ?", (key,)) as cursor:
-                replacing = await cursor.fetchone() is not None
             await self._upsert(db, key, entry, size)
-            if replacing:
-                await db.execute("INSERT INTO invalidations (key) VALUES (?)", (key,))
             await self._evict_over_limits(db)
 
     @asynccontextmanager

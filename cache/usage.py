@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
+
+import orjson
 
 from cache.convert import anthropic_stream_to_json, chat_stream_to_json
 from cache.sse import EVENT_STREAM, parse_events
@@ -35,8 +36,8 @@ def reported_tokens(endpoint: str, content_type: str, body: bytes) -> Tokens:
 def _as_json(endpoint: str, content_type: str, body: bytes) -> Any:
     if content_type.split(";", 1)[0].strip().lower() != EVENT_STREAM:
         try:
-            return json.loads(body)
-        except ValueError:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
             return None
     events = parse_events(body)
     if endpoint == "chat/completions":

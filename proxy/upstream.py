@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
 import anyio
 import httpx
 
@@ -25,8 +26,17 @@ def upstream_url(provider: Provider, rest: bytes, query: bytes) -> httpx.URL:
     return base.copy_with(raw_path=path + (b"?" + query if query else b""))
 
 
+def is_timeout(exc: httpx.HTTPError) -> bool:
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientError):
+        # The aiohttp transport maps every connection failure (a refused connection too) to a timeout;
+        # its own exception says which it was.
+        return isinstance(cause, TimeoutError)
+    return isinstance(exc, httpx.TimeoutException)
+
+
 def as_proxy_error(exc: httpx.HTTPError, provider: Provider) -> ProxyError:
-    if isinstance(exc, httpx.TimeoutException):
+    if is_timeout(exc):
         return ProxyError(504, f"The upstream provider '{provider.name}' timed out.", "upstream_timeout")
     return ProxyError(
         502,

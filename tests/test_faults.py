@@ -204,3 +204,15 @@ class TestBrokenStore:
         assert recovered.headers["x-cache-status"] == "MISS"
         assert post_chat(base).headers["x-cache-status"] == "HIT"
         assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+
+
+def test_upstream_cookies_are_never_sent_for_another_client(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    async def sets_a_cookie(request: Request, recorded: Recorded) -> Response:
+        return JSONResponse(chat_completion(upstream.calls, "m"), headers={"set-cookie": "session=client-a; Path=/"})
+
+    upstream.handler = sets_a_cookie
+    base = start_proxy()
+    first = post_chat(base, content="client a")
+    assert first.headers["set-cookie"].startswith("session=client-a"), "relayed to the client it was meant for"
+    post_chat(base, content="client b")
+    assert upstream.requests[1].header("cookie") is None
