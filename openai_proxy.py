@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ from proxy.errors import ProxyError, error_response
 from proxy.handler import Proxy
 from proxy.settings import Settings, describe_invalid_settings
 from proxy.statistics import Statistics
+from proxy.upstream import UpstreamClient
 
 __all__ = ["Settings", "create_app", "main"]
 
@@ -46,10 +46,9 @@ logger = logging.getLogger("openai_proxy")
 PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
-def upstream_client(settings: Settings) -> httpx.AsyncClient:
-    """httpx as the API, aiohttp's connection pool underneath: measured in bench/throughput.py, httpx's own
-    pool serves a few hundred misses a second at 32 concurrent clients, aiohttp's several thousand."""
-    timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
+def upstream_transport() -> httpx.AsyncBaseTransport:
+    """aiohttp's connection pool under httpx: measured in bench/throughput.py, httpx's own pool serves a
+    few hundred misses a second at 32 concurrent clients, aiohttp's several times more."""
 
     def session() -> aiohttp.ClientSession:
         # Built on first use, inside the event loop. One session serves every client, so it must not keep
@@ -57,9 +56,7 @@ def upstream_client(settings: Settings) -> httpx.AsyncClient:
         connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=30)
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
-    transport = AiohttpTransport(client=session)
-    no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    return httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False, cookies=no_cookies)
+    return AiohttpTransport(client=session)
 
 
 def sqlite_backend(settings: Settings) -> SqliteBackend:
@@ -74,7 +71,7 @@ def sqlite_backend(settings: Settings) -> SqliteBackend:
 def create_app(
     settings: Settings | None = None,
     backend: CacheBackend | None = None,
-    http: httpx.AsyncClient | None = None,
+    http: httpx.AsyncBaseTransport | None = None,
     clock: Callable[[], float] = time.time,
 ) -> ProxyApp:
     settings = settings if settings is not None else Settings()
@@ -82,8 +79,8 @@ def create_app(
     limited = bool(settings.cache_max_entries or settings.cache_max_bytes)
     tiered = TieredBackend(store, settings.memory_cache_bytes, evicts=limited)
     backend = tiered
-    owns_http = http is None
-    client = http if http is not None else upstream_client(settings)
+    timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
+    client = UpstreamClient(http if http is not None else upstream_transport(), timeout)
     health = CacheHealth(backend.name)
     statistics = Statistics(backend, health)
     proxy = Proxy(settings, backend, health, client, statistics, clock)
@@ -105,8 +102,7 @@ def create_app(
         finally:
             await statistics.flush()
             await backend.close()
-            if owns_http:
-                await client.aclose()
+            await client.aclose()
 
     app = FastAPI(title="openai-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(Exception, _internal_error)

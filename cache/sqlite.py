@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,7 @@ class SqliteBackend:
         self._open_error = "not opened yet"
         # One connection serves every coroutine; a transaction must not take in another's statements.
         self._transaction = asyncio.Lock()
+        self._batch: _Batch | None = None
 
     async def open(self) -> None:
         try:
@@ -169,66 +171,61 @@ class SqliteBackend:
             # It would evict everything else and still not fit; what it replaces is outdated now.
             await self.delete(key)
             return
-        if not (self.max_entries or self.max_bytes):
-            # One statement is its own transaction (its triggers included): one trip to the database thread.
-            db = self._connection()
-            async with self._transaction:
+        # Group commit: writes that arrive while another is in progress share the next transaction, so a
+        # burst of misses costs a few trips to the database thread, not several each.
+        batch = self._batch if self._batch is not None else _Batch()
+        self._batch = batch
+        batch.rows.append(_row(key, entry, size))
+        async with self._transaction:
+            if not batch.written:
+                if self._batch is batch:
+                    self._batch = None
+                batch.written = True
                 try:
-                    await self._upsert(db, key, entry, size)
-                except sqlite3.Error as exc:
-                    raise CacheError(f"cache write failed: {exc}") from exc
+                    await self._write_rows(batch.rows)
+                except CacheError as exc:
+                    batch.error = exc
+        if batch.error is not None:
+            raise batch.error
+
+    async def _write_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        db = self._connection()
+        limited = bool(self.max_entries or self.max_bytes)
+        if len(rows) == 1 and not limited:
+            # One statement is its own transaction (its triggers included): one trip to the database thread.
+            try:
+                await db.execute(_UPSERT, rows[0])
+            except sqlite3.Error as exc:
+                raise CacheError(f"cache write failed: {exc}") from exc
             return
-        async with self._write("cache write") as db:
-            await self._upsert(db, key, entry, size)
-            await self._evict_over_limits(db)
+        async with self._transaction_body("cache write") as db:
+            await db.executemany(_UPSERT, rows)
+            if limited:
+                await self._evict_over_limits(db)
 
     @asynccontextmanager
     async def _write(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
         """One write transaction, committed whole or not at all."""
-        db = self._connection()
-        async with self._transaction:
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    # Shielded: a cancelled request must not leave the shared connection mid-transaction.
-                    with anyio.CancelScope(shield=True):
-                        await db.execute("ROLLBACK")
-                    raise
-                with anyio.CancelScope(shield=True):
-                    await db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise CacheError(f"{what} failed: {exc}") from exc
+        async with self._transaction, self._transaction_body(what) as db:
+            yield db
 
-    @staticmethod
-    async def _upsert(db: aiosqlite.Connection, key: str, entry: CachedResponse, size: int) -> None:
-        await db.execute(
-            "INSERT INTO entries (key, status, content_type, body, created_at, provider, endpoint, model,"
-            " namespace, ttl, input_tokens, output_tokens, size, used_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (key) DO UPDATE SET status = excluded.status, content_type = excluded.content_type,"
-            " body = excluded.body, created_at = excluded.created_at, provider = excluded.provider,"
-            " endpoint = excluded.endpoint, model = excluded.model, namespace = excluded.namespace,"
-            " ttl = excluded.ttl, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,"
-            " size = excluded.size, used_at = excluded.used_at",
-            (
-                key,
-                entry.status,
-                entry.content_type,
-                entry.body,
-                entry.created_at,
-                entry.provider,
-                entry.endpoint,
-                entry.model,
-                entry.namespace,
-                entry.ttl,
-                entry.input_tokens,
-                entry.output_tokens,
-                size,
-                entry.created_at,
-            ),
-        )
+    @asynccontextmanager
+    async def _transaction_body(self, what: str) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN ... COMMIT (or ROLLBACK); the caller holds `self._transaction`."""
+        db = self._connection()
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                # Shielded: a cancelled request must not leave the shared connection mid-transaction.
+                with anyio.CancelScope(shield=True):
+                    await db.execute("ROLLBACK")
+                raise
+            with anyio.CancelScope(shield=True):
+                await db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise CacheError(f"{what} failed: {exc}") from exc
 
     async def _evict_over_limits(self, db: aiosqlite.Connection) -> None:
         if not (self.max_entries or self.max_bytes):
@@ -402,6 +399,46 @@ def _entry(row: Any) -> CachedResponse:
         ttl=ttl,
         input_tokens=inputs,
         output_tokens=outputs,
+    )
+
+
+_UPSERT = (
+    "INSERT INTO entries (key, status, content_type, body, created_at, provider, endpoint, model,"
+    " namespace, ttl, input_tokens, output_tokens, size, used_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (key) DO UPDATE SET status = excluded.status, content_type = excluded.content_type,"
+    " body = excluded.body, created_at = excluded.created_at, provider = excluded.provider,"
+    " endpoint = excluded.endpoint, model = excluded.model, namespace = excluded.namespace,"
+    " ttl = excluded.ttl, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,"
+    " size = excluded.size, used_at = excluded.used_at"
+)
+
+
+@dataclass
+class _Batch:
+    """Writes that go into one transaction, and how it went for all of them."""
+
+    rows: list[tuple[Any, ...]] = field(default_factory=list)
+    written: bool = False
+    error: CacheError | None = None
+
+
+def _row(key: str, entry: CachedResponse, size: int) -> tuple[Any, ...]:
+    return (
+        key,
+        entry.status,
+        entry.content_type,
+        entry.body,
+        entry.created_at,
+        entry.provider,
+        entry.endpoint,
+        entry.model,
+        entry.namespace,
+        entry.ttl,
+        entry.input_tokens,
+        entry.output_tokens,
+        size,
+        entry.created_at,
     )
 
 

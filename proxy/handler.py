@@ -11,7 +11,6 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Any
 
-import httpx
 import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -29,7 +28,7 @@ from proxy.headers import Headers, client_response_headers, upstream_request_hea
 from proxy.responses import BufferedResponse, RelayResponse, upstream_chunks
 from proxy.settings import Settings
 from proxy.statistics import Statistics
-from proxy.upstream import RequestContent, open_response, read_body, upstream_url
+from proxy.upstream import RequestContent, UpstreamClient, read_body, upstream_url
 
 logger = logging.getLogger("openai_proxy")
 
@@ -126,7 +125,7 @@ class Upstream:
         self._strip = strip_client_credentials
 
     @cached_property
-    def url(self) -> httpx.URL:
+    def url(self) -> str:
         return upstream_url(self.provider, self._rest, self._query)
 
     @cached_property
@@ -140,7 +139,7 @@ class Proxy:
         settings: Settings,
         backend: CacheBackend,
         health: CacheHealth,
-        http: httpx.AsyncClient,
+        http: UpstreamClient,
         statistics: Statistics,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -258,7 +257,7 @@ class Proxy:
             return await self._relay(upstream, "POST", body, status, pending=pending, store=storing)
 
         try:
-            response = await open_response(self.http, upstream.provider, "POST", upstream.url, upstream.headers, body)
+            response = await self.http.open(upstream.provider, "POST", upstream.url, upstream.headers, body)
             answer_body = await read_body(response, upstream.provider)
         except ProxyError as error:
             error.headers.update(self._cache_headers(status, pending.key))
@@ -351,7 +350,7 @@ class Proxy:
         provider = upstream.provider
         headers = [*upstream.headers, *extra_headers]
         try:
-            response = await open_response(self.http, provider, method, upstream.url, headers, content)
+            response = await self.http.open(provider, method, upstream.url, headers, content)
         except ProxyError as error:
             error.headers.update(self._cache_headers(status, key))
             raise

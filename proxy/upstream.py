@@ -18,12 +18,11 @@ logger = logging.getLogger("openai_proxy.upstream")
 RequestContent = bytes | AsyncIterator[bytes] | None
 
 
-def upstream_url(provider: Provider, rest: bytes, query: bytes) -> httpx.URL:
-    """`{provider base URL}/{rest}?{query}`. Only `rest` comes from the client, and only as a path,
-    so no request can choose the host, port or scheme the proxy connects to."""
-    base = httpx.URL(provider.base_url)
-    path = base.raw_path.split(b"?", 1)[0].rstrip(b"/") + b"/" + rest.lstrip(b"/")
-    return base.copy_with(raw_path=path + (b"?" + query if query else b""))
+def upstream_url(provider: Provider, rest: bytes, query: bytes) -> str:
+    """`{provider base URL}/{rest}?{query}`. Only `rest` comes from the client, and only after the base
+    URL's own path, so no request can choose the host, port or scheme the proxy connects to."""
+    url = provider.base_url + "/" + rest.decode("latin-1").lstrip("/")
+    return url + "?" + query.decode("latin-1") if query else url
 
 
 def is_timeout(exc: httpx.HTTPError) -> bool:
@@ -45,23 +44,33 @@ def as_proxy_error(exc: httpx.HTTPError, provider: Provider) -> ProxyError:
     )
 
 
-async def open_response(
-    client: httpx.AsyncClient,
-    provider: Provider,
-    method: str,
-    url: httpx.URL,
-    headers: Headers,
-    content: RequestContent,
-) -> httpx.Response:
-    """Send the request and return once the response headers arrived; the body is still to be read.
+class UpstreamClient:
+    """The proxy's one HTTP client: httpx requests and responses over a transport chosen by measurement.
 
-    Redirects are never followed: a 30x goes back to the client, so our key goes nowhere else.
+    It calls the transport directly. A proxy wants none of AsyncClient's client-side features (a cookie
+    jar shared by every client, redirects, auth, default headers), and skipping them is most of the
+    cost of a miss (bench/throughput.py). Redirects are never followed: a 30x goes back to the client,
+    so our key goes nowhere else.
     """
-    request = client.build_request(method, url, headers=headers, content=content)
-    try:
-        return await client.send(request, stream=True, follow_redirects=False)
-    except httpx.HTTPError as exc:
-        raise as_proxy_error(exc, provider) from exc
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
+        self.transport = transport
+        self.timeout = timeout.as_dict()
+
+    async def open(
+        self, provider: Provider, method: str, url: str, headers: Headers, content: RequestContent
+    ) -> httpx.Response:
+        """Send the request and return once the response headers arrived; the body is still to be read."""
+        request = httpx.Request(method, url, headers=headers, content=content, extensions={"timeout": self.timeout})
+        try:
+            response = await self.transport.handle_async_request(request)
+        except httpx.HTTPError as exc:
+            raise as_proxy_error(exc, provider) from exc
+        response.request = request
+        return response
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
 
 
 async def read_body(response: httpx.Response, provider: Provider) -> bytes:
