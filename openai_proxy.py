@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -177,10 +178,19 @@ def configure_logging(level: str) -> None:
     )
 
 
+def tune_garbage_collection() -> None:
+    """Fewer, cheaper collections for a server: every request allocates short-lived objects in bulk,
+    and with the default threshold the collector's pauses showed as the miss path's tail latency."""
+    gc.freeze()  # what start-up built lives as long as the process; never scan it again
+    gc.set_threshold(10_000, 10, 10)
+
+
 def _app_from_environment() -> ProxyApp:
     settings = load_settings()
     configure_logging(settings.log_level)
-    return create_app(settings)
+    app = create_app(settings)
+    tune_garbage_collection()
+    return app
 
 
 _app: ProxyApp | None = None
@@ -266,7 +276,9 @@ def main(argv: list[str] | None = None) -> None:
         # Each worker process builds its own app from the environment.
         uvicorn.run("openai_proxy:app", workers=settings.workers, **options)
     else:
-        uvicorn.run(create_app(settings), **options)
+        app = create_app(settings)
+        tune_garbage_collection()
+        uvicorn.run(app, **options)
 
 
 if __name__ == "__main__":
