@@ -19,10 +19,11 @@ from cache import CacheBackend, CachedResponse, CacheError, CacheHealth, cache_k
 from cache.control import ControlError, RequestControl, is_fresh, request_control
 from cache.health import Operation
 from cache.keys import credential_scope, is_storable
-from cache.replay import Replay, replay
+from cache.replay import Replay, is_event_stream, replay
 from cache.usage import reported_tokens
 from providers import Provider
 from proxy.access import presents_key
+from proxy.coalesce import Flight, Flights
 from proxy.errors import ProxyError, error_response
 from proxy.headers import Headers, client_response_headers, upstream_request_headers
 from proxy.responses import BufferedResponse, RelayResponse, upstream_chunks
@@ -152,6 +153,7 @@ class Proxy:
         self.http = http
         self.statistics = statistics
         self.clock = clock
+        self.flights = Flights()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The proxy as an ASGI application: no framework routing on the way to a hit."""
@@ -250,12 +252,38 @@ class Proxy:
             )
             error.headers.update(self._cache_headers(status, pending.key))
             raise error
+
+        flight: Flight | None = None
+        if status in (CacheStatus.MISS, CacheStatus.EXPIRED) and self.settings.cache_lock_timeout > 0:
+            leader = self.flights.get(pending.key)
+            if leader is None:
+                flight = self.flights.lead(pending.key, wants_stream, wants_usage)
+            else:
+                followed = await self._follow(leader, pending, wants_stream, wants_usage)
+                if followed is not None:
+                    return followed
         if status is not CacheStatus.BYPASS:
             self.statistics.miss()
         storing = self.settings.store_cache and not control.no_store and status is not CacheStatus.BYPASS
-        if wants_stream:
-            return await self._relay(upstream, "POST", body, status, pending=pending, store=storing)
+        try:
+            if wants_stream:
+                return await self._relay(upstream, "POST", body, status, pending=pending, store=storing, flight=flight)
+            return await self._fetch(upstream, body, status, pending, storing, flight)
+        except BaseException:
+            if flight is not None:
+                self.flights.land(pending.key, flight, complete=False, stored=False)
+            raise
 
+    async def _fetch(
+        self,
+        upstream: Upstream,
+        body: bytes,
+        status: CacheStatus,
+        pending: PendingEntry,
+        storing: bool,
+        flight: Flight | None,
+    ) -> ASGIApp:
+        """A complete (not streamed) upstream answer, stored once it was sent, so storing never delays it."""
         try:
             response = await self.http.open(upstream.provider, "POST", upstream.url, upstream.headers, body)
             answer_body = await read_body(response, upstream.provider)
@@ -265,15 +293,53 @@ class Proxy:
         response_headers = response.headers.multi_items()
 
         async def store() -> None:
-            await self._store(pending, response.status_code, response_headers, answer_body)
+            stored = storing and await self._store(pending, response.status_code, response_headers, answer_body)
+            if flight is not None:
+                self.flights.land(pending.key, flight, complete=True, stored=stored)
 
-        # Stored once the answer is sent, so storing never delays it.
         return BufferedResponse(
             response.status_code,
             answer_body,
             [*client_response_headers(response_headers), *self._cache_headers(status, pending.key)],
-            background=store if storing else None,
+            background=store,
         )
+
+    async def _follow(
+        self, flight: Flight, pending: PendingEntry, wants_stream: bool, wants_usage: bool
+    ) -> ASGIApp | None:
+        """The answer of an identical request already in flight, or None to go upstream after all."""
+        timeout = self.settings.cache_lock_timeout
+        if flight.can_relay_to(wants_stream, wants_usage):
+            if not await flight.wait_until("started", timeout):
+                return None
+            if flight.status == 200 and is_event_stream(_content_type(flight.headers)):
+                headers = [*flight.headers, *self._cache_headers(CacheStatus.HIT, pending.key), COALESCED]
+
+                async def count_hit(completed: bool) -> None:
+                    if completed:
+                        await self._count_hit(pending.key)
+
+                return RelayResponse(200, headers, flight.live_chunks(), on_end=count_hit)
+        if not await flight.wait_until("done", timeout) or not flight.stored:
+            return None
+        try:
+            entry = await self.backend.get(pending.key)
+        except CacheError:
+            return None
+        answer = replay(entry, pending.endpoint, wants_stream, wants_usage) if entry is not None else None
+        if entry is None or answer is None:
+            return None
+        now = self.clock()
+        self.statistics.hit(pending.key, entry, now)
+        return self._hit(entry, answer, pending.key, now, coalesced=True)
+
+    async def _count_hit(self, key: str) -> None:
+        try:
+            entry = await self.backend.get(key)
+        except CacheError:
+            return
+        if entry is not None:
+            self.statistics.hit(key, entry, self.clock())
 
     def _refuse_if_offline(self) -> None:
         if self.settings.cache_offline:
@@ -284,10 +350,11 @@ class Proxy:
                 "not_cached",
             )
 
-    async def _store(self, pending: PendingEntry, status: int, headers: Headers, body: bytes) -> None:
+    async def _store(self, pending: PendingEntry, status: int, headers: Headers, body: bytes) -> bool:
+        """Store the answer if it may be stored; True when the store has it."""
         if not is_storable(status, headers, body, pending.endpoint):
-            return
-        content_type = next((value for name, value in headers if name.lower() == "content-type"), "")
+            return False
+        content_type = _content_type(headers)
         input_tokens, output_tokens = reported_tokens(pending.endpoint, content_type, body)
         entry = CachedResponse(
             status=status,
@@ -306,15 +373,18 @@ class Proxy:
             await self.backend.set(pending.key, entry)
         except CacheError as exc:
             self.health.failed(Operation.WRITE, exc)
-        else:
-            self.health.succeeded(Operation.WRITE)
+            return False
+        self.health.succeeded(Operation.WRITE)
+        return True
 
-    def _hit(self, entry: CachedResponse, answer: Replay, key: str, now: float) -> ASGIApp:
+    def _hit(self, entry: CachedResponse, answer: Replay, key: str, now: float, coalesced: bool = False) -> ASGIApp:
         headers = [
             ("content-type", answer.content_type),
             ("age", str(max(0, int(now - entry.created_at)))),
             *self._cache_headers(CacheStatus.HIT, key),
         ]
+        if coalesced:
+            headers.append(COALESCED)
         return BufferedResponse(entry.status, answer.body, headers)
 
     @staticmethod
@@ -343,9 +413,11 @@ class Proxy:
         *,
         pending: PendingEntry | None = None,
         store: bool = False,
+        flight: Flight | None = None,
         extra_headers: Sequence[tuple[str, str]] = (),
     ) -> ASGIApp:
-        """Relay the upstream answer as it arrives; with `store`, record it and store it once it completed."""
+        """Relay the upstream answer as it arrives. With `store`, record it and store it once it completed;
+        with a `flight`, share each chunk with the followers as it passes."""
         key = pending.key if pending is not None else None
         provider = upstream.provider
         headers = [*upstream.headers, *extra_headers]
@@ -355,14 +427,33 @@ class Proxy:
             error.headers.update(self._cache_headers(status, key))
             raise
         upstream_headers = response.headers.multi_items()
-        response_headers = [*client_response_headers(upstream_headers), *self._cache_headers(status, key)]
-        if pending is None or not store:
+        relayed_headers = client_response_headers(upstream_headers)
+        response_headers = [*relayed_headers, *self._cache_headers(status, key)]
+        if pending is None or not (store or flight):
             return RelayResponse(response.status_code, response_headers, upstream_chunks(response, provider.name))
 
         recorded: list[bytes] = []
+        if flight is not None:
+            flight.started(response.status_code, relayed_headers)
 
-        async def store_recording() -> None:
-            await self._store(pending, response.status_code, upstream_headers, b"".join(recorded))
+        def passed(chunk: bytes) -> None:
+            recorded.append(chunk)
+            if flight is not None:
+                flight.publish(chunk)
 
-        chunks = upstream_chunks(response, provider.name, record=recorded)
-        return RelayResponse(response.status_code, response_headers, chunks, on_complete=store_recording)
+        async def ended(completed: bool) -> None:
+            stored = False
+            if completed and store:
+                stored = await self._store(pending, response.status_code, upstream_headers, b"".join(recorded))
+            if flight is not None:
+                self.flights.land(pending.key, flight, complete=completed, stored=stored)
+
+        chunks = upstream_chunks(response, provider.name, on_chunk=passed)
+        return RelayResponse(response.status_code, response_headers, chunks, on_end=ended)
+
+
+COALESCED = ("x-cache-coalesced", "true")
+
+
+def _content_type(headers: Headers) -> str:
+    return next((value for name, value in headers if name.lower() == "content-type"), "")

@@ -41,10 +41,14 @@ class BufferedResponse:
         self.background = background
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
-        await send({"type": "http.response.body", "body": self.body})
-        if self.background is not None:
-            await self.background()
+        try:
+            await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
+            await send({"type": "http.response.body", "body": self.body})
+        finally:
+            # Even when the client left: the answer is complete, and waiters may depend on it.
+            if self.background is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.background()
 
 
 class UpstreamBrokeOff(Exception):
@@ -52,16 +56,16 @@ class UpstreamBrokeOff(Exception):
 
 
 async def upstream_chunks(
-    response: httpx.Response, provider: str, record: list[bytes] | None = None
+    response: httpx.Response, provider: str, on_chunk: Callable[[bytes], None] | None = None
 ) -> AsyncGenerator[bytes, None]:
-    """The decoded upstream body as it arrives, also appended to `record` when given.
+    """The decoded upstream body as it arrives, each chunk also given to `on_chunk`.
 
     The upstream response is closed however this ends.
     """
     try:
         async for chunk in response.aiter_bytes():
-            if record is not None:
-                record.append(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
             yield chunk
     except httpx.HTTPError as exc:
         raise UpstreamBrokeOff(f"upstream {provider} broke off its response ({type(exc).__name__})") from exc
@@ -83,25 +87,30 @@ class RelayResponse(Response):
         status: int,
         headers: Headers,
         chunks: AsyncGenerator[bytes, None],
-        on_complete: Callable[[], Awaitable[None]] | None = None,
+        on_end: Callable[[bool], Awaitable[None]] | None = None,
     ) -> None:
+        """`on_end(completed)` runs however the relay ends; `completed` says whether the whole body was sent."""
         self.status_code = status
         self.raw_headers = _encode(headers)
         self.chunks = chunks
-        self.on_complete = on_complete
+        self.on_end = on_end
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completed = False
-        async with anyio.create_task_group() as group:
-            group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
-            try:
-                completed = await self._relay(send)
-            finally:
-                group.cancel_scope.cancel()
-        # Outside the task group, so a client leaving right after the last byte cannot cut it short.
-        if completed and self.on_complete is not None:
-            await self.on_complete()
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
+                try:
+                    completed = await self._relay(send)
+                finally:
+                    group.cancel_scope.cancel()
+        finally:
+            # Outside the task group and shielded, so neither a client leaving right after the last byte
+            # nor a shutdown can cut short what must happen at the end (storing, releasing waiters).
+            if self.on_end is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.on_end(completed)
 
     async def _relay(self, send: Send) -> bool:
         """Relay every chunk; True when the whole body reached the client."""

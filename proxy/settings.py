@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     cache_max_entries: int = Field(default=0, ge=0)
     memory_cache_bytes: Annotated[int, NoDecode] = Field(default=32 * 1024 * 1024, ge=0)
     cache_offline: bool = False
+    cache_lock_timeout: float = Field(default=120.0, ge=0)
     proxy_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     admin_api_key: SecretStr | None = None
 

@@ -1,0 +1,99 @@
+"""Request coalescing (single flight): identical misses in flight at once cost one upstream request.
+
+The first request for a key (the leader) goes upstream; the others (followers) wait for it. A
+follower that asked for the same shape of streamed answer receives the leader's chunks live, as
+they arrive; any other follower waits for the leader's answer to be stored and is answered from the
+cache in its own shape. When the leader fails, or its client leaves, followers that have received
+nothing yet go upstream themselves at once (never forming a new queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator
+
+from proxy.headers import Headers
+from proxy.responses import UpstreamBrokeOff
+
+
+class Flight:
+    """One upstream request in progress, as its followers see it."""
+
+    def __init__(self, streamed: bool, with_usage: bool) -> None:
+        self.streamed = streamed
+        self.with_usage = with_usage
+        self.status: int | None = None
+        self.headers: Headers = []
+        self.chunks: list[bytes] = []
+        self.done = False
+        self.complete = False
+        self.stored = False
+        self._changed = asyncio.Event()
+
+    def can_relay_to(self, streamed: bool, with_usage: bool) -> bool:
+        """Whether a follower asking for this shape can take the leader's bytes as they are."""
+        return self.streamed and streamed and self.with_usage == with_usage
+
+    def started(self, status: int, headers: Headers) -> None:
+        self.status, self.headers = status, headers
+        self._wake()
+
+    def publish(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self._wake()
+
+    def finish(self, complete: bool, stored: bool) -> None:
+        """`complete`: the whole answer arrived. `stored`: followers can be answered from the cache."""
+        self.done, self.complete, self.stored = True, complete, stored
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_until(self, ready: str, timeout: float) -> bool:
+        """Wait for `started` (a status arrived) or `done`; False when `timeout` passed first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not (self.done or (ready == "started" and self.status is not None)):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                return False
+        return True
+
+    async def live_chunks(self) -> AsyncGenerator[bytes, None]:
+        """Every chunk of the leader's answer, from the first, as they arrive."""
+        sent = 0
+        while True:
+            while sent < len(self.chunks):
+                sent += 1
+                yield self.chunks[sent - 1]
+            if self.done:
+                if not self.complete:
+                    raise UpstreamBrokeOff("the coalesced request's upstream answer broke off")
+                return
+            await self._changed.wait()
+
+
+class Flights:
+    """The flights of one process, by cache key."""
+
+    def __init__(self) -> None:
+        self._flights: dict[str, Flight] = {}
+
+    def get(self, key: str) -> Flight | None:
+        return self._flights.get(key)
+
+    def lead(self, key: str, streamed: bool, with_usage: bool) -> Flight:
+        flight = Flight(streamed, with_usage)
+        self._flights[key] = flight
+        return flight
+
+    def land(self, key: str, flight: Flight, complete: bool, stored: bool) -> None:
+        flight.finish(complete, stored)
+        if self._flights.get(key) is flight:
+            del self._flights[key]

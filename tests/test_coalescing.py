@@ -1,0 +1,110 @@
+"""Request coalescing: identical misses in flight at once cost one upstream request."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tests.conftest import ProxyFactory
+from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "everyone asks this at once"}]}
+
+
+async def many(base: str, count: int, body: dict[str, Any]) -> list[tuple[httpx.Response, bytes]]:
+    limits = httpx.Limits(max_connections=count + 10)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+
+        async def one() -> tuple[httpx.Response, bytes]:
+            async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+                return response, await response.aread()
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def slow_json(upstream: FakeUpstream, delay: float) -> None:
+    async def answer(request: Request, recorded: Recorded) -> Response:
+        await asyncio.sleep(delay)
+        return JSONResponse(chat_completion(upstream.calls, "m"))
+
+    upstream.handler = answer
+
+
+def test_100_identical_misses_make_one_upstream_request(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    slow_json(upstream, 0.5)
+    results = asyncio.run(many(start_proxy(), 100, CHAT))
+    assert upstream.calls == 1
+    statuses = sorted(response.headers["x-cache-status"] for response, _ in results)
+    assert statuses == ["HIT"] * 99 + ["MISS"]
+    assert sum(response.headers.get("x-cache-coalesced") == "true" for response, _ in results) == 99
+    assert {body for _, body in results} == {results[0][1]}
+
+
+def test_100_identical_streamed_misses_make_one_upstream_request_and_stream_live(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    upstream.chunk_delay = 0.1
+    results = asyncio.run(many(start_proxy(), 100, {**CHAT, "stream": True}))
+    assert upstream.calls == 1
+    expected = b"".join(chat_chunks(1, "m"))
+    assert all(body == expected for _, body in results), "every follower gets the same byte sequence"
+    assert sorted(response.headers["x-cache-status"] for response, _ in results) == ["HIT"] * 99 + ["MISS"]
+
+
+def test_followers_of_another_shape_are_answered_from_the_stored_answer(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    upstream.chunk_delay = 0.1
+    base = start_proxy()
+
+    async def mixed() -> list[tuple[httpx.Response, bytes]]:
+        with_usage = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+        streamed = asyncio.ensure_future(many(base, 1, with_usage))
+        await asyncio.sleep(0.1)
+        as_json = await many(base, 5, CHAT)
+        return [*(await streamed), *as_json]
+
+    results = asyncio.run(mixed())
+    assert upstream.calls == 1
+    for response, body in results[1:]:
+        assert response.headers["x-cache-coalesced"] == "true"
+        assert response.headers["content-type"] == "application/json"
+        assert httpx.Response(200, content=body).json()["choices"][0]["message"]["content"] == "answer 1"
+
+
+def test_when_the_leader_fails_followers_go_upstream_at_once(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    async def fails_first(request: Request, recorded: Recorded) -> Response:
+        if upstream.calls == 1:
+            await asyncio.sleep(0.5)
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=529)
+        return JSONResponse(chat_completion(upstream.calls, "m"))
+
+    upstream.handler = fails_first
+    base = start_proxy()
+    started = asyncio.get_event_loop_policy().new_event_loop()
+    try:
+        results = started.run_until_complete(many(base, 10, CHAT))
+    finally:
+        started.close()
+    statuses = sorted(response.status_code for response, _ in results)
+    assert statuses == [200] * 9 + [529]
+    assert upstream.calls == 10, "each follower asked once, none waited on another"
+
+
+def test_followers_stop_waiting_after_the_lock_timeout(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    slow_json(upstream, 0.8)
+    results = asyncio.run(many(start_proxy(cache_lock_timeout=0.2), 5, CHAT))
+    assert upstream.calls == 5
+    assert all(response.status_code == 200 for response, _ in results)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_coalescing_can_be_turned_off(start_proxy: ProxyFactory, upstream: FakeUpstream, stream: bool) -> None:
+    slow_json(upstream, 0.3) if not stream else setattr(upstream, "chunk_delay", 0.05)
+    asyncio.run(many(start_proxy(cache_lock_timeout=0), 5, {**CHAT, "stream": stream}))
+    assert upstream.calls == 5
