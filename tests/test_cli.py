@@ -116,3 +116,20 @@ def test_help_names_the_flags_and_settings() -> None:
         assert flag in result.stdout
     for setting in ("OPENAI_API_KEY", "CACHE_DB", "CACHE_KEY_MODE", "UPSTREAM_TIMEOUT", "EXTRA_PROVIDERS"):
         assert setting in result.stdout
+
+
+def test_a_purge_through_one_worker_reaches_every_workers_memory_tier(tmp_path: Path, upstream: FakeUpstream) -> None:
+    env = environment(OPENAI_BASE_URL=upstream.url)
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    with running([*OPENAI_PROXY, "--workers", "2"], tmp_path, env) as base:
+        httpx.post(f"{base}/v1/chat/completions", json=body)
+        # Many requests, on fresh connections, so both workers answer some and hold the entry in memory.
+        hits = [httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(20)]
+        assert set(hits) == {"HIT"}
+        assert httpx.delete(f"{base}/cache").json() == {"deleted": 1}
+        time.sleep(1.0)
+        after = [
+            httpx.post(f"{base}/v1/chat/completions", json=body, headers={"cache-control": "only-if-cached"})
+            for _ in range(20)
+        ]
+    assert {response.status_code for response in after} == {504}, "no worker served the purged entry from memory"
