@@ -134,13 +134,9 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=50, help="streams per measurement (default 50)")
-    parser.add_argument("--gap-ms", type=float, default=20, help="upstream pause between events (default 20)")
-    args = parser.parse_args()
-
-    upstream = Upstream(args.gap_ms / 1000)
+def measure_streaming(runs: int, gap_ms: float) -> str:
+    """The streaming figures, as a small table."""
+    upstream = Upstream(gap_ms / 1000)
     upstream_port, proxy_port = free_port(), free_port()
     server = serve_in_thread(upstream.app(), upstream_port)
     with tempfile.TemporaryDirectory() as cache_dir:
@@ -149,9 +145,9 @@ def main() -> None:
             url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
             with httpx.Client(timeout=30) as client:
                 measure_miss(client, url, upstream, -1)  # warm up connections
-                misses = [measure_miss(client, url, upstream, number) for number in range(args.runs)]
+                misses = [measure_miss(client, url, upstream, number) for number in range(runs)]
                 time.sleep(0.5)  # let the last recording be stored
-                hits = [measure_hit(client, url, number) for number in range(args.runs)]
+                hits = [measure_hit(client, url, number) for number in range(runs)]
         finally:
             proxy.terminate()
             proxy.wait(timeout=10)
@@ -164,11 +160,22 @@ def main() -> None:
         ("MISS: any event, upstream -> client (ms)", every),
         (f"HIT: whole {EVENTS}-event stream replayed (ms)", hits),
     ]
-    sys.stdout.write(f"{args.runs} streams of {EVENTS} events, {args.gap_ms:g} ms apart upstream\n")
-    sys.stdout.write(f"{'measurement':<48} {'p50':>8} {'p99':>8} {'max':>8}\n")
+    lines = [
+        f"{runs} streams of {EVENTS} events, {gap_ms:g} ms apart upstream",
+        f"{'measurement':<48} {'p50':>8} {'p99':>8} {'max':>8}",
+    ]
     for name, values in rows:
         p50, p99 = statistics.median(values), percentile(values, 0.99)
-        sys.stdout.write(f"{name:<48} {p50:>8.2f} {p99:>8.2f} {max(values):>8.2f}\n")
+        lines.append(f"{name:<48} {p50:>8.2f} {p99:>8.2f} {max(values):>8.2f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=50, help="streams per measurement (default 50)")
+    parser.add_argument("--gap-ms", type=float, default=20, help="upstream pause between events (default 20)")
+    args = parser.parse_args()
+    sys.stdout.write(measure_streaming(args.runs, args.gap_ms) + "\n")
 
 
 if __name__ == "__main__":

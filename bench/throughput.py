@@ -29,6 +29,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.stream_latency import measure_streaming  # noqa: E402
 from cache.keys import KeyConfig, cache_key  # noqa: E402
 from cache.sqlite import SqliteBackend  # noqa: E402
 
@@ -41,25 +42,33 @@ ANSWER = (
 )
 HIT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"What does a cache do?"}]}'
 
-NGINX_CONF = """
+NGINX_COMMON = """
 {user}
 worker_processes 1;
 daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
+pid {dir}/nginx-{name}.pid;
+error_log {dir}/nginx-{name}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy_temp;
-    fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-    proxy_cache_path {dir}/nginx-cache levels=1:2 keys_zone=bench:64m max_size=2g inactive=1h;
-    upstream fake {{ server 127.0.0.1:{upstream}; keepalive 256; }}
+    client_body_temp_path {dir}/{name}-client_body;
+    proxy_temp_path {dir}/{name}-proxy_temp;
+    fastcgi_temp_path {dir}/{name}-fastcgi; uwsgi_temp_path {dir}/{name}-uwsgi; scgi_temp_path {dir}/{name}-scgi;
+    {server}
+}}
+"""
+
+UPSTREAM_SERVER = """
     server {{
         listen 127.0.0.1:{upstream};
         keepalive_requests 1000000;
         location / {{ default_type application/json; return 200 '{answer}'; }}
     }}
+"""
+
+REFERENCE_SERVER = """
+    proxy_cache_path {dir}/nginx-cache levels=1:2 keys_zone=bench:64m max_size=2g inactive=1h;
+    upstream fake {{ server 127.0.0.1:{upstream}; keepalive 256; }}
     server {{
         listen 127.0.0.1:{reference};
         keepalive_requests 1000000;
@@ -76,8 +85,21 @@ http {{
             add_header X-Cache-Status $upstream_cache_status;
         }}
     }}
-}}
 """
+
+
+def start_nginx(folder: Path, name: str, cpu: int, server: str) -> subprocess.Popen[bytes]:
+    config = folder / f"nginx-{name}.conf"
+    # As root, nginx's workers would otherwise drop to a user that cannot write the temporary folder.
+    user = "user root;" if os.geteuid() == 0 else ""
+    config.write_text(NGINX_COMMON.format(user=user, dir=folder, name=name, server=server))
+    return subprocess.Popen(["taskset", "-c", str(cpu), "nginx", "-c", str(config)])
+
+
+def stop_nginx(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGQUIT)
+    process.wait(timeout=20)
+
 
 HIT_SCRIPT = """
 wrk.method = "POST"
@@ -246,6 +268,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
     parser.add_argument("--scale", type=int, default=0, help="also measure with this many entries stored")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx proxy_cache reference")
+    parser.add_argument("--no-streaming", action="store_true", help="skip the streaming latency figures")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
@@ -256,21 +279,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work)
         upstream, reference, port = free_port(), free_port(), free_port()
-        (folder / "nginx.conf").write_text(
-            NGINX_CONF.format(
-                # As root, nginx's workers would otherwise drop to a user that cannot write the temporary folder.
-                user="user root;" if os.geteuid() == 0 else "",
-                dir=folder,
-                upstream=upstream,
-                reference=reference,
-                answer=ANSWER,
-            )
-        )
         (folder / "hit.lua").write_text(HIT_SCRIPT.format(body=HIT_BODY))
         (folder / "miss.lua").write_text(MISS_SCRIPT)
-        nginx = subprocess.Popen(["taskset", "-c", "1", "nginx", "-c", str(folder / "nginx.conf")])
+        fake = start_nginx(folder, "upstream", 1, UPSTREAM_SERVER.format(upstream=upstream, answer=ANSWER))
         try:
-            wait_until_up(f"http://127.0.0.1:{upstream}/", nginx)
+            wait_until_up(f"http://127.0.0.1:{upstream}/", fake)
             proxy = start_proxy(port, upstream, folder / "cache.db", {})
             try:
                 wait_until_up(f"http://127.0.0.1:{port}/healthz", proxy)
@@ -282,23 +295,31 @@ def main() -> None:
             finally:
                 stop(proxy)
             if not args.no_nginx:
-                url = f"http://127.0.0.1:{reference}/v1/chat/completions"
-                httpx.post(url, content=HIT_BODY, headers={"content-type": "application/json"})
-                rows.append(("nginx proxy_cache: cache HIT", measure(url, folder / "hit.lua", args)))
-                rows.append(("nginx proxy_cache: cache MISS", measure(url, folder / "miss.lua", args)))
+                server = REFERENCE_SERVER.format(dir=folder, upstream=upstream, reference=reference)
+                nginx = start_nginx(folder, "reference", 0, server)
+                try:
+                    url = f"http://127.0.0.1:{reference}/v1/chat/completions"
+                    wait_until_up(url, nginx)
+                    httpx.post(url, content=HIT_BODY, headers={"content-type": "application/json"})
+                    rows.append(("nginx proxy_cache: cache HIT", measure(url, folder / "hit.lua", args)))
+                    rows.append(("nginx proxy_cache: cache MISS", measure(url, folder / "miss.lua", args)))
+                finally:
+                    stop_nginx(nginx)
             if args.scale:
                 for count in (1000, args.scale):
                     rows.append(scale_row(folder, upstream, count, args, notes))
         finally:
-            nginx.send_signal(signal.SIGQUIT)
-            nginx.wait(timeout=20)
+            stop_nginx(fake)
 
-    sys.stdout.write(
+    out = sys.stdout
+    out.write(
         f"wrk -t1 -c{args.connections} -d{args.duration}s, median of {args.runs}; server on CPU 0, wrk on CPU 1\n"
     )
-    sys.stdout.write(table(rows) + "\n")
+    out.write(table(rows) + "\n")
     for note in notes:
-        sys.stdout.write(note + "\n")
+        out.write(note + "\n")
+    if not args.no_streaming:
+        out.write("\n" + measure_streaming(runs=50, gap_ms=20) + "\n")
 
 
 def scale_row(
@@ -315,7 +336,11 @@ def scale_row(
     proxy = start_proxy(port, upstream, database, {"MEMORY_CACHE_BYTES": "1"})
     try:
         startup = wait_until_up(f"http://127.0.0.1:{port}/healthz", proxy)
-        figures = measure(f"http://127.0.0.1:{port}/v1/chat/completions", script, args)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        probe = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"prompt {count - 1}"}]}
+        if httpx.post(url, json=probe).headers.get("x-cache-status") != "HIT":
+            raise SystemExit("the entries written for the scale test are not hits: the key rules changed")
+        figures = measure(url, script, args)
         notes.append(f"{count} entries: start-up {startup:.2f} s, RSS {rss_mb(proxy.pid):.0f} MB")
     finally:
         stop(proxy)
