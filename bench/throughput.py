@@ -97,8 +97,12 @@ def start_nginx(folder: Path, name: str, cpu: int, server: str) -> subprocess.Po
 
 
 def stop_nginx(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGQUIT)
-    process.wait(timeout=20)
+    process.send_signal(signal.SIGTERM)  # fast shutdown: a graceful one waits on idle keep-alive connections
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 HIT_SCRIPT = """

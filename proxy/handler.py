@@ -239,10 +239,9 @@ class Proxy:
                 if entry is not None:
                     now = self.clock()
                     ttl = entry.ttl if entry.ttl is not None else self.settings.cache_ttl
-                    answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
                     if not is_fresh(entry.created_at, ttl, now, control.max_age):
                         status = CacheStatus.EXPIRED
-                    elif answer is not None:
+                    elif (answer := replay(entry, pending.endpoint, wants_stream, wants_usage)) is not None:
                         self.statistics.hit(pending.key, entry, now)
                         return self._hit(entry, answer, pending.key, now)
         if control.only_if_cached:
@@ -254,7 +253,8 @@ class Proxy:
             raise error
 
         flight: Flight | None = None
-        if status in (CacheStatus.MISS, CacheStatus.EXPIRED) and self.settings.cache_lock_timeout > 0:
+        looked_up = self.settings.respond_with_cache and status in (CacheStatus.MISS, CacheStatus.EXPIRED)
+        if looked_up and self.settings.cache_lock_timeout > 0:
             leader = self.flights.get(pending.key)
             if leader is None:
                 flight = self.flights.lead(pending.key, wants_stream, wants_usage)

@@ -94,16 +94,9 @@ class Settings(BaseSettings):
     def _base_urls_are_http(cls, value: str | None) -> str | None:
         return _check_base_url(value)
 
-    @field_validator("cache_key_include", mode="before")
+    @field_validator("cache_key_include", "proxy_api_keys", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(part.strip() for part in value.split(",") if part.strip())
-        return value
-
-    @field_validator("proxy_api_keys", mode="before")
-    @classmethod
-    def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
