@@ -101,6 +101,7 @@ class SqliteBackend:
         self.max_bytes = max_bytes
         self._busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
         self._open_error = "not opened yet"
         # One connection serves every coroutine; a transaction must not take in another's statements.
         self._transaction = asyncio.Lock()
@@ -115,11 +116,21 @@ class SqliteBackend:
             raise CacheError(self._open_error) from exc
         try:
             await self._prepare(db)
+            # Reads get a connection (and a thread) of their own: with WAL they never wait for a write, so a
+            # batch of statistics or a burst of stores cannot hold up hits.
+            reader = await aiosqlite.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
         except sqlite3.Error as exc:
             await db.close()
             self._open_error = f"cannot use {self.path}: {exc}"
             raise CacheError(self._open_error) from exc
-        self._db = db
+        try:
+            await reader.execute("PRAGMA query_only=1")
+        except sqlite3.Error as exc:
+            await reader.close()
+            await db.close()
+            self._open_error = f"cannot use {self.path}: {exc}"
+            raise CacheError(self._open_error) from exc
+        self._db, self._reader = db, reader
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         # WAL lets readers (hits) go on while one writer stores a miss; NORMAL sync is safe with WAL.
@@ -156,8 +167,13 @@ class SqliteBackend:
             raise CacheError(self._open_error)
         return self._db
 
+    def _reading(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise CacheError(self._open_error)
+        return self._reader
+
     async def get(self, key: str) -> CachedResponse | None:
-        db = self._connection()
+        db = self._reading()
         try:
             async with db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?", (key,)) as cursor:
                 row = await cursor.fetchone()
@@ -279,7 +295,7 @@ class SqliteBackend:
             raise CacheError(f"cache purge failed: {exc}") from exc
 
     async def list_entries(self, which: EntryFilter, offset: int, limit: int) -> list[EntryInfo]:
-        db = self._connection()
+        db = self._reading()
         where, parameters = _where(which)
         query = f"SELECT {_INFO_COLUMNS} FROM entries {where} ORDER BY created_at DESC LIMIT ? OFFSET ?"
         try:
@@ -290,7 +306,7 @@ class SqliteBackend:
         return [EntryInfo(*row) for row in rows]
 
     async def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]:
-        db = self._connection()
+        db = self._reading()
         after = ""
         while True:
             try:
@@ -308,14 +324,14 @@ class SqliteBackend:
             after = rows[-1][0]
 
     async def latest_invalidation(self) -> int:
-        db = self._connection()
+        db = self._reading()
         try:
             return await self._scalar(db, "SELECT max(seq) FROM invalidations")
         except sqlite3.Error as exc:
             raise CacheError(f"cache read failed: {exc}") from exc
 
     async def invalidations_since(self, after: int) -> tuple[int, list[str | None]]:
-        db = self._connection()
+        db = self._reading()
         try:
             async with db.execute(
                 "SELECT seq, key FROM invalidations WHERE seq > ? ORDER BY seq LIMIT ?", (after, _INVALIDATIONS_KEPT)
@@ -348,7 +364,7 @@ class SqliteBackend:
             )
 
     async def statistics(self) -> CacheStatistics:
-        db = self._connection()
+        db = self._reading()
         try:
             async with db.execute("SELECT entries, bytes FROM totals") as cursor:
                 totals = await cursor.fetchone()
@@ -371,7 +387,7 @@ class SqliteBackend:
         )
 
     async def ping(self) -> None:
-        db = self._connection()
+        db = self._reading()
         try:
             async with db.execute("SELECT 1 FROM entries LIMIT 1") as cursor:
                 await cursor.fetchone()
@@ -379,9 +395,10 @@ class SqliteBackend:
             raise CacheError(f"cache unusable: {exc}") from exc
 
     async def close(self) -> None:
-        if self._db is not None:
-            db, self._db = self._db, None
-            self._open_error = "closed"
+        connections = [db for db in (self._reader, self._db) if db is not None]
+        self._db = self._reader = None
+        self._open_error = "closed"
+        for db in connections:
             await db.close()
 
 
