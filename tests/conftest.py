@@ -25,13 +25,20 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.chdir(tmp_path)
 
 
-@pytest.fixture
-def upstream() -> Iterator[FakeUpstream]:
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[FakeUpstream]:
+    """One fake upstream server for the whole run; each test gets it reset (see `upstream`)."""
     fake = FakeUpstream()
     server = ServerThread(fake.app()).start()
     fake.url = server.url
     yield fake
     server.stop()
+
+
+@pytest.fixture
+def upstream(upstream_server: FakeUpstream) -> FakeUpstream:
+    upstream_server.reset()
+    return upstream_server
 
 
 class ProxyFactory:

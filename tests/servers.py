@@ -200,6 +200,10 @@ class FakeUpstream:
     url: str = ""
     sent_at: list[float] = field(default_factory=list)
 
+    def reset(self) -> None:
+        """Forget every request and go back to the default answers."""
+        self.requests, self.handler, self.chunk_delay, self.calls, self.sent_at = [], None, 0.0, 0, []
+
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/{path:path}", self._serve, methods=["GET", "POST", "PUT", "DELETE"])])
 
