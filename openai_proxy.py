@@ -76,22 +76,22 @@ def create_app(
     clock: Callable[[], float] = time.time,
 ) -> ProxyApp:
     settings = settings if settings is not None else Settings()
-    store = backend if backend is not None else sqlite_backend(settings)
     limited = bool(settings.cache_max_entries or settings.cache_max_bytes)
-    tiered = TieredBackend(store, settings.memory_cache_bytes, evicts=limited)
-    backend = tiered
+    tiered = TieredBackend(
+        backend if backend is not None else sqlite_backend(settings), settings.memory_cache_bytes, evicts=limited
+    )
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
     client = UpstreamClient(http if http is not None else upstream_transport(), timeout)
-    health = CacheHealth(backend.name)
-    statistics = Statistics(backend, health)
-    proxy = Proxy(settings, backend, health, client, statistics, clock)
+    health = CacheHealth(tiered.name)
+    statistics = Statistics(tiered, health)
+    proxy = Proxy(settings, tiered, health, client, statistics, clock)
     admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
-    admin = AdminApi(backend, statistics, admin_key, proxy.proxy_keys, clock)
+    admin = AdminApi(tiered, statistics, admin_key, proxy.proxy_keys, clock)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            await backend.open()
+            await tiered.open()
         except CacheError as exc:
             health.failed(Operation.READ, exc)
         try:
@@ -102,7 +102,7 @@ def create_app(
                 background.cancel_scope.cancel()
         finally:
             await statistics.flush()
-            await backend.close()
+            await tiered.close()
             await client.aclose()
 
     app = FastAPI(title="openai-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -114,10 +114,10 @@ def create_app(
         reason = health.state().reason
         if reason is None:
             try:
-                await backend.ping()
+                await tiered.ping()
             except CacheError as exc:
                 reason = str(exc)
-        cache = {"backend": backend.name, "ok": reason is None, "reason": reason}
+        cache = {"backend": tiered.name, "ok": reason is None, "reason": reason}
         return JSONResponse({"status": "ok" if reason is None else "degraded", "cache": cache})
 
     @app.api_route("/cache", methods=PROXIED_METHODS)

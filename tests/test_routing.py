@@ -217,3 +217,20 @@ def test_credentials_never_reach_the_logs_or_error_bodies(
     assert caplog.records, "the test must have captured some logging to mean anything"
     assert all(secret not in record.getMessage() for record in caplog.records)
     assert PROXY_OPENAI_KEY not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        pytest.param("POST", "/healthz", 405, id="wrong-method-on-own-route"),
+        pytest.param("GET", "/healthz/extra", 404, id="unknown-own-route"),
+        pytest.param("GET", "/", 404, id="root"),
+    ],
+)
+def test_the_proxys_own_routes_answer_errors_in_openai_shape(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, method: str, path: str, status: int
+) -> None:
+    response = httpx.request(method, f"{start_proxy()}{path}")
+    assert response.status_code == status
+    assert set(response.json()["error"]) >= {"message", "type", "code"}
+    assert upstream.calls == 0
