@@ -75,7 +75,12 @@ class UpstreamClient:
 
 async def read_body(response: httpx.Response, provider: Provider) -> bytes:
     try:
-        return await response.aread()
+        stream = response.stream
+        if "content-encoding" in response.headers or not isinstance(stream, httpx.AsyncByteStream):
+            return await response.aread()
+        # Nothing to decode: take the transport's chunks as they are, past httpx's decoder and re-chunker
+        # (a fifth of the miss path's throughput in bench/throughput.py).
+        return b"".join([chunk async for chunk in stream])
     except httpx.HTTPError as exc:
         raise as_proxy_error(exc, provider) from exc
     finally:
