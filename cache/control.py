@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 NAMESPACE_HEADER = "x-cache-namespace"
 TTL_HEADER = "x-cache-ttl"
@@ -20,8 +20,9 @@ class ControlError(ValueError):
     """A cache-control value the proxy cannot honour; the message says which and why."""
 
 
-@dataclass(frozen=True)
-class RequestControl:
+class RequestControl(NamedTuple):
+    """What one request asks of the cache (a tuple: built on every request)."""
+
     no_cache: bool = False
     no_store: bool = False
     only_if_cached: bool = False

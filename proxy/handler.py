@@ -6,10 +6,9 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from starlette.requests import ClientDisconnect
@@ -36,9 +35,8 @@ logger = logging.getLogger("openai_proxy")
 DEFAULT_PROVIDER = "openai"
 
 
-@dataclass(frozen=True)
-class PendingEntry:
-    """Where and how the answer to one cacheable request will be stored."""
+class PendingEntry(NamedTuple):
+    """Where and how the answer to one cacheable request will be stored (a tuple: built on every request)."""
 
     key: str
     provider: str
@@ -381,7 +379,8 @@ class Proxy:
         headers = [
             ("content-type", answer.content_type),
             ("age", str(max(0, int(now - entry.created_at)))),
-            *self._cache_headers(CacheStatus.HIT, key),
+            ("x-cache-status", "HIT"),
+            ("x-cache-key", key),
         ]
         if coalesced:
             headers.append(COALESCED)

@@ -17,7 +17,7 @@ logger = logging.getLogger("openai_proxy.relay")
 
 
 def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
-    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+    return [(name.encode("latin-1").lower(), value.encode("latin-1")) for name, value in headers]
 
 
 class BufferedResponse:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +153,10 @@ class TestBrokenStore:
             response = post_chat(base, content=f"question {number}")
             assert response.status_code == 200
             assert response.headers["x-cache-status"] == status
-        health = httpx.get(f"{base}/healthz")
+        # Answers are stored after they are sent, so a failed write shows a moment after its response.
+        deadline = time.monotonic() + 3
+        while (health := httpx.get(f"{base}/healthz")).json()["status"] == "ok" and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert health.status_code == 200
         assert health.json()["status"] == "degraded"
         assert cause in health.json()["cache"]["reason"]
