@@ -36,7 +36,7 @@ def slow_json(upstream: FakeUpstream, delay: float) -> None:
 
 
 def test_100_identical_misses_make_one_upstream_request(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
-    slow_json(upstream, 0.5)
+    slow_json(upstream, 1.0)  # long enough for all 100 to arrive while the first is in flight
     results = asyncio.run(many(start_proxy(), 100, CHAT))
     assert upstream.calls == 1
     statuses = sorted(response.headers["x-cache-status"] for response, _ in results)
@@ -48,7 +48,7 @@ def test_100_identical_misses_make_one_upstream_request(start_proxy: ProxyFactor
 def test_100_identical_streamed_misses_make_one_upstream_request_and_stream_live(
     start_proxy: ProxyFactory, upstream: FakeUpstream
 ) -> None:
-    upstream.chunk_delay = 0.1
+    upstream.chunk_delay = 0.2
     results = asyncio.run(many(start_proxy(), 100, {**CHAT, "stream": True}))
     assert upstream.calls == 1
     expected = b"".join(chat_chunks(1, "m"))
@@ -80,7 +80,7 @@ def test_followers_of_another_shape_are_answered_from_the_stored_answer(
 def test_when_the_leader_fails_followers_go_upstream_at_once(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
     async def fails_first(request: Request, recorded: Recorded) -> Response:
         if upstream.calls == 1:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
             return JSONResponse({"error": {"message": "overloaded"}}, status_code=529)
         return JSONResponse(chat_completion(upstream.calls, "m"))
 
