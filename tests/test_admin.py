@@ -31,6 +31,7 @@ def record_traffic(base: str) -> None:
     httpx.post(f"{base}/v1/chat/completions", json=CHAT, headers={"x-cache-namespace": "suite-a"})
     httpx.post(f"{base}/anthropic/v1/messages", json=MESSAGE)
     httpx.post(f"{base}/anthropic/v1/messages", json=MESSAGE)
+    httpx.get(f"{base}/cache/stats")  # answered once the writes before it are done
 
 
 class TestStats:
