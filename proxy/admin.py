@@ -18,7 +18,7 @@ from cache.base import CacheStatistics, EntryFilter
 from cache.control import ControlError, parse_duration
 from proxy.access import is_loopback, presents_key
 from proxy.errors import ProxyError, error_response
-from proxy.headers import request_headers
+from proxy.headers import scope_headers
 from proxy.statistics import Statistics
 
 MAX_PAGE = 1000
@@ -72,7 +72,7 @@ class AdminApi:
 
     def authorize(self, request: Request) -> None:
         """ADMIN_API_KEY when set; otherwise only loopback clients (and their proxy key, if one is required)."""
-        headers = request_headers(request)
+        headers = scope_headers(request.scope)
         if self.admin_key is not None:
             if not presents_key(headers, [self.admin_key]):
                 raise ProxyError(

@@ -24,7 +24,7 @@ from providers import Provider
 from proxy.access import presents_key
 from proxy.coalesce import Flight, Flights
 from proxy.errors import ProxyError, error_response
-from proxy.headers import Headers, client_response_headers, upstream_request_headers
+from proxy.headers import Headers, client_response_headers, scope_headers, upstream_request_headers
 from proxy.responses import BufferedResponse, RelayResponse, upstream_chunks
 from proxy.settings import Settings
 from proxy.statistics import Statistics
@@ -76,10 +76,6 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
-
-
-def scope_headers(scope: Scope) -> Headers:
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]]
 
 
 async def read_request_body(receive: Receive) -> bytes:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from starlette.requests import Request
+from starlette.types import Scope
 
 from cache.keys import CREDENTIAL_HEADERS
 from providers import Provider
@@ -31,9 +31,9 @@ _REQUEST_RECOMPUTED = frozenset({"host", "content-length", "accept-encoding"})
 _RESPONSE_RECOMPUTED = frozenset({"content-length", "content-encoding", "date", "server"})
 
 
-def request_headers(request: Request) -> Headers:
+def scope_headers(scope: Scope) -> Headers:
     """The client's headers as sent, repeats kept."""
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers.raw]
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]]
 
 
 def connection_listed(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
