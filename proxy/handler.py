@@ -375,8 +375,7 @@ class Proxy:
         headers = [
             ("content-type", answer.content_type),
             ("age", str(max(0, int(now - entry.created_at)))),
-            ("x-cache-status", "HIT"),
-            ("x-cache-key", key),
+            *self._cache_headers(CacheStatus.HIT, key),
         ]
         if coalesced:
             headers.append(COALESCED)
