@@ -36,6 +36,7 @@ from proxy import commands
 from proxy.admin import AdminApi
 from proxy.errors import ProxyError, error_response
 from proxy.handler import Proxy
+from proxy.server import HttpProtocol
 from proxy.settings import Settings, describe_invalid_settings
 from proxy.statistics import Statistics
 from proxy.upstream import UpstreamClient
@@ -271,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         "access_log": settings.log_level in ("debug", "trace"),
         # Client addresses are the sockets' own: the admin API's loopback rule must not trust X-Forwarded-For.
         "proxy_headers": False,
+        "http": HttpProtocol,
     }
     if settings.workers > 1:
         # Each worker process builds its own app from the environment.

@@ -75,6 +75,8 @@ class CacheStatistics:
     misses: int
     evictions: int
     savings: list[Saving] = field(default_factory=list)
+    # Expired entries served because the upstream failed (CACHE_STALE_IF_ERROR); not counted as hits.
+    stale: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -88,17 +90,19 @@ class Tally:
 
     hits: int = 0
     misses: int = 0
+    stale: int = 0
     # key -> (hits, time of the last one)
     entry_hits: dict[str, tuple[int, float]] = field(default_factory=dict)
     # (provider, model) -> [hits, input tokens, output tokens]
     savings: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.hits or self.misses)
+        return bool(self.hits or self.misses or self.stale)
 
     def merge(self, other: Tally) -> None:
         self.hits += other.hits
         self.misses += other.misses
+        self.stale += other.stale
         for key, (count, at) in other.entry_hits.items():
             previous, last = self.entry_hits.get(key, (0, 0.0))
             self.entry_hits[key] = (previous + count, max(last, at))

@@ -369,6 +369,7 @@ class SqliteBackend:
             )
             await _add_counter(db, "hits", tally.hits)
             await _add_counter(db, "misses", tally.misses)
+            await _add_counter(db, "stale", tally.stale)
             hits = [(key, count, at, key) for key, (count, at) in tally.entry_hits.items()]
             await db.executemany(
                 "INSERT INTO entry_hits SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM entries WHERE key = ?)"
@@ -409,6 +410,7 @@ class SqliteBackend:
             hits=counters.get("hits", 0),
             misses=counters.get("misses", 0),
             evictions=counters.get("evictions", 0),
+            stale=counters.get("stale", 0),
             savings=savings,
         )
 

@@ -41,6 +41,7 @@ def statistics_report(statistics: CacheStatistics) -> dict[str, Any]:
         "misses": statistics.misses,
         "hit_ratio": round(statistics.hit_ratio, 4),
         "evictions": statistics.evictions,
+        "stale": statistics.stale,
         "tokens_saved": {"input": saved_input, "output": saved_output, "total": saved_input + saved_output},
         "by_provider": by_provider,
         "by_model": [asdict(saving) for saving in statistics.savings],

@@ -50,6 +50,7 @@ async def show_statistics(backend: CacheBackend, as_json: bool) -> int:
         f"misses        {report['misses']}",
         f"hit ratio     {report['hit_ratio']:.1%}",
         f"evictions     {report['evictions']}",
+        f"stale served  {report['stale']}",
         f"tokens saved  {saved['total']} ({saved['input']} input, {saved['output']} output)",
     ]
     for row in report["by_model"]:

@@ -27,13 +27,10 @@ class ProxyError(Exception):
         self.headers: dict[str, str] = {}
 
 
+def error_body(status: int, message: str, code: str) -> dict[str, dict[str, str | None]]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "proxy_error"), "param": None, "code": code}}
+
+
 def error_response(error: ProxyError) -> JSONResponse:
-    body = {
-        "error": {
-            "message": error.message,
-            "type": _TYPES.get(error.status, "proxy_error"),
-            "param": None,
-            "code": error.code,
-        }
-    }
+    body = error_body(error.status, error.message, error.code)
     return JSONResponse(body, status_code=error.status, headers=error.headers)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, NamedTuple
 
+import anyio
 import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -25,10 +27,11 @@ from proxy.access import presents_key
 from proxy.coalesce import Flight, Flights
 from proxy.errors import ProxyError, error_response
 from proxy.headers import Headers, client_response_headers, scope_headers, upstream_request_headers
+from proxy.intake import declared_length, has_body, read_request_body, stream_request_body, too_large
 from proxy.responses import BufferedResponse, RelayResponse, upstream_chunks
 from proxy.settings import Settings
 from proxy.statistics import Statistics
-from proxy.upstream import RequestContent, UpstreamClient, read_body, upstream_url
+from proxy.upstream import RequestContent, UpstreamClient, close_quietly, read_body, upstream_url
 
 logger = logging.getLogger("openai_proxy")
 
@@ -47,12 +50,26 @@ class PendingEntry(NamedTuple):
     ttl: int | None
 
 
+class Stale(NamedTuple):
+    """An expired entry kept to answer with if the upstream fails (CACHE_STALE_IF_ERROR)."""
+
+    entry: CachedResponse
+    answer: Replay
+    pending: PendingEntry
+
+
 class CacheStatus(StrEnum):
     HIT = "HIT"
     MISS = "MISS"
     BYPASS = "BYPASS"
     EXPIRED = "EXPIRED"
     REFRESH = "REFRESH"
+    STALE = "STALE"
+
+
+# Upstream answers that CACHE_STALE_IF_ERROR replaces with an expired entry.
+def _failed_upstream(status: int) -> bool:
+    return status >= 500 or status == 429
 
 
 def resolve_route(raw_path: bytes, providers: Mapping[str, Provider]) -> tuple[Provider, bytes]:
@@ -76,35 +93,6 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
-
-
-async def read_request_body(receive: Receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def stream_request_body(receive: Receive) -> AsyncIterator[bytes]:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientDisconnect()
-        yield message.get("body", b"")
-        if not message.get("more_body", False):
-            return
-
-
-def _has_body(headers: Headers) -> bool:
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered == "transfer-encoding" or (lowered == "content-length" and value.strip() != "0"):
-            return True
-    return False
 
 
 class Upstream:
@@ -148,6 +136,7 @@ class Proxy:
         self.statistics = statistics
         self.clock = clock
         self.flights = Flights()
+        self.total_timeout = settings.upstream_total_timeout or math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The proxy as an ASGI application: no framework routing on the way to a hit."""
@@ -165,6 +154,9 @@ class Proxy:
 
     async def _handle(self, scope: Scope, receive: Receive) -> ASGIApp:
         client_headers = scope_headers(scope)
+        length = declared_length(client_headers)
+        if length is not None and length > self.settings.max_request_bytes:
+            raise too_large(self.settings.max_request_bytes)
         if self.proxy_keys and not presents_key(client_headers, self.proxy_keys):
             raise ProxyError(
                 401, "A valid proxy API key is required (Authorization: Bearer or x-api-key).", "invalid_api_key"
@@ -180,7 +172,7 @@ class Proxy:
             self._refuse_if_offline()
             return await self._pass_through(method, receive, upstream, client_headers)
 
-        body = await read_request_body(receive)
+        body = await read_request_body(receive, self.settings.max_request_bytes)
         payload = parse_json_object(body)
         if payload is None:
             self._refuse_if_offline()
@@ -222,6 +214,7 @@ class Proxy:
         wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
 
         status = CacheStatus.REFRESH if control.no_cache else CacheStatus.MISS
+        stale: Stale | None = None
         if self.settings.respond_with_cache and not control.no_cache:
             try:
                 entry = await self.backend.get(pending.key)
@@ -235,6 +228,9 @@ class Proxy:
                     ttl = entry.ttl if entry.ttl is not None else self.settings.cache_ttl
                     if not is_fresh(entry.created_at, ttl, now, control.max_age):
                         status = CacheStatus.EXPIRED
+                        if self.settings.cache_stale_if_error:
+                            answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
+                            stale = Stale(entry, answer, pending) if answer is not None else None
                     elif (answer := replay(entry, pending.endpoint, wants_stream, wants_usage)) is not None:
                         self.statistics.hit(pending.key, entry, now)
                         return self._hit(entry, answer, pending.key, now)
@@ -261,8 +257,10 @@ class Proxy:
         storing = self.settings.store_cache and not control.no_store and status is not CacheStatus.BYPASS
         try:
             if wants_stream:
-                return await self._relay(upstream, "POST", body, status, pending=pending, store=storing, flight=flight)
-            return await self._fetch(upstream, body, status, pending, storing, flight)
+                return await self._relay(
+                    upstream, "POST", body, status, pending=pending, store=storing, flight=flight, stale=stale
+                )
+            return await self._fetch(upstream, body, status, pending, storing, flight, stale)
         except BaseException:
             if flight is not None:
                 self.flights.land(pending.key, flight, complete=False, stored=False)
@@ -276,14 +274,22 @@ class Proxy:
         pending: PendingEntry,
         storing: bool,
         flight: Flight | None,
+        stale: Stale | None,
     ) -> ASGIApp:
         """A complete (not streamed) upstream answer, stored once it was sent, so storing never delays it."""
         try:
-            response = await self.http.open(upstream.provider, "POST", upstream.url, upstream.headers, body)
-            answer_body = await read_body(response, upstream.provider)
+            with anyio.move_on_after(self.total_timeout) as deadline:
+                response = await self.http.open(upstream.provider, "POST", upstream.url, upstream.headers, body)
+                answer_body = await read_body(response, upstream.provider)
+            if deadline.cancelled_caught:
+                raise self._past_total_timeout(upstream.provider)
         except ProxyError as error:
+            if stale is not None:
+                return self._serve_stale(stale, flight)
             error.headers.update(self._cache_headers(status, pending.key))
             raise
+        if stale is not None and _failed_upstream(response.status_code):
+            return self._serve_stale(stale, flight)
         response_headers = response.headers.multi_items()
 
         async def store() -> None:
@@ -297,6 +303,22 @@ class Proxy:
             [*client_response_headers(response_headers), *self._cache_headers(status, pending.key)],
             background=store,
         )
+
+    def _past_total_timeout(self, provider: Provider) -> ProxyError:
+        return ProxyError(
+            504,
+            f"The upstream provider '{provider.name}' did not finish its answer within"
+            f" {self.settings.upstream_total_timeout:g} s (UPSTREAM_TOTAL_TIMEOUT).",
+            "upstream_timeout",
+        )
+
+    def _serve_stale(self, stale: Stale, flight: Flight | None) -> ASGIApp:
+        """The expired entry in place of a failed upstream answer (CACHE_STALE_IF_ERROR)."""
+        if flight is not None:
+            self.flights.land(stale.pending.key, flight, complete=False, stored=False)
+        self.statistics.stale()
+        now = self.clock()
+        return self._answer(stale.entry, stale.answer, stale.pending.key, now, CacheStatus.STALE)
 
     async def _follow(
         self, flight: Flight, pending: PendingEntry, wants_stream: bool, wants_usage: bool
@@ -346,7 +368,7 @@ class Proxy:
 
     async def _store(self, pending: PendingEntry, status: int, headers: Headers, body: bytes) -> bool:
         """Store the answer if it may be stored; True when the store has it."""
-        if not is_storable(status, headers, body, pending.endpoint):
+        if len(body) > self.settings.max_cache_entry_bytes or not is_storable(status, headers, body, pending.endpoint):
             return False
         content_type = _content_type(headers)
         input_tokens, output_tokens = reported_tokens(pending.endpoint, content_type, body)
@@ -372,10 +394,15 @@ class Proxy:
         return True
 
     def _hit(self, entry: CachedResponse, answer: Replay, key: str, now: float, coalesced: bool = False) -> ASGIApp:
+        return self._answer(entry, answer, key, now, CacheStatus.HIT, coalesced)
+
+    def _answer(
+        self, entry: CachedResponse, answer: Replay, key: str, now: float, status: CacheStatus, coalesced: bool = False
+    ) -> ASGIApp:
         headers = [
             ("content-type", answer.content_type),
             ("age", str(max(0, int(now - entry.created_at)))),
-            *self._cache_headers(CacheStatus.HIT, key),
+            *self._cache_headers(status, key),
         ]
         if coalesced:
             headers.append(COALESCED)
@@ -393,9 +420,14 @@ class Proxy:
     ) -> ASGIApp:
         content: RequestContent = None
         length: Headers = []
-        if _has_body(client_headers):
-            content = stream_request_body(receive)
-            length = [(name, value) for name, value in client_headers if name.lower() == "content-length"]
+        if has_body(client_headers):
+            declared = declared_length(client_headers)
+            if declared is None:
+                # Chunked: read (within the limit) before forwarding, so a 413 can still be answered.
+                content = await read_request_body(receive, self.settings.max_request_bytes)
+            else:
+                content = stream_request_body(receive)
+                length = [("content-length", str(declared))]
         return await self._relay(upstream, method, content, CacheStatus.BYPASS, extra_headers=length)
 
     async def _relay(
@@ -408,6 +440,7 @@ class Proxy:
         pending: PendingEntry | None = None,
         store: bool = False,
         flight: Flight | None = None,
+        stale: Stale | None = None,
         extra_headers: Sequence[tuple[str, str]] = (),
     ) -> ASGIApp:
         """Relay the upstream answer as it arrives. With `store`, record it and store it once it completed;
@@ -415,35 +448,52 @@ class Proxy:
         key = pending.key if pending is not None else None
         provider = upstream.provider
         headers = [*upstream.headers, *extra_headers]
+        deadline = anyio.current_time() + self.total_timeout
         try:
-            response = await self.http.open(provider, method, upstream.url, headers, content)
+            with anyio.move_on_after(self.total_timeout) as waited:
+                response = await self.http.open(provider, method, upstream.url, headers, content)
+            if waited.cancelled_caught:
+                raise self._past_total_timeout(provider)
         except ProxyError as error:
+            if stale is not None:
+                return self._serve_stale(stale, flight)
             error.headers.update(self._cache_headers(status, key))
             raise
+        if stale is not None and _failed_upstream(response.status_code):
+            await close_quietly(response)
+            return self._serve_stale(stale, flight)
         upstream_headers = response.headers.multi_items()
         relayed_headers = client_response_headers(upstream_headers)
         response_headers = [*relayed_headers, *self._cache_headers(status, key)]
         if pending is None or not (store or flight):
-            return RelayResponse(response.status_code, response_headers, upstream_chunks(response, provider.name))
+            chunks = upstream_chunks(response, provider.name)
+            return RelayResponse(response.status_code, response_headers, chunks, deadline=deadline)
 
         recorded: list[bytes] = []
+        recorded_bytes = 0
+        size_limit = self.settings.max_cache_entry_bytes
         if flight is not None:
             flight.started(response.status_code, relayed_headers)
 
         def passed(chunk: bytes) -> None:
-            recorded.append(chunk)
+            nonlocal recorded_bytes
+            if recorded_bytes <= size_limit:
+                recorded_bytes += len(chunk)
+                recorded.append(chunk)
+                if recorded_bytes > size_limit:
+                    recorded.clear()  # too large to store: keep relaying, stop holding it
             if flight is not None:
                 flight.publish(chunk)
 
         async def ended(completed: bool) -> None:
             stored = False
-            if completed and store:
+            if completed and store and recorded_bytes <= size_limit:
                 stored = await self._store(pending, response.status_code, upstream_headers, b"".join(recorded))
             if flight is not None:
                 self.flights.land(pending.key, flight, complete=completed, stored=stored)
 
         chunks = upstream_chunks(response, provider.name, on_chunk=passed)
-        return RelayResponse(response.status_code, response_headers, chunks, on_end=ended)
+        return RelayResponse(response.status_code, response_headers, chunks, on_end=ended, deadline=deadline)
 
 
 COALESCED = ("x-cache-coalesced", "true")

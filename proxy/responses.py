@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
 
 import anyio
@@ -88,23 +89,32 @@ class RelayResponse(Response):
         headers: Headers,
         chunks: AsyncGenerator[bytes, None],
         on_end: Callable[[bool], Awaitable[None]] | None = None,
+        deadline: float = math.inf,
     ) -> None:
-        """`on_end(completed)` runs however the relay ends; `completed` says whether the whole body was sent."""
+        """`on_end(completed)` runs however the relay ends; `completed` says whether the whole body was sent.
+        Past `deadline` (anyio's clock) the relay is cut off like an upstream that broke off."""
         self.status_code = status
         self.raw_headers = _encode(headers)
         self.chunks = chunks
         self.on_end = on_end
+        self.deadline = deadline
         self.background = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completed = False
         try:
             async with anyio.create_task_group() as group:
+                group.cancel_scope.deadline = self.deadline
                 group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
                 try:
                     completed = await self._relay(send)
                 finally:
                     group.cancel_scope.cancel()
+            if not completed and anyio.current_time() >= self.deadline:
+                logger.warning(
+                    "the upstream did not finish its answer within UPSTREAM_TOTAL_TIMEOUT;"
+                    " the client's response was cut off"
+                )
         finally:
             # Outside the task group and shielded, so neither a client leaving right after the last byte
             # nor a shutdown can cut short what must happen at the end (storing, releasing waiters).

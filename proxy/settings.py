@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     cache_key_mode: KeyMode = KeyMode.MESSAGES
     cache_key_include: Annotated[tuple[str, ...], NoDecode] = ()
     upstream_timeout: float = Field(default=600.0, gt=0)
+    upstream_total_timeout: float = Field(default=1800.0, ge=0)
+    max_request_bytes: Annotated[int, NoDecode] = Field(default=8 * 1024 * 1024, gt=0)
+    max_cache_entry_bytes: Annotated[int, NoDecode] = Field(default=16 * 1024 * 1024, gt=0)
 
     cache_ttl: float = Field(default=0, ge=0)
     cache_max_bytes: Annotated[int, NoDecode] = Field(default=0, ge=0)
@@ -78,6 +81,7 @@ class Settings(BaseSettings):
     memory_cache_bytes: Annotated[int, NoDecode] = Field(default=32 * 1024 * 1024, ge=0)
     cache_offline: bool = False
     cache_lock_timeout: float = Field(default=120.0, ge=0)
+    cache_stale_if_error: bool = False
     proxy_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     admin_api_key: SecretStr | None = None
 
@@ -101,7 +105,9 @@ class Settings(BaseSettings):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
 
-    @field_validator("cache_max_bytes", "memory_cache_bytes", mode="before")
+    @field_validator(
+        "cache_max_bytes", "memory_cache_bytes", "max_request_bytes", "max_cache_entry_bytes", mode="before"
+    )
     @classmethod
     def _byte_size(cls, value: Any) -> Any:
         return parse_byte_size(value) if isinstance(value, str) else value

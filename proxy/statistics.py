@@ -30,6 +30,9 @@ class Statistics:
     def miss(self) -> None:
         self._tally.misses += 1
 
+    def stale(self) -> None:
+        self._tally.stale += 1
+
     async def flush(self) -> None:
         """Write what was gathered; on failure keep it for the next flush, so no count is lost."""
         if not self._tally:

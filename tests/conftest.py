@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from openai_proxy import create_app
+from proxy.server import HttpProtocol
 from proxy.settings import Settings
 from tests.servers import FakeUpstream, ServerThread
 
@@ -62,7 +63,7 @@ class ProxyFactory:
         }
         values.update(overrides)
         settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
-        server = ServerThread(create_app(settings, clock=clock)).start()
+        server = ServerThread(create_app(settings, clock=clock), http=HttpProtocol).start()
         self.servers[server.url] = server
         return server.url
 

@@ -1,0 +1,329 @@
+"""Faults and hostile input: each protection here has a test that fails without it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from tests.conftest import FakeClock, ProxyFactory
+from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+STREAM = {**CHAT, "stream": True}
+
+
+def post(base: str, body: dict[str, Any] = CHAT, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=10, **kwargs)
+
+
+def raw_exchange(port: int, request: bytes, *, read_timeout: float = 5) -> bytes:
+    """Send raw bytes and read until the server closes or stops sending."""
+    with socket.create_connection(("127.0.0.1", port)) as connection:
+        connection.sendall(request)
+        connection.settimeout(read_timeout)
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return received
+
+
+def port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+def wait_until_stored(base: str, entries: int) -> None:
+    """Answers are stored just after they were sent; wait for that before moving the clock."""
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{base}/cache/stats").json()["entries"] < entries:
+        assert time.monotonic() < deadline, "the entry was never stored"
+        time.sleep(0.02)
+
+
+class HangUpServer:
+    """An upstream that reads each request and closes the connection without answering."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.requests = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            with connection:
+                data = b""
+                while b"\r\n\r\n" not in data and (chunk := connection.recv(65536)):
+                    data += chunk
+                if data:
+                    self.requests += 1
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def hang_up() -> Iterator[HangUpServer]:
+    server = HangUpServer()
+    yield server
+    server.close()
+
+
+class TestUpstreamFaults:
+    def test_a_post_is_never_retried_once_sent(self, start_proxy: ProxyFactory, hang_up: HangUpServer) -> None:
+        response = post(start_proxy(openai_base_url=hang_up.url))
+        assert response.status_code == 502
+        assert response.json()["error"]["code"] == "upstream_unreachable"
+        assert hang_up.requests == 1
+
+    def test_a_trickling_answer_meets_the_total_deadline(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        async def trickle(request: Request, recorded: Recorded) -> Response:
+            async def bytes_slowly() -> Any:
+                for byte in json.dumps(chat_completion(1, "m")).encode():
+                    await asyncio.sleep(0.05)  # each read well inside UPSTREAM_TIMEOUT
+                    yield bytes([byte])
+
+            return StreamingResponse(bytes_slowly(), media_type="application/json")
+
+        upstream.handler = trickle
+        base = start_proxy(upstream_timeout=1, upstream_total_timeout=0.5)
+        response = post(base)
+        assert response.status_code == 504
+        assert "UPSTREAM_TOTAL_TIMEOUT" in response.json()["error"]["message"]
+        upstream.handler = None
+        assert post(base).headers["x-cache-status"] == "MISS", "nothing was stored"
+
+    def test_a_trickling_stream_is_cut_off_at_the_total_deadline(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        upstream.chunk_delay = 0.2
+        base = start_proxy(upstream_timeout=1, upstream_total_timeout=0.5)
+        with pytest.raises(httpx.RemoteProtocolError):
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=10) as response:
+                assert response.status_code == 200
+                for _ in response.iter_bytes():
+                    pass
+        upstream.chunk_delay = 0
+        assert post(base, STREAM).headers["x-cache-status"] == "MISS", "the cut-off stream was not stored"
+
+    def test_stored_answers_never_replay_another_requests_date_or_server(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        async def stamped(request: Request, recorded: Recorded) -> Response:
+            headers = {"date": "Mon, 01 Jan 2001 00:00:00 GMT", "server": "upstream-7", "x-request-id": "req-1"}
+            return JSONResponse(chat_completion(1, "m"), headers=headers)
+
+        upstream.handler = stamped
+        base = start_proxy()
+        assert post(base).headers["x-request-id"] == "req-1"
+        hit = post(base)
+        assert hit.headers["x-cache-status"] == "HIT"
+        assert "upstream-7" not in hit.headers.get("server", "")
+        assert "2001" not in hit.headers.get("date", "")
+        assert "x-request-id" not in hit.headers
+
+
+FAILURES = {
+    "500": lambda: JSONResponse({"error": {"message": "boom"}}, status_code=500),
+    "503": lambda: JSONResponse({"error": {"message": "overloaded"}}, status_code=503),
+    "429": lambda: JSONResponse({"error": {"message": "slow down"}}, status_code=429),
+}
+
+
+class TestStaleIfError:
+    def expired_entry(self, start_proxy: ProxyFactory, clock: FakeClock, body: dict[str, Any], **settings: Any) -> str:
+        base = start_proxy(clock=clock, cache_ttl=60, **settings)
+        assert post(base, body).headers["x-cache-status"] == "MISS"
+        wait_until_stored(base, 1)
+        clock.advance(120)
+        return base
+
+    @pytest.mark.parametrize("failure", sorted(FAILURES))
+    def test_an_upstream_error_serves_the_expired_entry(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, clock: FakeClock, failure: str
+    ) -> None:
+        base = self.expired_entry(start_proxy, clock, CHAT, cache_stale_if_error=True)
+
+        async def failing(request: Request, recorded: Recorded) -> Response:
+            return FAILURES[failure]()
+
+        upstream.handler = failing
+        response = post(base)
+        assert response.status_code == 200
+        assert response.headers["x-cache-status"] == "STALE"
+        assert response.json()["id"] == "chatcmpl-1"
+        assert int(response.headers["age"]) >= 120
+        assert httpx.get(f"{base}/cache/stats").json()["stale"] == 1
+
+    def test_an_unreachable_upstream_serves_the_expired_entry(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, clock: FakeClock, hang_up: HangUpServer
+    ) -> None:
+        base = self.expired_entry(start_proxy, clock, CHAT)
+        start_proxy.stop(base)
+        # The same cache file, behind a proxy whose upstream hangs up on every request.
+        broken = start_proxy(clock=clock, cache_ttl=60, cache_stale_if_error=True, openai_base_url=hang_up.url)
+        response = post(broken)
+        assert response.headers["x-cache-status"] == "STALE"
+        assert response.json()["id"] == "chatcmpl-1"
+        assert hang_up.requests == 1
+
+    def test_a_timeout_serves_the_expired_stream(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, clock: FakeClock
+    ) -> None:
+        base = self.expired_entry(start_proxy, clock, STREAM, cache_stale_if_error=True, upstream_timeout=0.3)
+
+        async def slow(request: Request, recorded: Recorded) -> Response:
+            await asyncio.sleep(1)
+            return JSONResponse(chat_completion(9, "m"))
+
+        upstream.handler = slow
+        response = post(base, STREAM)
+        assert response.headers["x-cache-status"] == "STALE"
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.text.rstrip().endswith("data: [DONE]")
+
+    def test_off_by_default_the_error_is_passed_on(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, clock: FakeClock
+    ) -> None:
+        base = self.expired_entry(start_proxy, clock, CHAT)
+
+        async def failing(request: Request, recorded: Recorded) -> Response:
+            return FAILURES["503"]()
+
+        upstream.handler = failing
+        response = post(base)
+        assert response.status_code == 503
+        assert response.headers["x-cache-status"] == "EXPIRED"
+
+    def test_a_success_replaces_the_expired_entry(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, clock: FakeClock
+    ) -> None:
+        base = self.expired_entry(start_proxy, clock, CHAT, cache_stale_if_error=True)
+        refreshed = post(base)
+        assert refreshed.headers["x-cache-status"] == "EXPIRED"
+        assert refreshed.json()["id"] == "chatcmpl-2"
+        assert post(base).json()["id"] == "chatcmpl-2"
+
+
+class TestRequestSize:
+    def test_a_declared_length_over_the_limit_is_a_413(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+        base = start_proxy(max_request_bytes=1000)
+        body = {**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}
+        response = post(base, body)
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+        assert upstream.calls == 0
+        assert post(base).status_code == 200
+
+    @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/files"], ids=["cacheable", "pass-through"])
+    def test_a_chunked_body_is_refused_before_it_is_all_read(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, path: str
+    ) -> None:
+        base = start_proxy(max_request_bytes=100_000)
+        chunk = b"x" * 65536
+        head = f"POST {path} HTTP/1.1\r\nHost: proxy\r\nContent-Type: application/json\r\n"
+        head += "Transfer-Encoding: chunked\r\n\r\n"
+        # Two chunks pass the limit; the body's end never comes, so only an early refusal answers at all.
+        request = head.encode() + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 2
+        answer = raw_exchange(port_of(base), request, read_timeout=3)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        assert b'"request_too_large"' in answer
+        assert upstream.calls == 0
+
+    def test_a_chunked_body_within_the_limit_is_forwarded(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        base = start_proxy(max_request_bytes=100_000)
+
+        def pieces() -> Iterator[bytes]:
+            yield b"part one, "
+            yield b"part two"
+
+        response = httpx.post(f"{base}/v1/files", content=pieces())
+        assert response.status_code == 200
+        assert upstream.requests[0].body == b"part one, part two"
+
+
+class TestCacheEntrySize:
+    def test_a_large_answer_is_delivered_not_stored(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+        base = start_proxy(max_cache_entry_bytes=200)
+        first = post(base)
+        assert first.status_code == 200 and first.json()["id"] == "chatcmpl-1"
+        assert post(base).headers["x-cache-status"] == "MISS"
+
+    def test_a_large_stream_is_delivered_not_stored(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+        base = start_proxy(max_cache_entry_bytes=300)
+        first = post(base, STREAM)
+        assert first.text.encode() == b"".join(chat_chunks(1, "m"))
+        assert post(base, STREAM).headers["x-cache-status"] == "MISS"
+
+    def test_an_answer_within_the_limit_is_stored(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+        base = start_proxy(max_cache_entry_bytes=100_000)
+        post(base, STREAM)
+        assert post(base, STREAM).headers["x-cache-status"] == "HIT"
+
+
+BODY = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+
+
+@pytest.mark.parametrize(
+    "framing",
+    [
+        pytest.param(b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(BODY), id="length-and-chunked"),
+        pytest.param(b"Transfer-Encoding: chunked\r\nContent-Length: %d\r\n" % len(BODY), id="chunked-and-length"),
+        pytest.param(b"Content-Length: %d\r\nContent-Length: 5\r\n" % len(BODY), id="two-lengths"),
+    ],
+)
+def test_ambiguous_framing_is_a_400_and_nothing_is_forwarded(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, framing: bytes
+) -> None:
+    base = start_proxy()
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n" + framing + b"\r\n" + BODY
+    answer = raw_exchange(port_of(base), request)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400")
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert upstream.calls == 0
+
+
+@pytest.mark.parametrize("field", ["api_base", "base_url", "api_url", "url"])
+def test_body_fields_never_choose_the_upstream(start_proxy: ProxyFactory, upstream: FakeUpstream, field: str) -> None:
+    elsewhere = HangUpServer()
+    try:
+        response = post(start_proxy(), {**CHAT, field: f"{elsewhere.url}/v1"})
+        assert response.status_code == 200
+        assert upstream.calls == 1
+        assert elsewhere.requests == 0
+    finally:
+        elsewhere.close()
+
+
+def test_a_crafted_host_changes_neither_route_nor_upstream(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    base = start_proxy(admin_api_key="admin-key")
+    for host in ("127.0.0.1", "localhost", "evil.example"):
+        assert httpx.get(f"{base}/cache/stats", headers={"host": host}).status_code == 401
+        post(base, headers={"host": host})
+    assert upstream.calls == 1, "the second and third were hits: the Host header is not part of anything"
+    assert upstream.requests[0].header("host") == upstream.url.removeprefix("http://")
