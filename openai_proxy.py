@@ -99,6 +99,7 @@ def create_app(
             async with anyio.create_task_group() as background:
                 background.start_soon(statistics.flush_periodically)
                 background.start_soon(tiered.sync_periodically)
+                background.start_soon(tiered.maintain)
                 yield
                 background.cancel_scope.cancel()
         finally:

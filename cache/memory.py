@@ -135,6 +135,9 @@ class TieredBackend:
     async def ping(self) -> None:
         await self.backend.ping()
 
+    async def maintain(self) -> None:
+        await self.backend.maintain()
+
     async def close(self) -> None:
         self.hot.clear()
         await self.backend.close()
@@ -144,8 +147,8 @@ class TieredBackend:
         latest, keys = await self.backend.invalidations_since(self._seen_invalidation)
         if latest == self._seen_invalidation:
             return
-        if None in keys or latest - self._seen_invalidation > len(keys):
-            self.hot.clear()  # a purge, or more changes than the feed still holds
+        if latest < self._seen_invalidation or None in keys or latest - self._seen_invalidation > len(keys):
+            self.hot.clear()  # a purge, more changes than the feed still holds, or a new store
         else:
             for key in keys:
                 if key is not None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import sqlite3
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,15 @@ import aiosqlite
 import anyio
 
 from cache.base import CachedResponse, CacheError, CacheStatistics, EntryFilter, EntryInfo, Saving, Tally
+
+logger = logging.getLogger("openai_proxy.cache")
+
+# How often the maintenance loop looks for a replaced file, and how often it checkpoints the WAL.
+FILE_CHECK_INTERVAL = 1.0
+CHECKPOINT_INTERVAL = 60.0
+# The WAL is truncated to this after a checkpoint, so a burst of writes cannot leave it large for good.
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+_CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
 
 # Each step brings a database from the version before it to its own; `user_version` records the last.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
@@ -121,36 +133,109 @@ class SqliteBackend:
         # One connection serves every coroutine; a transaction must not take in another's statements.
         self._transaction = asyncio.Lock()
         self._batch: _Batch | None = None
+        self._file_id: tuple[int, int] | None = None
 
     async def open(self) -> None:
+        """Open the file, or, when it is not a usable database, move it aside and begin an empty one."""
+        try:
+            await self._connect()
+        except _Corrupt as exc:
+            self._quarantine(str(exc.__cause__))
+            await self._connect()
+
+    async def _connect(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = await aiosqlite.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             self._open_error = f"cannot open {self.path}: {exc}"
             raise CacheError(self._open_error) from exc
+        reader: aiosqlite.Connection | None = None
         try:
             await self._prepare(db)
             # Reads get a connection (and a thread) of their own: with WAL they never wait for a write, so a
             # batch of statistics or a burst of stores cannot hold up hits.
             reader = await aiosqlite.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
-        except sqlite3.Error as exc:
-            await db.close()
-            self._open_error = f"cannot use {self.path}: {exc}"
-            raise CacheError(self._open_error) from exc
-        try:
             await reader.execute("PRAGMA query_only=1")
         except sqlite3.Error as exc:
-            await reader.close()
-            await db.close()
+            for connection in (reader, db):
+                if connection is not None:
+                    await connection.close()
             self._open_error = f"cannot use {self.path}: {exc}"
+            if _is_corruption(exc):
+                raise _Corrupt(self._open_error) from exc
             raise CacheError(self._open_error) from exc
+        self._file_id = _file_id(self.path)
         self._db, self._reader = db, reader
+
+    def _quarantine(self, reason: str) -> None:
+        """Move the unusable file (and its WAL) aside, keeping it for a post-mortem."""
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            source = Path(f"{self.path}{suffix}")
+            if source.exists():
+                source.replace(f"{moved}{suffix}")
+        logger.error("cache file %s is corrupt (%s); moved it to %s and began an empty cache", self.path, reason, moved)
+
+    async def verify(self) -> bool:
+        """Check the whole file (PRAGMA quick_check); a corrupt one is moved aside for an empty cache.
+
+        Runs after start-up, off the request path: its cost grows with the cache. True when it was sound.
+        """
+        try:
+            # A connection (and thread) of its own, so hits do not queue behind the check.
+            async with aiosqlite.connect(self.path, timeout=self._busy_timeout, isolation_level=None) as checker:
+                async with checker.execute("PRAGMA quick_check") as cursor:
+                    problems = [row[0] for row in await cursor.fetchall() if row[0] != "ok"]
+        except sqlite3.Error as exc:
+            if not _is_corruption(exc):
+                raise CacheError(f"cache check failed: {exc}") from exc
+            problems = [str(exc)]
+        if not problems:
+            return True
+        await self._replace(lambda: self._quarantine(problems[0]))
+        return False
+
+    async def _replace(self, change: Any) -> None:
+        """Close the file, run `change`, and open what is at the path now."""
+        async with self._transaction:
+            await self.close()
+            change()
+            await self._connect()
+
+    async def checkpoint(self) -> None:
+        """Copy the WAL into the database file and truncate it, so the WAL cannot grow without bound."""
+        async with self._transaction:
+            try:
+                await self._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise CacheError(f"cache checkpoint failed: {exc}") from exc
+
+    async def maintain(self) -> None:
+        """For the process's lifetime: check the file once, then follow a file another process replaced
+        and checkpoint the WAL now and then. Failures are left to the requests that meet them."""
+        if self._db is None:
+            return  # it could not be opened: requests go upstream, and /healthz says why
+        with _logged_failure("quick_check"):
+            await self.verify()
+        last_checkpoint = time.monotonic()
+        while True:
+            await anyio.sleep(FILE_CHECK_INTERVAL)
+            if self._file_id is not None and _file_id(self.path) != self._file_id:
+                logger.warning("cache file %s was replaced by another process; opening the new one", self.path)
+                with _logged_failure("reopen"):
+                    await self._replace(lambda: None)
+            if time.monotonic() - last_checkpoint >= CHECKPOINT_INTERVAL:
+                last_checkpoint = time.monotonic()
+                with _logged_failure("checkpoint"):
+                    await self.checkpoint()
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         # WAL lets readers (hits) go on while one writer stores a miss; NORMAL sync is safe with WAL.
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         version = await self._scalar(db, "PRAGMA user_version")
         if version > SCHEMA_VERSION:
             raise sqlite3.DatabaseError(
@@ -291,23 +376,20 @@ class SqliteBackend:
         return deleted
 
     async def purge(self, which: EntryFilter) -> int:
-        db = self._connection()
         where, parameters = _where(which)
         deleted = 0
-        try:
-            while True:
-                # In batches, so a large purge never holds the write lock for long.
-                async with self._transaction:
-                    cursor = await db.execute(
-                        f"DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries {where} LIMIT ?)",
-                        (*parameters, _PURGE_BATCH),
-                    )
-                    deleted += cursor.rowcount
-                    if cursor.rowcount < _PURGE_BATCH:
-                        await db.execute("INSERT INTO invalidations (key) VALUES (NULL)")
-                        return deleted
-        except sqlite3.Error as exc:
-            raise CacheError(f"cache purge failed: {exc}") from exc
+        while True:
+            # In batches, so a large purge never holds the write lock for long; the last one also tells
+            # every process's memory tier, in the same transaction.
+            async with self._write("cache purge") as db:
+                cursor = await db.execute(
+                    f"DELETE FROM entries WHERE rowid IN (SELECT rowid FROM entries {where} LIMIT ?)",
+                    (*parameters, _PURGE_BATCH),
+                )
+                deleted += cursor.rowcount
+                if cursor.rowcount < _PURGE_BATCH:
+                    await db.execute("INSERT INTO invalidations (key) VALUES (NULL)")
+                    return deleted
 
     async def list_entries(self, which: EntryFilter, offset: int, limit: int) -> list[EntryInfo]:
         db = self._reading()
@@ -355,10 +437,11 @@ class SqliteBackend:
                 "SELECT seq, key FROM invalidations WHERE seq > ? ORDER BY seq LIMIT ?", (after, _INVALIDATIONS_KEPT)
             ) as cursor:
                 rows = list(await cursor.fetchall())
+            if not rows:
+                # The feed's real end: below `after` when the file was replaced by a new one.
+                return min(after, await self._scalar(db, "SELECT coalesce(max(seq), 0) FROM invalidations")), []
         except sqlite3.Error as exc:
             raise CacheError(f"cache read failed: {exc}") from exc
-        if not rows:
-            return after, []
         return rows[-1][0], [key for _, key in rows]
 
     async def record(self, tally: Tally) -> None:
@@ -428,6 +511,30 @@ class SqliteBackend:
         self._open_error = "closed"
         for db in connections:
             await db.close()
+
+
+class _Corrupt(CacheError):
+    """The file is not a usable SQLite database."""
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in _CORRUPTION_CODES
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
+
+
+@contextmanager
+def _logged_failure(what: str) -> Iterator[None]:
+    try:
+        yield
+    except CacheError as exc:
+        logger.warning("cache maintenance (%s) failed: %s", what, exc)
 
 
 def _entry(row: Any) -> CachedResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import sqlite3
 import time
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Protocol
 
+import aiosqlite
 import pytest
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
@@ -536,6 +538,15 @@ async def test_an_entry_of_exactly_max_bytes_is_stored_alone(open_backend: Opene
     assert (stats.entries, stats.bytes, stats.evictions) == (1, 100, 1)
 
 
+class TinySqlite(SqliteBackend):
+    """A real SQLite store on a "disk" that holds only a few pages more than it starts with."""
+
+    async def _prepare(self, db: aiosqlite.Connection) -> None:
+        await super()._prepare(db)
+        pages = await self._scalar(db, "PRAGMA page_count")
+        await db.execute(f"PRAGMA max_page_count={pages + 16}")
+
+
 class TestSqliteOpening:
     async def test_an_unusable_path_raises_cache_error(self, tmp_path: Path) -> None:
         (tmp_path / "file").write_text("")
@@ -545,10 +556,97 @@ class TestSqliteOpening:
         with pytest.raises(CacheError, match="cannot open"):
             await backend.get("k")
 
-    async def test_a_file_that_is_not_a_database_raises_cache_error(self, tmp_path: Path) -> None:
-        (tmp_path / "bad.db").write_bytes(b"garbage" * 1000)
-        with pytest.raises(CacheError, match="not a database"):
-            await SqliteBackend(tmp_path / "bad.db").open()
+    async def test_a_file_that_is_not_a_database_is_moved_aside_for_an_empty_cache(
+        self, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        garbage = b"garbage" * 1000
+        (tmp_path / "bad.db").write_bytes(garbage)
+        backend = SqliteBackend(tmp_path / "bad.db")
+        await backend.open()
+        try:
+            await backend.set("k", ENTRY)
+            assert await backend.get("k") == ENTRY
+        finally:
+            await backend.close()
+        [moved] = tmp_path.glob("bad.db.corrupt-*")
+        assert moved.read_bytes() == garbage, "kept for a post-mortem"
+        [line] = [r.getMessage() for r in caplog.records if r.name == "openai_proxy.cache"]
+        assert "bad.db is corrupt" in line and str(moved) in line
+
+    async def filled(self, path: Path) -> bytes:
+        backend = SqliteBackend(path)
+        await backend.open()
+        for number in range(300):
+            await backend.set(f"k{number}", entry(body=b"x" * 2000))
+        await backend.checkpoint()
+        await backend.close()
+        return path.read_bytes()
+
+    @pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+    async def test_a_damaged_file_is_found_and_replaced(self, tmp_path: Path, damage: str) -> None:
+        path = tmp_path / "cut.db"
+        data = await self.filled(path)
+        middle = len(data) // 2
+        if damage == "truncated":
+            path.write_bytes(data[:middle])
+        else:
+            path.write_bytes(data[:middle] + b"\xff" * 8192 + data[middle + 8192 :])
+        backend = SqliteBackend(path)
+        await backend.open()  # found here when the schema cannot be read, else by the check
+        try:
+            await backend.verify()
+            assert await backend.verify() is True, "the file in use now is sound"
+            assert await backend.get("k1") is None
+            await backend.set("k", ENTRY)
+            assert await backend.get("k") == ENTRY
+        finally:
+            await backend.close()
+        assert len(list(tmp_path.glob("cut.db.corrupt-*"))) == 1
+
+    async def test_the_check_finds_damage_that_opening_does_not(self, tmp_path: Path) -> None:
+        path = tmp_path / "cut.db"
+        data = await self.filled(path)
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + b"\xff" * 8192 + data[middle + 8192 :])
+        backend = SqliteBackend(path)
+        await backend.open()
+        try:
+            assert not list(tmp_path.glob("cut.db.corrupt-*"))
+            assert await backend.verify() is False
+            assert len(list(tmp_path.glob("cut.db.corrupt-*"))) == 1
+        finally:
+            await backend.close()
+
+    async def test_a_full_disk_fails_the_write_not_the_store(self, tmp_path: Path) -> None:
+        backend = TinySqlite(tmp_path / "full.db")
+        await backend.open()
+        try:
+            await backend.set("small", ENTRY)
+            with pytest.raises(CacheError, match="full"):
+                await backend.set("large", entry(body=b"x" * 200_000))
+            assert await backend.get("small") == ENTRY
+            assert await backend.get("large") is None
+        finally:
+            await backend.close()
+
+    async def test_writes_take_the_lock_up_front_and_the_wal_is_truncated(self, tmp_path: Path) -> None:
+        backend = SqliteBackend(tmp_path / "wal.db", max_entries=1000)
+        await backend.open()
+        statements: list[str] = []
+        try:
+            assert backend._db is not None
+            await backend._db.set_trace_callback(statements.append)
+            await asyncio.gather(*(backend.set(f"k{n}", entry(body=b"y" * 4000)) for n in range(200)))
+            await backend.delete("k1")
+            await backend.purge(EntryFilter(provider="nobody"))
+            await backend.record(Tally(hits=1))
+            assert (tmp_path / "wal.db-wal").stat().st_size > 500_000
+            await backend.checkpoint()
+            assert (tmp_path / "wal.db-wal").stat().st_size == 0
+        finally:
+            await backend.close()
+        begins = [statement for statement in statements if statement.upper().startswith("BEGIN")]
+        assert begins and all(statement.upper() == "BEGIN IMMEDIATE" for statement in begins), begins
 
     async def test_a_newer_schema_is_refused_not_overwritten(self, tmp_path: Path) -> None:
         with sqlite3.connect(tmp_path / "new.db") as db:

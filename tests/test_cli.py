@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cache import SqliteBackend
 from tests.servers import FakeUpstream
 
 BIN = Path(sys.executable).parent
@@ -33,6 +39,12 @@ def environment(**values: str) -> dict[str, str]:
 
 @contextmanager
 def running(command: list[str], cwd: Path, env: dict[str, str]) -> Iterator[str]:
+    with started(command, cwd, env) as (base, _):
+        yield base
+
+
+@contextmanager
+def started(command: list[str], cwd: Path, env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     process = subprocess.Popen(
         [*command, "--host", "127.0.0.1", "--port", str(port)],
@@ -52,9 +64,10 @@ def running(command: list[str], cwd: Path, env: dict[str, str]) -> Iterator[str]
                 assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
                 assert time.monotonic() < deadline, "the proxy did not start"
                 time.sleep(0.1)
-        yield base
+        yield base, process
     finally:
-        process.terminate()
+        if process.poll() is None:
+            process.terminate()
         process.wait(timeout=10)
 
 
@@ -133,3 +146,59 @@ def test_a_purge_through_one_worker_reaches_every_workers_memory_tier(tmp_path: 
             for _ in range(20)
         ]
     assert {response.status_code for response in after} == {504}, "no worker served the purged entry from memory"
+
+
+def test_kill_9_while_storing_leaves_only_whole_entries(tmp_path: Path, upstream: FakeUpstream) -> None:
+    env = environment(OPENAI_BASE_URL=upstream.url, OPENAI_API_KEY="sk-test", MEMORY_CACHE_BYTES="0")
+    stop = threading.Event()
+    stored_while_running = 0
+
+    def client(number: int) -> None:
+        request = 0
+        while not stop.is_set():
+            request += 1
+            body = {
+                "model": "m",
+                "stream": number % 2 == 0,
+                "messages": [{"role": "user", "content": f"{number}/{request}"}],
+            }
+            try:
+                httpx.post(f"{base}/v1/chat/completions", json=body, timeout=5)
+            except httpx.TransportError:
+                return
+
+    with started(OPENAI_PROXY, tmp_path, env) as (base, process):
+        clients = [threading.Thread(target=client, args=(number,)) for number in range(4)]
+        for thread in clients:
+            thread.start()
+        deadline = time.monotonic() + 10
+        while stored_while_running < 30 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            stored_while_running = httpx.get(f"{base}/cache/stats").json()["entries"]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        stop.set()
+        for thread in clients:
+            thread.join(timeout=10)
+    assert stored_while_running >= 30, "the proxy was killed while it was storing"
+
+    with sqlite3.connect(tmp_path / "openai_proxy_cache.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        rows = db.execute("SELECT content_type, body FROM entries").fetchall()
+    assert len(rows) >= stored_while_running
+    for content_type, body in rows:
+        if content_type.startswith("text/event-stream"):
+            assert body.rstrip().endswith(b"data: [DONE]"), body[-80:]
+        else:
+            assert json.loads(body)["object"] == "chat.completion"
+
+    async def reopen() -> bool:
+        backend = SqliteBackend(tmp_path / "openai_proxy_cache.db")
+        await backend.open()
+        try:
+            return await backend.verify()
+        finally:
+            await backend.close()
+
+    assert asyncio.run(reopen()) is True
+    assert not list(tmp_path.glob("*.corrupt-*"))

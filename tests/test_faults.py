@@ -15,8 +15,12 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from cache import sqlite as sqlite_module
+from openai_proxy import create_app
+from proxy.settings import Settings
 from tests.conftest import ProxyFactory
-from tests.servers import FakeUpstream, Recorded, chat_completion, gzip_json
+from tests.servers import FakeUpstream, Recorded, ServerThread, chat_completion, gzip_json
+from tests.test_backends import TinySqlite
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -176,17 +180,6 @@ class TestBrokenStore:
         self.assert_served_and_degraded(base, caplog, "cannot open")
         assert upstream.calls == 3
 
-    def test_corrupt_database_file(
-        self,
-        start_proxy: ProxyFactory,
-        upstream: FakeUpstream,
-        tmp_path: Path,
-        caplog: pytest.LogCaptureFixture,
-    ) -> None:
-        (tmp_path / "corrupt.db").write_bytes(b"this is not an sqlite database" * 200)
-        base = start_proxy(cache_db=tmp_path / "corrupt.db")
-        self.assert_served_and_degraded(base, caplog, "not a database")
-
     def test_locked_database(
         self,
         start_proxy: ProxyFactory,
@@ -220,3 +213,84 @@ def test_upstream_cookies_are_never_sent_for_another_client(start_proxy: ProxyFa
     assert first.headers["set-cookie"].startswith("session=client-a"), "relayed to the client it was meant for"
     post_chat(base, content="client b")
     assert upstream.requests[1].header("cookie") is None
+
+
+class TestDamagedStore:
+    def test_a_corrupt_file_is_moved_aside_and_the_proxy_caches_again(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        garbage = b"this is not an sqlite database" * 200
+        (tmp_path / "corrupt.db").write_bytes(garbage)
+        base = start_proxy(cache_db=tmp_path / "corrupt.db")
+        assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+        assert post_chat(base).headers["x-cache-status"] == "MISS"
+        assert post_chat(base).headers["x-cache-status"] == "HIT"
+        [moved] = tmp_path.glob("corrupt.db.corrupt-*")
+        assert moved.read_bytes() == garbage
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "is corrupt" in errors[0]
+
+    def test_a_full_disk_fails_writes_never_requests(
+        self, upstream: FakeUpstream, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        settings = Settings(_env_file=None, openai_base_url=upstream.url, openai_api_key="sk-test")  # type: ignore[call-arg]
+        server = ServerThread(create_app(settings, backend=TinySqlite(tmp_path / "full.db"))).start()
+
+        async def long_answer(request: Request, recorded: Recorded) -> Response:
+            answer = chat_completion(upstream.calls, "m")
+            answer["choices"][0]["message"]["content"] = "many words " * 20_000
+            return JSONResponse(answer)
+
+        upstream.handler = long_answer
+        try:
+            answers = [post_chat(server.url, content=f"question {number}") for number in range(3)]
+            assert [answer.status_code for answer in answers] == [200, 200, 200]
+            deadline = time.monotonic() + 3
+            while httpx.get(f"{server.url}/healthz").json()["status"] == "ok" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert "full" in httpx.get(f"{server.url}/healthz").json()["cache"]["reason"]
+            failures = [r.getMessage() for r in caplog.records if r.name == "openai_proxy.cache"]
+            assert len(failures) == 1 and "full" in failures[0], failures
+        finally:
+            server.stop()
+
+    def test_the_wal_is_checkpointed_while_serving(
+        self,
+        start_proxy: ProxyFactory,
+        upstream: FakeUpstream,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setattr(sqlite_module, "CHECKPOINT_INTERVAL", 0.2)
+        monkeypatch.setattr(sqlite_module, "FILE_CHECK_INTERVAL", 0.05)
+        base = start_proxy(cache_db=tmp_path / "wal.db")
+        for number in range(20):
+            post_chat(base, content=f"question {number}")
+        wal = tmp_path / "wal.db-wal"
+        deadline = time.monotonic() + 5
+        while wal.stat().st_size > 0:
+            assert time.monotonic() < deadline, "the WAL was never truncated"
+            time.sleep(0.05)
+
+    def test_a_file_replaced_by_another_process_is_followed(
+        self,
+        start_proxy: ProxyFactory,
+        upstream: FakeUpstream,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        monkeypatch.setattr(sqlite_module, "FILE_CHECK_INTERVAL", 0.05)
+        path = tmp_path / "followed.db"
+        base = start_proxy(cache_db=path, memory_cache_bytes=0)
+        post_chat(base)
+        assert post_chat(base).headers["x-cache-status"] == "HIT"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").rename(tmp_path / f"old{suffix}")
+        sqlite3.connect(path).close()  # what another worker's quarantine leaves: a new, empty file
+        deadline = time.monotonic() + 5
+        while post_chat(base).headers["x-cache-status"] == "HIT":
+            assert time.monotonic() < deadline, "the proxy kept using the file that was moved away"
+            time.sleep(0.05)
+        assert post_chat(base).headers["x-cache-status"] == "HIT"
+        with sqlite3.connect(path) as db:
+            assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
