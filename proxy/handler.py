@@ -181,17 +181,21 @@ class Proxy:
             control = request_control(client_headers, offline=self.settings.cache_offline)
         except ControlError as exc:
             raise ProxyError(400, str(exc), "invalid_cache_control") from exc
-        if self.settings.override_model and "model" in payload:
-            payload["model"] = self.settings.override_model
-            body = json.dumps(payload).encode()
         if query:
             endpoint_path += "?" + query.decode("latin-1")
         credential = "" if provider.api_key is not None or strip_client_key else credential_scope(client_headers)
+        try:
+            if self.settings.override_model and "model" in payload:
+                payload["model"] = self.settings.override_model
+                body = json.dumps(payload).encode()
+            key = cache_key(
+                provider.name, endpoint_path, payload, self.key_config, scope=credential, namespace=control.namespace
+            )
+        except RecursionError as exc:
+            raise ProxyError(400, "The JSON body is nested too deeply.", "invalid_json") from exc
         model = payload.get("model")
         pending = PendingEntry(
-            key=cache_key(
-                provider.name, endpoint_path, payload, self.key_config, scope=credential, namespace=control.namespace
-            ),
+            key=key,
             provider=provider.name,
             endpoint_path=endpoint_path,
             endpoint=endpoint,

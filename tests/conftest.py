@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,6 +17,46 @@ from tests.servers import FakeUpstream, ServerThread
 # Keys the proxy holds in tests. They must never show up anywhere but in the upstream's headers.
 PROXY_OPENAI_KEY = "sk-proxy-openai-CANARY-0f3e"
 PROXY_ANTHROPIC_KEY = "sk-ant-proxy-CANARY-77a1"
+# Client credentials some tests send; forwarded upstream, never written anywhere else either.
+PROXY_CLIENT_KEY = "proxy-client-CANARY-5d21"
+CLIENT_CANARIES = (PROXY_CLIENT_KEY, "sk-client-LOGCANARY-91", "sk-client-SECRET", "sk-client-a", "sk-client-b")
+CANARIES = (PROXY_OPENAI_KEY, PROXY_ANTHROPIC_KEY, *CLIENT_CANARIES)
+
+
+class CanaryWatch(logging.Handler):
+    """Sees every log record of the run, at every level, and keeps those that show a canary key."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if record.exc_info:
+            text += logging.Formatter().formatException(record.exc_info)
+        if any(canary in text for canary in CANARIES):
+            self.leaks.append(f"{record.name} {record.levelname}: {text}")
+
+
+@pytest.fixture(scope="session")
+def canary_watch() -> Iterator[CanaryWatch]:
+    watch = CanaryWatch()
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(watch)
+    root.setLevel(logging.DEBUG)
+    yield watch
+    root.removeHandler(watch)
+    root.setLevel(previous)
+
+
+@pytest.fixture(autouse=True)
+def no_canary_in_the_logs(canary_watch: CanaryWatch) -> Iterator[None]:
+    """Every test, at every log level: no log line or logged exception shows a key."""
+    seen = len(canary_watch.leaks)
+    yield
+    leaks = canary_watch.leaks[seen:]
+    assert not leaks, f"a credential reached the log: {leaks[0][:300]}"
 
 
 @pytest.fixture(autouse=True)

@@ -219,7 +219,11 @@ class FakeUpstream:
         self.calls += 1
         if self.handler is not None:
             return await self.handler(request, recorded)
-        return self._default(recorded)
+        try:
+            return self._default(recorded)
+        except (AttributeError, TypeError):
+            # What a real provider does with a body of the wrong shape.
+            return JSONResponse({"error": {"message": "Invalid request body"}}, status_code=400)
 
     def _default(self, recorded: Recorded) -> Response:
         number = self.calls
@@ -230,8 +234,10 @@ class FakeUpstream:
             return JSONResponse({"echo": path, "number": number})
         try:
             body = recorded.json()
-        except ValueError:
+        except (ValueError, RecursionError):
             return JSONResponse({"error": {"message": "We could not parse the JSON body"}}, status_code=400)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": {"message": "The body must be a JSON object"}}, status_code=400)
         model = body.get("model", "unknown")
         tools = bool(body.get("tools"))
         if path.endswith("/chat/completions"):

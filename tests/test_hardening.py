@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,8 +16,9 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from tests.conftest import FakeClock, ProxyFactory
+from tests.conftest import CANARIES, PROXY_CLIENT_KEY, FakeClock, ProxyFactory
 from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
+from tests.test_admin import run_cli
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 STREAM = {**CHAT, "stream": True}
@@ -327,3 +329,39 @@ def test_a_crafted_host_changes_neither_route_nor_upstream(start_proxy: ProxyFac
         post(base, headers={"host": host})
     assert upstream.calls == 1, "the second and third were hits: the Host header is not part of anything"
     assert upstream.requests[0].header("host") == upstream.url.removeprefix("http://")
+
+
+def test_the_keys_appear_in_no_answer_entry_admin_output_or_export(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, hang_up: HangUpServer
+) -> None:
+    database = tmp_path / "canary.db"
+    base = start_proxy(cache_db=database, proxy_api_keys=PROXY_CLIENT_KEY)
+    authorized = {"authorization": f"Bearer {PROXY_CLIENT_KEY}"}
+    seen: list[httpx.Response] = [
+        post(base, headers=authorized),
+        post(base, STREAM, headers=authorized),
+        httpx.post(
+            f"{base}/anthropic/v1/messages", json={"model": "c", "max_tokens": 5, "messages": []}, headers=authorized
+        ),
+        post(base),  # 401
+        httpx.post(f"{base}/nowhere/v1/x", headers=authorized),  # 404
+        post(start_proxy(cache_db=database, openai_base_url=hang_up.url), {**CHAT, "n": 2}),  # 502
+        httpx.get(f"{base}/cache/stats", headers=authorized),
+        httpx.get(f"{base}/cache/entries", headers=authorized),
+        httpx.get(f"{base}/healthz"),
+    ]
+    seen.append(post(start_proxy(cache_db=database, max_request_bytes=1000), {**CHAT, "pad": "x" * 2000}))
+    assert {answer.status_code for answer in seen} >= {200, 401, 404, 413, 502}
+    start_proxy.stop(base)
+    exported = run_cli("export", "out.jsonl", cwd=tmp_path, env={"CACHE_DB": str(database)})
+    assert exported.returncode == 0
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("canary.db*"))
+    assert b"answer 1" in stored, "the store was looked at after the entries were written"
+    places = {
+        "answers": "".join(answer.text + str(answer.headers) for answer in seen),
+        "export": (tmp_path / "out.jsonl").read_text() + exported.stdout + exported.stderr,
+        "store": stored.decode("latin-1"),
+    }
+    for place, text in places.items():
+        for canary in CANARIES:
+            assert canary not in text, f"{canary} in the {place}"

@@ -7,6 +7,8 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from cache.keys import KeyConfig, KeyMode, cache_key, credential_scope, generation_endpoint, is_storable
 
@@ -475,3 +477,76 @@ def test_set_cookie_is_not_storable(name: str) -> None:
 def test_cache_control_forbidding_storage_is_not_storable(value: str) -> None:
     for name in ("cache-control", "Cache-Control"):
         assert not is_storable(200, [*JSON_HEADERS, (name, value)], JSON_BODY, "chat/completions")
+
+
+# Properties over generated conversations (hypothesis).
+
+texts = st.text(max_size=30)
+messages = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": texts}),
+    min_size=1,
+    max_size=4,
+)
+extras = st.dictionaries(
+    st.sampled_from(["temperature", "max_tokens", "top_p", "user", "seed"]), st.integers(0, 5), max_size=3
+)
+
+
+def reordered(value: Any) -> Any:
+    """The same JSON value with every object's keys in reverse order."""
+    if isinstance(value, dict):
+        return {key: reordered(value[key]) for key in reversed(list(value))}
+    if isinstance(value, list):
+        return [reordered(item) for item in value]
+    return value
+
+
+@given(conversation=messages, fields=extras, mode=st.sampled_from(list(KeyMode)))
+def test_property_key_order_never_matters(
+    conversation: list[dict[str, str]], fields: dict[str, int], mode: KeyMode
+) -> None:
+    body = {"model": "m", "messages": conversation, **fields}
+    config = KeyConfig(mode=mode)
+    assert chat_key(body, config) == chat_key(reordered(body), config)
+
+
+@given(conversation=messages, index=st.integers(0, 3), extra=st.text(min_size=1, max_size=5))
+def test_property_any_change_of_content_changes_the_key(
+    conversation: list[dict[str, str]], index: int, extra: str
+) -> None:
+    body = {"model": "m", "messages": conversation}
+    changed = copy.deepcopy(body)
+    changed["messages"][index % len(conversation)]["content"] += extra
+    assert chat_key(body) != chat_key(changed)
+
+
+@given(
+    conversation=messages,
+    change=st.sampled_from(["provider", "endpoint", "namespace", "scope"]),
+    value=st.text(min_size=1, max_size=10),
+)
+def test_property_provider_endpoint_namespace_and_scope_each_change_the_key(
+    conversation: list[dict[str, str]], change: str, value: str
+) -> None:
+    body = {"model": "m", "messages": conversation}
+    base = {"provider": "openai", "endpoint": "v1/chat/completions", "namespace": "", "scope": ""}
+    other = {**base, change: base[change] + value}
+
+    def key(parts: dict[str, str]) -> str:
+        return cache_key(
+            parts["provider"], parts["endpoint"], body, KeyConfig(), scope=parts["scope"], namespace=parts["namespace"]
+        )
+
+    assert key(base) != key(other)
+
+
+@given(prefix=st.text(min_size=8, max_size=40), last=st.characters(), other=st.characters())
+def test_property_a_credential_enters_as_a_full_hash(prefix: str, last: str, other: str) -> None:
+    assume(last != other)
+    secret = f"sk-{prefix}{last}"
+    scope = credential_scope([("authorization", f"Bearer {secret}")])
+    near = credential_scope([("authorization", f"Bearer sk-{prefix}{other}")])
+    assert re.fullmatch(r"[0-9a-f]{64}", scope)
+    assert scope != near, "credentials sharing all but their last character are apart"
+    key = chat_key({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, scope=scope)
+    assert secret not in key and secret not in scope
