@@ -137,10 +137,11 @@ class SqliteBackend:
 
     async def open(self) -> None:
         """Open the file, or, when it is not a usable database, move it aside and begin an empty one."""
+        opened = _file_id(self.path)
         try:
             await self._connect()
         except _Corrupt as exc:
-            self._quarantine(str(exc.__cause__))
+            self._quarantine(str(exc.__cause__), opened)
             await self._connect()
 
     async def _connect(self) -> None:
@@ -168,8 +169,11 @@ class SqliteBackend:
         self._file_id = _file_id(self.path)
         self._db, self._reader = db, reader
 
-    def _quarantine(self, reason: str) -> None:
-        """Move the unusable file (and its WAL) aside, keeping it for a post-mortem."""
+    def _quarantine(self, reason: str, checked: tuple[int, int] | None) -> None:
+        """Move the unusable file (and its WAL) aside, keeping it for a post-mortem, unless the file at
+        the path is no longer the one `checked` (another worker moved it already)."""
+        if _file_id(self.path) != checked:
+            return
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         moved = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
         for suffix in ("", "-wal", "-shm"):
@@ -183,6 +187,7 @@ class SqliteBackend:
 
         Runs after start-up, off the request path: its cost grows with the cache. True when it was sound.
         """
+        checked = _file_id(self.path)
         try:
             # A connection (and thread) of its own, so hits do not queue behind the check.
             async with aiosqlite.connect(self.path, timeout=self._busy_timeout, isolation_level=None) as checker:
@@ -194,7 +199,7 @@ class SqliteBackend:
             problems = [str(exc)]
         if not problems:
             return True
-        await self._replace(lambda: self._quarantine(problems[0]))
+        await self._replace(lambda: self._quarantine(problems[0], checked))
         return False
 
     async def _replace(self, change: Any) -> None:
