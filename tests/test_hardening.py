@@ -16,7 +16,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from tests.conftest import CANARIES, PROXY_CLIENT_KEY, FakeClock, ProxyFactory
+from tests.conftest import CANARIES, PROXY_ANTHROPIC_KEY, PROXY_CLIENT_KEY, FakeClock, ProxyFactory
 from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
 from tests.test_admin import run_cli
 
@@ -365,3 +365,15 @@ def test_the_keys_appear_in_no_answer_entry_admin_output_or_export(
     for place, text in places.items():
         for canary in CANARIES:
             assert canary not in text, f"{canary} in the {place}"
+
+
+@pytest.mark.parametrize("listed", ["X-Api-Key", "x-api-key, Authorization", "Authorization"])
+def test_connection_cannot_strip_the_injected_anthropic_key(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, listed: str
+) -> None:
+    headers = {"connection": listed, "x-api-key": "sk-client-anthropic", "authorization": "Bearer sk-client"}
+    body = {"model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+    httpx.post(f"{start_proxy()}/anthropic/v1/messages", json=body, headers=headers)
+    sent = upstream.requests[0]
+    assert sent.header_values("x-api-key") == [PROXY_ANTHROPIC_KEY]
+    assert sent.header("authorization") is None
