@@ -27,7 +27,7 @@ from proxy.access import presents_key
 from proxy.coalesce import Flight, Flights
 from proxy.errors import ProxyError, error_response
 from proxy.headers import Headers, client_response_headers, scope_headers, upstream_request_headers
-from proxy.intake import declared_length, has_body, read_request_body, stream_request_body, too_large
+from proxy.intake import declared_length, is_chunked, read_request_body, stream_request_body, too_large
 from proxy.responses import BufferedResponse, RelayResponse, upstream_chunks
 from proxy.settings import Settings
 from proxy.statistics import Statistics
@@ -67,8 +67,8 @@ class CacheStatus(StrEnum):
     STALE = "STALE"
 
 
-# Upstream answers that CACHE_STALE_IF_ERROR replaces with an expired entry.
 def _failed_upstream(status: int) -> bool:
+    """An upstream answer that CACHE_STALE_IF_ERROR replaces with an expired entry."""
     return status >= 500 or status == 429
 
 
@@ -170,7 +170,7 @@ class Proxy:
         method: str = scope["method"]
         if method != "POST" or endpoint is None:
             self._refuse_if_offline()
-            return await self._pass_through(method, receive, upstream, client_headers)
+            return await self._pass_through(method, receive, upstream, client_headers, length)
 
         body = await read_request_body(receive, self.settings.max_request_bytes)
         payload = parse_json_object(body)
@@ -420,19 +420,18 @@ class Proxy:
         return headers
 
     async def _pass_through(
-        self, method: str, receive: Receive, upstream: Upstream, client_headers: Headers
+        self, method: str, receive: Receive, upstream: Upstream, client_headers: Headers, length: int | None
     ) -> ASGIApp:
+        """`length`: the body's declared length (checked against the limit), None when chunked or absent."""
         content: RequestContent = None
-        length: Headers = []
-        if has_body(client_headers):
-            declared = declared_length(client_headers)
-            if declared is None:
-                # Chunked: read (within the limit) before forwarding, so a 413 can still be answered.
-                content = await read_request_body(receive, self.settings.max_request_bytes)
-            else:
-                content = stream_request_body(receive)
-                length = [("content-length", str(declared))]
-        return await self._relay(upstream, method, content, CacheStatus.BYPASS, extra_headers=length)
+        extra_headers: Headers = []
+        if length:
+            content = stream_request_body(receive)
+            extra_headers = [("content-length", str(length))]
+        elif is_chunked(client_headers):
+            # Read (within the limit) before forwarding, so a 413 can still be answered.
+            content = await read_request_body(receive, self.settings.max_request_bytes)
+        return await self._relay(upstream, method, content, CacheStatus.BYPASS, extra_headers=extra_headers)
 
     async def _relay(
         self,

@@ -38,10 +38,8 @@ def declared_length(headers: Headers) -> int | None:
     return int(lengths.pop())
 
 
-def has_body(headers: Headers) -> bool:
-    if any(name.lower() == "transfer-encoding" for name, _ in headers):
-        return True
-    return bool(declared_length(headers))
+def is_chunked(headers: Headers) -> bool:
+    return any(name.lower() == "transfer-encoding" for name, _ in headers)
 
 
 async def read_request_body(receive: Receive, limit: int) -> bytes:
