@@ -130,6 +130,18 @@ class TestUpstreamFaults:
         upstream.chunk_delay = 0
         assert post(base, STREAM).headers["x-cache-status"] == "MISS", "the cut-off stream was not stored"
 
+    def test_a_stream_whose_headers_miss_the_total_deadline_is_a_504(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        async def late(request: Request, recorded: Recorded) -> Response:
+            await asyncio.sleep(1)
+            return upstream.stream(chat_chunks(1, "m"))
+
+        upstream.handler = late
+        response = post(start_proxy(upstream_timeout=5, upstream_total_timeout=0.3), STREAM)
+        assert response.status_code == 504
+        assert "UPSTREAM_TOTAL_TIMEOUT" in response.json()["error"]["message"]
+
     def test_stored_answers_never_replay_another_requests_date_or_server(
         self, start_proxy: ProxyFactory, upstream: FakeUpstream
     ) -> None:
