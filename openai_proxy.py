@@ -32,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from cache import CacheBackend, CacheError, CacheHealth, SqliteBackend
 from cache.health import Operation
 from cache.memory import TieredBackend
+from cache.redis_backend import RedisBackend
 from proxy import commands
 from proxy.admin import AdminApi
 from proxy.errors import ProxyError, error_response
@@ -61,7 +62,18 @@ def upstream_transport() -> httpx.AsyncBaseTransport:
     return AiohttpTransport(client=session)
 
 
-def sqlite_backend(settings: Settings) -> SqliteBackend:
+def build_backend(settings: Settings) -> CacheBackend:
+    """The cache store the settings name (CACHE_BACKEND)."""
+    if settings.cache_backend == "redis":
+        return RedisBackend(
+            settings.redis_url.get_secret_value(),
+            cluster=settings.redis_cluster,
+            prefix=settings.redis_key_prefix,
+            timeout=settings.redis_timeout,
+            default_ttl=settings.cache_ttl,
+            max_entries=settings.cache_max_entries,
+            max_bytes=settings.cache_max_bytes,
+        )
     return SqliteBackend(
         settings.cache_db,
         busy_timeout=settings.cache_busy_timeout,
@@ -79,7 +91,7 @@ def create_app(
     settings = settings if settings is not None else Settings()
     limited = bool(settings.cache_max_entries or settings.cache_max_bytes)
     tiered = TieredBackend(
-        backend if backend is not None else sqlite_backend(settings), settings.memory_cache_bytes, evicts=limited
+        backend if backend is not None else build_backend(settings), settings.memory_cache_bytes, evicts=limited
     )
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
     client = UpstreamClient(http if http is not None else upstream_transport(), timeout)
@@ -221,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openai-proxy",
         description="A caching reverse proxy for LLM APIs. Point your SDK at http://HOST:PORT/v1. "
-        "Without a command it serves; the commands work on the cache file (CACHE_DB).",
+        "Without a command it serves; the commands work on the cache store (CACHE_BACKEND: the file "
+        "CACHE_DB, or Redis at REDIS_URL).",
         epilog=_settings_epilog(),
     )
     parser.add_argument("--host", help="address to bind (HOST; default 127.0.0.1)")
@@ -247,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_command(settings: Settings, args: argparse.Namespace) -> int:
-    backend = sqlite_backend(settings)
+    backend = build_backend(settings)
     actions: dict[str, Callable[[], Awaitable[int]]] = {
         "stats": lambda: commands.show_statistics(backend, args.json),
         "purge": lambda: commands.purge(backend, args.namespace, args.provider, args.older_than),

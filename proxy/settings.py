@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import httpx
-from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cache.keys import KeyConfig, KeyMode
@@ -66,7 +66,13 @@ class Settings(BaseSettings):
     respond_with_cache: bool = True
     store_cache: bool = True
     override_model: str | None = None
+    cache_backend: Literal["sqlite", "redis"] = "sqlite"
     cache_db: Path = Path("openai_proxy_cache.db")
+    # A credential when it holds a password: SecretStr keeps it out of reprs and messages.
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+    redis_cluster: bool = False
+    redis_key_prefix: str = Field(default="openai-proxy", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    redis_timeout: float = Field(default=0.25, gt=0)
     cache_busy_timeout: float = Field(default=5.0, ge=0)
     cache_key_mode: KeyMode = KeyMode.MESSAGES
     cache_key_include: Annotated[tuple[str, ...], NoDecode] = ()
@@ -97,6 +103,21 @@ class Settings(BaseSettings):
     @classmethod
     def _base_urls_are_http(cls, value: str | None) -> str | None:
         return _check_base_url(value)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_form(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value().strip()
+        scheme, _, rest = url.partition("://")
+        if scheme not in ("redis", "rediss", "unix") or not rest:
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return SecretStr(url)
+
+    @model_validator(mode="after")
+    def _cluster_needs_a_host(self) -> Settings:
+        if self.redis_cluster and self.redis_url.get_secret_value().startswith("unix://"):
+            raise ValueError("REDIS_CLUSTER=true needs a redis:// or rediss:// REDIS_URL (a cluster node's address)")
+        return self
 
     @field_validator("cache_key_include", "proxy_api_keys", mode="before")
     @classmethod

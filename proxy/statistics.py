@@ -16,6 +16,9 @@ class Statistics:
         self.backend = backend
         self.health = health
         self._tally = Tally()
+        # One flush at a time: a flush asked for while another writes (GET /cache/stats during the
+        # periodic one) returns only once everything counted before it is in the store.
+        self._flushing = anyio.Lock()
 
     def hit(self, key: str, entry: CachedResponse, at: float) -> None:
         tally = self._tally
@@ -35,17 +38,18 @@ class Statistics:
 
     async def flush(self) -> None:
         """Write what was gathered; on failure keep it for the next flush, so no count is lost."""
-        if not self._tally:
-            return
-        tally, self._tally = self._tally, Tally()
-        try:
-            await self.backend.record(tally)
-        except CacheError as exc:
-            self.health.failed(Operation.WRITE, exc)
-            tally.merge(self._tally)
-            self._tally = tally
-        else:
-            self.health.succeeded(Operation.WRITE)
+        async with self._flushing:
+            if not self._tally:
+                return
+            tally, self._tally = self._tally, Tally()
+            try:
+                await self.backend.record(tally)
+            except CacheError as exc:
+                self.health.failed(Operation.WRITE, exc)
+                tally.merge(self._tally)
+                self._tally = tally
+            else:
+                self.health.succeeded(Operation.WRITE)
 
     async def flush_periodically(self) -> None:
         while True:

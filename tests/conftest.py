@@ -1,17 +1,21 @@
 from __future__ import annotations
 
+import functools
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx._transports.default as httpx_transports
 import pytest
 
 from openai_proxy import create_app
 from proxy.server import HttpProtocol
 from proxy.settings import Settings
+from tests.redis_servers import RedisCluster, RedisServer
 from tests.servers import FakeUpstream, ServerThread
 
 # Keys the proxy holds in tests. They must never show up anywhere but in the upstream's headers.
@@ -36,6 +40,26 @@ class CanaryWatch(logging.Handler):
             text += logging.Formatter().formatException(record.exc_info)
         if any(canary in text for canary in CANARIES):
             self.leaks.append(f"{record.name} {record.levelname}: {text}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_default_tls_context() -> Iterator[None]:
+    """Every httpx client (the SDKs' too) builds a TLS context with the system's CA certificates, about
+    50 ms each; the tests build thousands of clients and speak no TLS, so they share one."""
+    create = httpx_transports.create_ssl_context
+
+    @functools.cache
+    def default_context(trust_env: bool) -> ssl.SSLContext:
+        return create(trust_env=trust_env)
+
+    def shared(verify: Any = True, cert: Any = None, trust_env: bool = True) -> ssl.SSLContext:
+        if verify is True and cert is None:
+            return default_context(trust_env)
+        return create(verify=verify, cert=cert, trust_env=trust_env)
+
+    httpx_transports.create_ssl_context = shared
+    yield
+    httpx_transports.create_ssl_context = create
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +101,22 @@ def upstream_server() -> Iterator[FakeUpstream]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A Redis server of the run's own, on a free port; tests share it through key prefixes of their own."""
+    server = RedisServer().start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of three servers of the run's own."""
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.remove()
+
+
 @pytest.fixture
 def upstream(upstream_server: FakeUpstream) -> FakeUpstream:
     upstream_server.reset()
@@ -89,9 +129,11 @@ class ProxyFactory:
     By default it fronts the fake upstream for openai and anthropic and holds a key for each.
     """
 
-    def __init__(self, upstream: FakeUpstream, tmp_path: Path) -> None:
+    def __init__(self, upstream: FakeUpstream, tmp_path: Path, store: dict[str, Any]) -> None:
+        """`store`: the settings that choose the cache store (SQLite in the test's directory by default)."""
         self.upstream = upstream
         self.tmp_path = tmp_path
+        self.store = store
         self.servers: dict[str, ServerThread] = {}
 
     def __call__(self, clock: Callable[[], float] = time.time, **overrides: Any) -> str:
@@ -101,6 +143,7 @@ class ProxyFactory:
             "openai_api_key": PROXY_OPENAI_KEY,
             "anthropic_api_key": PROXY_ANTHROPIC_KEY,
             "cache_db": self.tmp_path / "cache.db",
+            **self.store,
         }
         values.update(overrides)
         settings = Settings(_env_file=None, **values)  # type: ignore[call-arg]
@@ -113,12 +156,39 @@ class ProxyFactory:
         self.servers.pop(url).stop()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `both_backends` run once on SQLite and once on Redis."""
+    if metafunc.definition.get_closest_marker("both_backends") and "start_proxy" in metafunc.fixturenames:
+        metafunc.parametrize("cache_backend", ["sqlite", "redis"], indirect=True)
+
+
 @pytest.fixture
-def start_proxy(upstream: FakeUpstream, tmp_path: Path) -> Iterator[ProxyFactory]:
-    factory = ProxyFactory(upstream, tmp_path)
+def cache_backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def store_settings(cache_backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """Settings for the test's own cache store: a SQLite file in its directory, or a key prefix of its
+    own in the run's Redis server."""
+    if cache_backend == "sqlite":
+        return {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return {"cache_backend": "redis", "redis_url": server.url, "redis_key_prefix": f"test-{tmp_path.name}"}
+
+
+def environment(settings: dict[str, Any]) -> dict[str, str]:
+    """The same settings as environment variables, for a proxy or a command run as a process."""
+    return {name.upper(): str(value) for name, value in settings.items()}
+
+
+@pytest.fixture
+def start_proxy(upstream: FakeUpstream, tmp_path: Path, store_settings: dict[str, Any]) -> Iterator[ProxyFactory]:
+    factory = ProxyFactory(upstream, tmp_path, store_settings)
     yield factory
     for server in factory.servers.values():
-        server.stop()
+        # Not waited for: a test that needs the shutdown done (its flush, say) stops its proxy itself.
+        server.stop(wait=False)
 
 
 @dataclass

@@ -16,8 +16,10 @@ import pytest
 
 from openai_proxy import create_app, main
 from proxy.settings import Settings
-from tests.conftest import FakeClock, ProxyFactory
+from tests.conftest import FakeClock, ProxyFactory, environment
 from tests.servers import FakeUpstream
+
+pytestmark = pytest.mark.both_backends
 
 BIN = Path(sys.executable).parent
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -195,10 +197,10 @@ def run_cli(*arguments: str, cwd: Path, env: dict[str, str] | None = None) -> su
 
 class TestCli:
     def test_export_purge_import_round_trip_gives_hits_again(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, store_settings: dict[str, Any]
     ) -> None:
         database = tmp_path / "cli.db"
-        env = {"CACHE_DB": str(database)}
+        env = {"CACHE_DB": str(database), **environment(store_settings)}
         record_traffic(start_proxy(cache_db=database))
 
         exported = run_cli("export", "fixtures.jsonl", cwd=tmp_path, env=env)
@@ -220,10 +222,10 @@ class TestCli:
         assert upstream.calls == 3
 
     def test_import_reports_and_skips_malformed_lines(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, store_settings: dict[str, Any]
     ) -> None:
         database = tmp_path / "cli.db"
-        env = {"CACHE_DB": str(database)}
+        env = {"CACHE_DB": str(database), **environment(store_settings)}
         record_traffic(start_proxy(cache_db=database))
         run_cli("export", "good.jsonl", cwd=tmp_path, env=env)
         good = (tmp_path / "good.jsonl").read_text().splitlines()
@@ -240,15 +242,16 @@ class TestCli:
         assert stats["entries"] == 2
 
     def test_stats_prints_the_same_figures_as_the_api(
-        self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, store_settings: dict[str, Any]
     ) -> None:
         database = tmp_path / "cli.db"
+        env = {"CACHE_DB": str(database), **environment(store_settings)}
         base = start_proxy(cache_db=database)
         record_traffic(base)
         from_api: dict[str, Any] = httpx.get(f"{base}/cache/stats").json()
-        from_cli = json.loads(run_cli("stats", "--json", cwd=tmp_path, env={"CACHE_DB": str(database)}).stdout)
+        from_cli = json.loads(run_cli("stats", "--json", cwd=tmp_path, env=env).stdout)
         assert from_cli == from_api
-        human = run_cli("stats", cwd=tmp_path, env={"CACHE_DB": str(database)}).stdout
+        human = run_cli("stats", cwd=tmp_path, env=env).stdout
         assert "hit ratio     50.0%" in human
         assert "tokens saved  36 (27 input, 9 output)" in human
 

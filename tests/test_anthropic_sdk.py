@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import anthropic
 import httpx
+import pytest
 
 from tests.conftest import PROXY_ANTHROPIC_KEY, ProxyFactory
 from tests.servers import FakeUpstream
+
+pytestmark = pytest.mark.both_backends
 
 MESSAGES = [{"role": "user", "content": "Say hi"}]
 

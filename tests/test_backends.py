@@ -15,6 +15,7 @@ import pytest
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
 from cache.base import EntryFilter, EntryInfo, Tally
+from cache.redis_backend import RedisBackend
 from cache.sqlite import SCHEMA_VERSION
 
 pytestmark = pytest.mark.anyio
@@ -39,10 +40,18 @@ class Opener(Protocol):
     def __call__(self, *, max_entries: int = 0, max_bytes: int = 0) -> Awaitable[CacheBackend]: ...
 
 
-def build_backend(name: str, tmp_path: Path, *, max_entries: int, max_bytes: int) -> CacheBackend:
+def build_backend(
+    name: str, tmp_path: Path, request: pytest.FixtureRequest, *, max_entries: int, max_bytes: int
+) -> CacheBackend:
+    """A backend over the test's own store: a file in its directory, or a key prefix of its own in the
+    run's Redis server or cluster (so nothing else is touched and nothing needs flushing)."""
     if name == "sqlite":
         return SqliteBackend(tmp_path / "contract.db", max_entries=max_entries, max_bytes=max_bytes)
-    raise ValueError(f"no backend named {name!r}")
+    cluster = name == "redis-cluster"
+    server = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
+    return RedisBackend(
+        server.url, cluster=cluster, prefix=f"test-{tmp_path.name}", max_entries=max_entries, max_bytes=max_bytes
+    )
 
 
 @pytest.fixture
@@ -50,13 +59,13 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 async def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens a backend over the same store each time it is called, to test what persists."""
     opened: list[CacheBackend] = []
 
     async def open_one(*, max_entries: int = 0, max_bytes: int = 0) -> CacheBackend:
-        backend = build_backend(request.param, tmp_path, max_entries=max_entries, max_bytes=max_bytes)
+        backend = build_backend(request.param, tmp_path, request, max_entries=max_entries, max_bytes=max_bytes)
         await backend.open()
         opened.append(backend)
         return backend

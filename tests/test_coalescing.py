@@ -13,6 +13,8 @@ from starlette.responses import JSONResponse, Response
 from tests.conftest import ProxyFactory
 from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
 
+pytestmark = pytest.mark.both_backends
+
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "everyone asks this at once"}]}
 
 

@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import PROXY_OPENAI_KEY, FakeClock, ProxyFactory
 from tests.servers import FakeUpstream
 
+pytestmark = pytest.mark.both_backends
+
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
 
 

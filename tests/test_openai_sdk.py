@@ -8,6 +8,8 @@ import pytest
 from tests.conftest import PROXY_OPENAI_KEY, ProxyFactory
 from tests.servers import FakeUpstream
 
+pytestmark = pytest.mark.both_backends
+
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}]
 
 

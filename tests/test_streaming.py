@@ -17,6 +17,8 @@ from starlette.responses import Response, StreamingResponse
 from tests.conftest import ProxyFactory
 from tests.servers import FakeUpstream, Recorded, chat_chunks
 
+pytestmark = pytest.mark.both_backends
+
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [
     {

@@ -1,0 +1,588 @@
+"""The shared cache store: Redis (or Valkey), one server or a Redis Cluster, for many proxy instances.
+
+Keys, with `P` the key prefix (REDIS_KEY_PREFIX):
+
+- `P:{<cache key>}`: one entry, a hash holding its body and what is known of it. Written whole by one
+  script, so no reader ever sees half an entry. Redis expires it a grace period (`EXPIRED_KEPT_FOR`)
+  after its own time to live ends: until then it answers EXPIRED, or STALE if the upstream fails.
+- `P:{<cache key>}:lock` and `P:{<cache key>}:live:<token>`: the cross-instance flight of a miss (see
+  `SharedFlights`). The braces are a hash tag, so an entry's keys live on one cluster node.
+- `{P}:...`: the index: sizes, creation and use times (LRU order), Redis expiry times, what the admin
+  API lists, hit counts, totals, counters, savings, and the invalidation feed. All in one hash slot,
+  so each change to it is one atomic script; each script touches a bounded number of entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cache.base import CachedResponse, CacheError, CacheStatistics, EntryFilter, EntryInfo, Saving, Tally
+
+logger = logging.getLogger("openai_proxy.cache")
+
+# An entry stays in Redis this long after its TTL ended, to be served if the upstream fails.
+EXPIRED_KEPT_FOR = 24 * 3600.0
+# After a connection failure, requests skip Redis this long instead of each waiting for a timeout.
+RETRY_AFTER = 1.0
+# How often the maintenance loop drops entries Redis expired from the index.
+PRUNE_INTERVAL = 1.0
+_PRUNE_BATCH = 1000
+_PAGE = 500
+_INVALIDATIONS_KEPT = 10_000
+
+RedisClient = Redis | RedisCluster
+T = TypeVar("T")
+
+
+def masked_url(url: str) -> str:
+    """The URL with its password (and a user's name, if alone) replaced by `***`, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username if parts.password is not None else None
+    credentials = f"{user}:***" if user else "***"
+    return urlunsplit((parts.scheme, f"{credentials}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def connect(url: str, *, cluster: bool, timeout: float | None) -> RedisClient:
+    """A client that never retries by itself: a failure must reach the caller within `timeout`."""
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)
+
+
+# KEYS of every index script, in this order.
+_INDEX_KEYS = ("sizes", "created", "used", "expires", "meta", "hits", "lasthit", "totals", "counters", "seq", "feed")
+
+# Helpers shared by the index scripts: forget an entry (returns whether it was indexed) and append a key to
+# the invalidation feed ("" for a purge of many).
+_INDEX_FUNCTIONS = """
+local function invalidate(key)
+  local seq = redis.call('INCR', KEYS[10])
+  redis.call('ZADD', KEYS[11], seq, seq .. ':' .. key)
+  redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', seq - tonumber(ARGV[1]))
+end
+local function forget(key)
+  local size = redis.call('HGET', KEYS[1], key)
+  if not size then return false end
+  redis.call('HDEL', KEYS[1], key)
+  redis.call('ZREM', KEYS[2], key)
+  redis.call('ZREM', KEYS[3], key)
+  redis.call('ZREM', KEYS[4], key)
+  redis.call('HDEL', KEYS[5], key)
+  redis.call('HDEL', KEYS[6], key)
+  redis.call('HDEL', KEYS[7], key)
+  redis.call('HINCRBY', KEYS[8], 'entries', -1)
+  redis.call('HINCRBY', KEYS[8], 'bytes', -tonumber(size))
+  return true
+end
+"""
+
+# ARGV: kept, key, size, created_at, used_at, expires_at ("" for never), meta, max_entries, max_bytes.
+# Returns the keys evicted to make room; their entries are deleted after.
+_ADD_SCRIPT = (
+    _INDEX_FUNCTIONS
+    + """
+local key, size = ARGV[2], tonumber(ARGV[3])
+if forget(key) then invalidate(key) end
+redis.call('HSET', KEYS[1], key, size)
+redis.call('ZADD', KEYS[2], ARGV[4], key)
+redis.call('ZADD', KEYS[3], ARGV[5], key)
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], ARGV[6], key) end
+redis.call('HSET', KEYS[5], key, ARGV[7])
+redis.call('HINCRBY', KEYS[8], 'entries', 1)
+redis.call('HINCRBY', KEYS[8], 'bytes', size)
+local max_entries, max_bytes = tonumber(ARGV[8]), tonumber(ARGV[9])
+local evicted = {}
+while max_entries > 0 or max_bytes > 0 do
+  local entries = tonumber(redis.call('HGET', KEYS[8], 'entries') or '0')
+  local bytes = tonumber(redis.call('HGET', KEYS[8], 'bytes') or '0')
+  if entries <= 1 or not ((max_entries > 0 and entries > max_entries) or (max_bytes > 0 and bytes > max_bytes)) then
+    break
+  end
+  local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if not oldest then break end
+  forget(oldest)
+  invalidate(oldest)
+  evicted[#evicted + 1] = oldest
+end
+if #evicted > 0 then redis.call('HINCRBY', KEYS[9], 'evictions', #evicted) end
+return evicted
+"""
+)
+
+# ARGV: kept, then the keys to forget. Returns those that were indexed.
+_FORGET_SCRIPT = (
+    _INDEX_FUNCTIONS
+    + """
+local forgotten = {}
+for index = 2, #ARGV do
+  if forget(ARGV[index]) then
+    invalidate(ARGV[index])
+    forgotten[#forgotten + 1] = ARGV[index]
+  end
+end
+return forgotten
+"""
+)
+
+# ARGV: kept. Marks a purge in the feed: every memory tier drops everything.
+_PURGED_SCRIPT = _INDEX_FUNCTIONS + "invalidate('')\nreturn 1\n"
+
+# ARGV: kept, now. Forgets entries whose Redis expiry passed; returns how many.
+_PRUNE_SCRIPT = (
+    _INDEX_FUNCTIONS
+    + f"""
+local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[2], 'LIMIT', 0, {_PRUNE_BATCH})
+for _, key in ipairs(expired) do
+  if forget(key) then invalidate(key) end
+end
+return #expired
+"""
+)
+
+# ARGV: kept, hits, misses, stale, entry count, then key, hits, at for each, then provider, model, hits,
+# input tokens, output tokens for each saving.
+_RECORD_SCRIPT = (
+    _INDEX_FUNCTIONS
+    + """
+redis.call('HINCRBY', KEYS[9], 'hits', ARGV[2])
+redis.call('HINCRBY', KEYS[9], 'misses', ARGV[3])
+redis.call('HINCRBY', KEYS[9], 'stale', ARGV[4])
+local count = tonumber(ARGV[5])
+local at = 6
+for _ = 1, count do
+  local key, hits, last = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+  if redis.call('HEXISTS', KEYS[1], key) == 1 then
+    redis.call('HINCRBY', KEYS[6], key, hits)
+    local previous = tonumber(redis.call('HGET', KEYS[7], key) or '0')
+    if tonumber(last) > previous then redis.call('HSET', KEYS[7], key, last) end
+    redis.call('ZADD', KEYS[3], 'XX', 'GT', last, key)
+  end
+  at = at + 3
+end
+while at <= #ARGV do
+  local group = ARGV[at] .. '\\31' .. ARGV[at + 1] .. '\\31'
+  redis.call('HINCRBY', KEYS[12], group .. 'hits', ARGV[at + 2])
+  redis.call('HINCRBY', KEYS[12], group .. 'input', ARGV[at + 3])
+  redis.call('HINCRBY', KEYS[12], group .. 'output', ARGV[at + 4])
+  at = at + 5
+end
+return 1
+"""
+)
+
+# KEYS: the entry. ARGV: milliseconds to live (0: forever), then field, value pairs.
+_WRITE_ENTRY_SCRIPT = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+if tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return 1
+"""
+
+
+class RedisBackend:
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        cluster: bool = False,
+        prefix: str = "openai-proxy",
+        timeout: float = 0.25,
+        default_ttl: float = 0.0,
+        max_entries: int = 0,
+        max_bytes: int = 0,
+    ) -> None:
+        """`default_ttl` (CACHE_TTL) sets when Redis may drop an entry that has no TTL of its own;
+        `max_entries` and `max_bytes` bound the store (0: unbounded); past them, LRU entries go."""
+        self.url = url
+        self.cluster = cluster
+        self.prefix = prefix
+        self.timeout = timeout
+        self.default_ttl = default_ttl
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.redis: RedisClient = connect(url, cluster=cluster, timeout=timeout)
+        index = f"{{{prefix}}}"
+        self._index_keys = [f"{index}:{name}" for name in _INDEX_KEYS] + [f"{index}:savings"]
+        self._scripts: dict[str, AsyncScript] = {
+            name: self.redis.register_script(source)
+            for name, source in (
+                ("add", _ADD_SCRIPT),
+                ("forget", _FORGET_SCRIPT),
+                ("purged", _PURGED_SCRIPT),
+                ("prune", _PRUNE_SCRIPT),
+                ("record", _RECORD_SCRIPT),
+                ("write", _WRITE_ENTRY_SCRIPT),
+            )
+        }
+        self._down_until = 0.0
+        self._down_reason = ""
+        self._closed = False
+
+    def describe(self) -> str:
+        return f"redis{' cluster' if self.cluster else ''} at {masked_url(self.url)}"
+
+    def entry_key(self, key: str) -> str:
+        return f"{self.prefix}:{{{key}}}"
+
+    async def _run(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation, turning its failures into CacheError. After a connection failure the
+        next `RETRY_AFTER` seconds of operations fail at once, so an outage costs requests no waiting."""
+        if self._closed:
+            raise CacheError(f"{self.describe()}: closed")
+        if time.monotonic() < self._down_until:
+            raise CacheError(self._down_reason)
+        try:
+            return await operation()
+        except (RedisError, OSError) as exc:
+            message = f"{self.describe()}: {what} failed: {exc}"
+            if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+                self._down_until = time.monotonic() + RETRY_AFTER
+                self._down_reason = message
+            raise CacheError(message) from exc
+
+    async def _script(self, name: str, args: list[Any], keys: list[str] | None = None) -> Any:
+        script = self._scripts[name]
+        return await self._run(
+            f"cache {name}", lambda: script(keys=keys or self._index_keys, args=[_INVALIDATIONS_KEPT, *args])
+        )
+
+    async def open(self) -> None:
+        """Check that Redis answers. When it does not, the backend stays usable: it reconnects by itself."""
+        await self.ping()
+
+    async def ping(self) -> None:
+        await self._run("ping", self.redis.ping)
+
+    async def get(self, key: str) -> CachedResponse | None:
+        async def read() -> dict[bytes, bytes]:
+            return cast(dict[bytes, bytes], await self.redis.hgetall(self.entry_key(key)))
+
+        fields = await self._run("cache read", read)
+        return _entry(fields) if fields else None
+
+    async def set(self, key: str, entry: CachedResponse) -> None:
+        size = len(entry.body)
+        if self.max_bytes and size > self.max_bytes:
+            await self.delete(key)  # it would evict everything and still not fit; what it replaces is outdated
+            return
+        ttl = entry.ttl if entry.ttl is not None else self.default_ttl
+        lifetime = ttl + EXPIRED_KEPT_FOR if ttl > 0 else 0.0
+        meta = orjson.dumps([entry.provider, entry.endpoint, entry.model, entry.namespace, entry.created_at, size])
+        # The index first: if the entry write then fails, the index names an entry that is not there, which
+        # lists and purges tolerate; the other order could leave an entry no purge can find.
+        evicted: list[bytes] = await self._script(
+            "add",
+            [
+                key,
+                size,
+                repr(entry.created_at),
+                repr(entry.created_at),
+                repr(time.time() + lifetime) if lifetime else "",
+                meta,
+                self.max_entries,
+                self.max_bytes,
+            ],
+        )
+        try:
+            await self._script_on_entry(key, [int(lifetime * 1000), *_fields(entry)])
+        except CacheError:
+            await self._forget_quietly([key])
+            raise
+        if evicted:
+            await self._delete_entries([name.decode() for name in evicted])
+
+    async def _script_on_entry(self, key: str, args: list[Any]) -> None:
+        script = self._scripts["write"]
+        await self._run("cache write", lambda: script(keys=[self.entry_key(key)], args=args))
+
+    async def _forget_quietly(self, keys: list[str]) -> None:
+        try:
+            await self._script("forget", keys)
+        except CacheError:
+            pass
+
+    async def _delete_entries(self, keys: list[str]) -> int:
+        """Delete entry hashes; one command per key, as they live on different cluster nodes."""
+
+        async def delete_all() -> int:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in keys:
+                    pipe.delete(self.entry_key(key))
+                return sum(await pipe.execute())
+
+        return await self._run("cache delete", delete_all) if keys else 0
+
+    async def delete(self, key: str) -> bool:
+        forgotten = await self._script("forget", [key])
+        deleted = await self._delete_entries([key])
+        return bool(forgotten) or deleted > 0
+
+    async def purge(self, which: EntryFilter) -> int:
+        """In batches (HSCAN over the index), so a large purge never holds Redis for long."""
+        purged = 0
+        async for page in self._index_pages("cache purge"):
+            matched = [key for key, raw in page if _matches(_meta(raw), which)]
+            if matched:
+                forgotten: list[bytes] = await self._script("forget", matched)
+                await self._delete_entries(matched)
+                purged += len(forgotten)
+        await self._script("purged", [])
+        return purged
+
+    async def list_entries(self, which: EntryFilter, offset: int, limit: int) -> list[EntryInfo]:
+        found: list[EntryInfo] = []
+        skipped = 0
+        start = 0
+        while len(found) < limit:
+            page = await self._index_page(start, _PAGE)
+            if not page:
+                break
+            for info in page:
+                if not _matches((info.provider, info.endpoint, info.model, info.namespace, info.created_at), which):
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                found.append(info)
+                if len(found) == limit:
+                    break
+            start += _PAGE
+        return found
+
+    async def _index_page(self, start: int, count: int) -> list[EntryInfo]:
+        """Indexed entries, newest first, from rank `start`."""
+        sizes, created, _, _, meta, hits, lasthit, *_ = self._index_keys
+
+        async def read() -> list[Any]:
+            keys: list[bytes] = cast(list[bytes], await self.redis.zrevrange(created, start, start + count - 1))
+            if not keys:
+                return []
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(meta, keys)
+                pipe.hmget(hits, keys)
+                pipe.hmget(lasthit, keys)
+                metas, hit_counts, last_hits = await pipe.execute()
+            return list(zip(keys, metas, hit_counts, last_hits, strict=True))
+
+        rows = await self._run("cache read", read)
+        page = []
+        for key, raw, hit_count, last_hit in rows:
+            if raw is None:
+                continue  # forgotten since the range was read
+            provider, endpoint, model, namespace, created_at, size = orjson.loads(raw)
+            page.append(
+                EntryInfo(
+                    key=key.decode(),
+                    provider=provider,
+                    endpoint=endpoint,
+                    model=model,
+                    namespace=namespace,
+                    size=size,
+                    created_at=created_at,
+                    last_hit_at=float(last_hit) if last_hit is not None else None,
+                    hits=int(hit_count) if hit_count is not None else 0,
+                )
+            )
+        return page
+
+    async def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]:
+        async for page in self._index_pages("cache read"):
+            keys = [key for key, _ in page]
+
+            async def read(keys: list[str] = keys) -> list[dict[bytes, bytes]]:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.hgetall(self.entry_key(key))
+                    return list(await pipe.execute())
+
+            for key, fields in zip(keys, await self._run("cache read", read), strict=True):
+                if fields:
+                    yield key, _entry(fields)
+
+    async def _index_pages(self, what: str) -> AsyncIterator[list[tuple[str, bytes]]]:
+        """Every indexed key with its metadata, a page at a time (HSCAN: Redis is never held for long)."""
+        meta_key = self._index_keys[4]
+        cursor = 0
+        while True:
+
+            async def scan(cursor: int = cursor) -> tuple[int, dict[bytes, bytes]]:
+                found = await self.redis.hscan(meta_key, cursor, count=_PAGE)
+                return cast(tuple[int, dict[bytes, bytes]], found)
+
+            cursor, page = await self._run(what, scan)
+            if page:
+                yield [(name.decode(), raw) for name, raw in page.items()]
+            if cursor == 0:
+                return
+
+    async def latest_invalidation(self) -> int:
+        value = await self._run("cache read", lambda: self.redis.get(self._index_keys[9]))
+        return int(value) if value is not None else 0
+
+    async def invalidations_since(self, after: int) -> tuple[int, list[str | None]]:
+        seq_key, feed_key = self._index_keys[9], self._index_keys[10]
+
+        async def read() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.get(seq_key)
+                pipe.zrangebyscore(feed_key, f"({after}", "+inf", start=0, num=_INVALIDATIONS_KEPT)
+                return list(await pipe.execute())
+
+        latest_raw, members = await self._run("cache read", read)
+        latest = int(latest_raw) if latest_raw is not None else 0
+        if not members:
+            # The feed's real end: below `after` when Redis lost its data (a restart without persistence).
+            return min(after, latest), []
+        keys: list[str | None] = []
+        last = after
+        for member in members:
+            seq, _, key = member.decode().partition(":")
+            last = int(seq)
+            keys.append(key or None)
+        return last, keys
+
+    async def record(self, tally: Tally) -> None:
+        args: list[Any] = [tally.hits, tally.misses, tally.stale, len(tally.entry_hits)]
+        for key, (count, at) in tally.entry_hits.items():
+            args += [key, count, repr(at)]
+        for (provider, model), (hits, inputs, outputs) in tally.savings.items():
+            args += [provider, model, hits, inputs, outputs]
+        await self._script("record", args)
+
+    async def statistics(self) -> CacheStatistics:
+        totals_key, counters_key, savings_key = self._index_keys[7], self._index_keys[8], self._index_keys[11]
+
+        async def read() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hgetall(totals_key)
+                pipe.hgetall(counters_key)
+                pipe.hgetall(savings_key)
+                return list(await pipe.execute())
+
+        totals, counters, savings = await self._run("cache read", read)
+        figures: dict[tuple[str, str], dict[str, int]] = {}
+        for name, value in savings.items():
+            provider, model, figure = name.decode().split("\x1f")
+            figures.setdefault((provider, model), {})[figure] = int(value)
+        return CacheStatistics(
+            entries=int(totals.get(b"entries", 0)),
+            bytes=int(totals.get(b"bytes", 0)),
+            hits=int(counters.get(b"hits", 0)),
+            misses=int(counters.get(b"misses", 0)),
+            evictions=int(counters.get(b"evictions", 0)),
+            stale=int(counters.get(b"stale", 0)),
+            savings=[
+                Saving(provider, model, values.get("hits", 0), values.get("input", 0), values.get("output", 0))
+                for (provider, model), values in sorted(figures.items())
+            ],
+        )
+
+    async def prune(self) -> int:
+        """Drop from the index what Redis expired; returns how many."""
+        total = 0
+        while True:
+            count = int(await self._script("prune", [repr(time.time())]))
+            total += count
+            if count < _PRUNE_BATCH:
+                return total
+
+    async def maintain(self) -> None:
+        """For the process's lifetime: keep the index free of entries Redis expired. During an outage it
+        waits quietly; requests and /healthz report the outage."""
+        while True:
+            try:
+                await self.prune()
+            except CacheError:
+                pass
+            await anyio.sleep(PRUNE_INTERVAL)
+
+    async def close(self) -> None:
+        self._closed = True
+        await self.redis.aclose()
+
+
+def _fields(entry: CachedResponse) -> list[Any]:
+    fields: list[Any] = [
+        "status", entry.status,
+        "content_type", entry.content_type,
+        "body", entry.body,
+        "created_at", repr(entry.created_at),
+        "provider", entry.provider,
+        "endpoint", entry.endpoint,
+        "namespace", entry.namespace,
+    ]  # fmt: skip
+    for name, value in (
+        ("model", entry.model),
+        ("ttl", entry.ttl),
+        ("input_tokens", entry.input_tokens),
+        ("output_tokens", entry.output_tokens),
+    ):
+        if value is not None:
+            fields += [name, repr(value) if isinstance(value, float) else value]
+    return fields
+
+
+def _entry(fields: dict[bytes, bytes]) -> CachedResponse:
+    def text(name: bytes) -> str | None:
+        value = fields.get(name)
+        return value.decode() if value is not None else None
+
+    def integer(name: bytes) -> int | None:
+        value = fields.get(name)
+        return int(value) if value is not None else None
+
+    ttl = fields.get(b"ttl")
+    return CachedResponse(
+        status=int(fields[b"status"]),
+        content_type=fields[b"content_type"].decode(),
+        body=fields[b"body"],
+        created_at=float(fields[b"created_at"]),
+        provider=fields[b"provider"].decode(),
+        endpoint=fields[b"endpoint"].decode(),
+        model=text(b"model"),
+        namespace=fields[b"namespace"].decode(),
+        ttl=float(ttl) if ttl is not None else None,
+        input_tokens=integer(b"input_tokens"),
+        output_tokens=integer(b"output_tokens"),
+    )
+
+
+def _meta(raw: bytes) -> tuple[str, str, str | None, str, float]:
+    provider, endpoint, model, namespace, created_at, _ = orjson.loads(raw)
+    return provider, endpoint, model, namespace, created_at
+
+
+def _matches(meta: tuple[str, str, str | None, str, float], which: EntryFilter) -> bool:
+    provider, _, _, namespace, created_at = meta
+    return (
+        (which.namespace is None or namespace == which.namespace)
+        and (which.provider is None or provider == which.provider)
+        and (which.created_before is None or created_at < which.created_before)
+    )
