@@ -33,6 +33,7 @@ from cache import CacheBackend, CacheError, CacheHealth, SqliteBackend
 from cache.health import Operation
 from cache.memory import TieredBackend
 from cache.redis_backend import RedisBackend
+from cache.redis_flights import RedisFlights
 from proxy import commands
 from proxy.admin import AdminApi
 from proxy.errors import ProxyError, error_response
@@ -90,14 +91,18 @@ def create_app(
 ) -> ProxyApp:
     settings = settings if settings is not None else Settings()
     limited = bool(settings.cache_max_entries or settings.cache_max_bytes)
-    tiered = TieredBackend(
-        backend if backend is not None else build_backend(settings), settings.memory_cache_bytes, evicts=limited
+    store = backend if backend is not None else build_backend(settings)
+    tiered = TieredBackend(store, settings.memory_cache_bytes, evicts=limited)
+    shared_flights = (
+        RedisFlights(store, settings.cache_lock_timeout)
+        if isinstance(store, RedisBackend) and settings.cache_lock_timeout > 0
+        else None
     )
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
     client = UpstreamClient(http if http is not None else upstream_transport(), timeout)
     health = CacheHealth(tiered.name)
     statistics = Statistics(tiered, health)
-    proxy = Proxy(settings, tiered, health, client, statistics, clock)
+    proxy = Proxy(settings, tiered, health, client, statistics, clock, shared_flights)
     admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
     admin = AdminApi(tiered, statistics, admin_key, proxy.proxy_keys, clock)
 
@@ -116,6 +121,8 @@ def create_app(
                 background.cancel_scope.cancel()
         finally:
             await statistics.flush()
+            if shared_flights is not None:
+                await shared_flights.close()
             await tiered.close()
             await client.aclose()
 

@@ -1,12 +1,29 @@
-"""Hit and miss throughput of the proxy, next to nginx `proxy_cache` as the practical ceiling.
+"""Hit and miss throughput of the proxy on each cache backend, next to nginx `proxy_cache` as the
+practical ceiling, and cross-instance coalescing on Redis.
 
-    uv run python bench/throughput.py [--duration 10] [--runs 3] [--connections 32] [--scale 1000000]
+    uv run python bench/throughput.py [--duration 10] [--runs 3] [--connections 32]
+        [--backends sqlite,redis] [--scale 1000000] [--no-nginx] [--no-streaming] [--no-coalescing]
 
-Needs `wrk` and `nginx` (Debian packages of those names). Method: the server under test is pinned
-to CPU 0 and `wrk -t1` to CPU 1; a zero-delay fake upstream (nginx answering a fixed ~1 kB chat
-completion) shares CPU 1. Each figure is the median of `--runs` runs. `--scale N` also measures hits
-on entries that are only in SQLite (not in the memory tier) with N entries stored, against the same
-test with 1,000 entries, plus start-up time and RSS.
+Needs `wrk`, `nginx` and `redis-server` (Debian packages `wrk`, `nginx-light`, `redis-server`).
+Method: the server under test is pinned to CPU 0 and `wrk -t1` to CPU 1; a zero-delay fake upstream
+(nginx answering a fixed ~1 kB chat completion) shares CPU 1, and so does the benchmark's own
+redis-server (started on a free port by `tests/redis_servers.py`, every thread pinned with
+`taskset -a`), so the store never takes the proxy's core. Each figure is the median of `--runs` runs.
+
+Rows, for each backend in `--backends` (`sqlite`, the default store, and `redis`):
+
+- `openai-proxy HIT (<backend>)`: one prompt asked over and over, as users get it by default: the
+  hot entry is answered from the proxy's memory tier (MEMORY_CACHE_BYTES, 32 MB by default).
+- `openai-proxy HIT (<backend>, no memory tier)`: the same with MEMORY_CACHE_BYTES=0, so every hit
+  is read from the store (the SQLite file, or Redis over loopback).
+- `openai-proxy MISS (<backend>)`: a new prompt each request, default settings, zero-delay upstream.
+
+Then `nginx proxy_cache` HIT and MISS (unless `--no-nginx`). `--scale N` also measures hits on
+entries that are only in SQLite (not in the memory tier) with N entries stored, against the same
+test with 1,000 entries, plus start-up time and RSS. After the table come the streaming latency
+figures (`bench/stream_latency.py`, unless `--no-streaming`) and the cross-instance coalescing
+result (`bench/coalescing.py`, unless `--no-coalescing`): 50 identical requests at once split
+across two proxies that share one Redis, with the upstream requests they cost.
 """
 
 from __future__ import annotations
@@ -29,9 +46,14 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.coalescing import measure_coalescing  # noqa: E402
 from bench.stream_latency import measure_streaming  # noqa: E402
 from cache.keys import KeyConfig, cache_key  # noqa: E402
 from cache.sqlite import SqliteBackend  # noqa: E402
+from tests.redis_servers import RedisServer  # noqa: E402
+
+BACKENDS = ("sqlite", "redis")
+REDIS_KEY_PREFIX = "openai-proxy-bench"
 
 ANSWER = (
     '{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini",'
@@ -161,16 +183,20 @@ def wait_until_up(url: str, process: subprocess.Popen[bytes] | None = None, time
 
 
 def _milliseconds(text: str) -> float:
-    value, unit = re.match(r"([0-9.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    value, unit = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}[unit]
 
 
 def run_wrk(url: str, script: Path, duration: int, connections: int) -> Figures:
     command = ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", "-s"]
     output = subprocess.run([*command, str(script), url], capture_output=True, text=True, check=True).stdout
-    rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))  # type: ignore[union-attr]
-    p50 = _milliseconds(re.search(r"50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
-    p99 = _milliseconds(re.search(r"99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    try:
+        rate = float(re.search(r"Requests/sec:\s+([0-9.]+)", output).group(1))  # type: ignore[union-attr]
+        # Anchored: a "+/- Stdev" column such as "77.50%" or "99.99%" must not be taken for a percentile.
+        p50 = _milliseconds(re.search(r"^\s*50%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+        p99 = _milliseconds(re.search(r"^\s*99%\s+(\S+)", output, re.M).group(1))  # type: ignore[union-attr]
+    except (AttributeError, ValueError) as exc:
+        raise SystemExit(f"cannot read wrk's output ({exc}):\n{output}") from exc
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output)
     count = int(errors.group(1)) if errors else 0
@@ -265,39 +291,130 @@ def table(rows: list[tuple[str, Figures]]) -> str:
     return "\n".join(lines)
 
 
+def backend_env(backend: str, redis_url: str | None) -> dict[str, str]:
+    if backend == "redis":
+        assert redis_url is not None
+        return {"CACHE_BACKEND": "redis", "REDIS_URL": redis_url, "REDIS_KEY_PREFIX": REDIS_KEY_PREFIX}
+    return {"CACHE_BACKEND": "sqlite"}
+
+
+def wait_for_proxy(port: int, proxy: subprocess.Popen[bytes], backend: str) -> float:
+    """Until the proxy answers, checking that it runs on `backend` and its store is usable; the time taken."""
+    startup = wait_until_up(f"http://127.0.0.1:{port}/healthz", proxy)
+    health = httpx.get(f"http://127.0.0.1:{port}/healthz").json()
+    cache = health.get("cache", {})
+    if cache.get("backend") != backend or not cache.get("ok"):
+        raise SystemExit(f"the proxy should run on a usable {backend} cache: {health}")
+    return startup
+
+
+def warm_hit(url: str) -> None:
+    """Ask HIT_BODY until it is answered from the cache (the first answer may be a MISS, stored after it)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        response = httpx.post(url, content=HIT_BODY, headers={"content-type": "application/json"})
+        response.raise_for_status()
+        if response.headers.get("x-cache-status") == "HIT":
+            return
+        time.sleep(0.05)
+    raise SystemExit(f"{url} does not answer HIT_BODY from its cache")
+
+
+def backend_rows(
+    backend: str, folder: Path, upstream: int, redis_url: str | None, args: argparse.Namespace, notes: list[str]
+) -> list[tuple[str, Figures]]:
+    """HIT without and with the memory tier, then MISS, on one backend (a fresh store)."""
+    env = backend_env(backend, redis_url)
+    database = folder / f"cache-{backend}.db"
+    # First with no memory tier, while the store holds only the one entry, as for the default HIT.
+    port = free_port()
+    proxy = start_proxy(port, upstream, database, {**env, "MEMORY_CACHE_BYTES": "0"})
+    try:
+        wait_for_proxy(port, proxy, backend)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        warm_hit(url)
+        no_memory = measure(url, folder / "hit.lua", args)
+    finally:
+        stop(proxy)
+    port = free_port()
+    proxy = start_proxy(port, upstream, database, env)
+    try:
+        wait_for_proxy(port, proxy, backend)
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        warm_hit(url)
+        hit = measure(url, folder / "hit.lua", args)
+        miss = measure(url, folder / "miss.lua", args)
+        notes.append(f"openai-proxy ({backend}) RSS after the runs: {rss_mb(proxy.pid):.0f} MB")
+    finally:
+        stop(proxy)
+    return [
+        (f"openai-proxy HIT ({backend})", hit),
+        (f"openai-proxy HIT ({backend}, no memory tier)", no_memory),
+        (f"openai-proxy MISS ({backend})", miss),
+    ]
+
+
+def start_redis() -> RedisServer:
+    """A redis-server of our own on a free port, every thread of it pinned to CPU 1."""
+    redis = RedisServer().start()
+    try:
+        subprocess.run(["taskset", "-a", "-p", "-c", "1", str(redis.pid)], check=True, capture_output=True)
+    except BaseException:
+        redis.remove()
+        raise
+    return redis
+
+
+def parse_backends(text: str) -> list[str]:
+    backends = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in backends if name not in BACKENDS]
+    if unknown or not backends:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(BACKENDS)}; got {text!r}")
+    return list(dict.fromkeys(backends))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; the median is shown (default 3)")
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections (default 32)")
+    parser.add_argument(
+        "--backends",
+        type=parse_backends,
+        default=list(BACKENDS),
+        help="cache backends to measure, comma-separated (default sqlite,redis)",
+    )
     parser.add_argument("--scale", type=int, default=0, help="also measure with this many entries stored")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx proxy_cache reference")
     parser.add_argument("--no-streaming", action="store_true", help="skip the streaming latency figures")
+    parser.add_argument("--no-coalescing", action="store_true", help="skip the cross-instance coalescing test")
     args = parser.parse_args()
-    for tool in ("wrk", "nginx", "taskset"):
+    needed = ["wrk", "nginx", "taskset"]
+    if "redis" in args.backends or not args.no_coalescing:
+        needed.append("redis-server")
+    for tool in needed:
         if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is needed: apt-get install wrk nginx util-linux")
+            raise SystemExit(f"{tool} is needed: apt-get install wrk nginx-light util-linux redis-server")
 
     rows: list[tuple[str, Figures]] = []
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as work:
         folder = Path(work)
-        upstream, reference, port = free_port(), free_port(), free_port()
+        upstream, reference = free_port(), free_port()
         (folder / "hit.lua").write_text(HIT_SCRIPT.format(body=HIT_BODY))
         (folder / "miss.lua").write_text(MISS_SCRIPT)
         fake = start_nginx(folder, "upstream", 1, UPSTREAM_SERVER.format(upstream=upstream, answer=ANSWER))
         try:
             wait_until_up(f"http://127.0.0.1:{upstream}/", fake)
-            proxy = start_proxy(port, upstream, folder / "cache.db", {})
-            try:
-                wait_until_up(f"http://127.0.0.1:{port}/healthz", proxy)
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                httpx.post(url, content=HIT_BODY, headers={"content-type": "application/json"})
-                rows.append(("openai-proxy: cache HIT", measure(url, folder / "hit.lua", args)))
-                rows.append(("openai-proxy: cache MISS (zero-delay upstream)", measure(url, folder / "miss.lua", args)))
-                notes.append(f"openai-proxy RSS after the runs: {rss_mb(proxy.pid):.0f} MB")
-            finally:
-                stop(proxy)
+            for backend in args.backends:
+                if backend == "redis":
+                    redis = start_redis()
+                    try:
+                        rows += backend_rows(backend, folder, upstream, redis.url, args, notes)
+                    finally:
+                        redis.remove()
+                else:
+                    rows += backend_rows(backend, folder, upstream, None, args, notes)
             if not args.no_nginx:
                 server = REFERENCE_SERVER.format(dir=folder, upstream=upstream, reference=reference)
                 nginx = start_nginx(folder, "reference", 0, server)
@@ -305,8 +422,8 @@ def main() -> None:
                     url = f"http://127.0.0.1:{reference}/v1/chat/completions"
                     wait_until_up(url, nginx)
                     httpx.post(url, content=HIT_BODY, headers={"content-type": "application/json"})
-                    rows.append(("nginx proxy_cache: cache HIT", measure(url, folder / "hit.lua", args)))
-                    rows.append(("nginx proxy_cache: cache MISS", measure(url, folder / "miss.lua", args)))
+                    rows.append(("nginx proxy_cache HIT", measure(url, folder / "hit.lua", args)))
+                    rows.append(("nginx proxy_cache MISS", measure(url, folder / "miss.lua", args)))
                 finally:
                     stop_nginx(nginx)
             if args.scale:
@@ -317,13 +434,18 @@ def main() -> None:
 
     out = sys.stdout
     out.write(
-        f"wrk -t1 -c{args.connections} -d{args.duration}s, median of {args.runs}; server on CPU 0, wrk on CPU 1\n"
+        f"wrk -t1 -c{args.connections} -d{args.duration}s, median of {args.runs}; server on CPU 0;"
+        " wrk, fake upstream and redis-server on CPU 1\n"
     )
     out.write(table(rows) + "\n")
     for note in notes:
         out.write(note + "\n")
+    out.flush()
     if not args.no_streaming:
         out.write("\n" + measure_streaming(runs=50, gap_ms=20) + "\n")
+        out.flush()
+    if not args.no_coalescing:
+        out.write("\n" + measure_coalescing(count=50, delay=0.5) + "\n")
 
 
 def scale_row(
@@ -337,7 +459,7 @@ def scale_row(
     script.write_text(SPREAD_SCRIPT.format(count=count))
     port = free_port()
     # A memory tier of one entry: every hit is read from SQLite.
-    proxy = start_proxy(port, upstream, database, {"MEMORY_CACHE_BYTES": "1"})
+    proxy = start_proxy(port, upstream, database, {"CACHE_BACKEND": "sqlite", "MEMORY_CACHE_BYTES": "1"})
     try:
         startup = wait_until_up(f"http://127.0.0.1:{port}/healthz", proxy)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -348,7 +470,7 @@ def scale_row(
         notes.append(f"{count} entries: start-up {startup:.2f} s, RSS {rss_mb(proxy.pid):.0f} MB")
     finally:
         stop(proxy)
-    return f"openai-proxy: HIT from SQLite, {count} entries", figures
+    return f"openai-proxy HIT from SQLite, {count} entries", figures
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ logger = logging.getLogger("openai_proxy.cache")
 
 # An entry stays in Redis this long after its TTL ended, to be served if the upstream fails.
 EXPIRED_KEPT_FOR = 24 * 3600.0
-# After a connection failure, requests skip Redis this long instead of each waiting for a timeout.
+# After this many connection failures in a row, requests skip Redis for RETRY_AFTER seconds instead of
+# each waiting for a timeout. One failure alone may be a slow moment of this process's own event loop.
+FAILURES_TO_SKIP = 3
 RETRY_AFTER = 1.0
 # How often the maintenance loop drops entries Redis expired from the index.
 PRUNE_INTERVAL = 1.0
@@ -62,11 +64,11 @@ def masked_url(url: str) -> str:
     return urlunsplit((parts.scheme, f"{credentials}@{host}", parts.path, parts.query, parts.fragment))
 
 
-def connect(url: str, *, cluster: bool, timeout: float | None) -> RedisClient:
+def connect(url: str, *, cluster: bool, timeout: float, connect_timeout: float | None = None) -> RedisClient:
     """A client that never retries by itself: a failure must reach the caller within `timeout`."""
     options: dict[str, Any] = {
         "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
+        "socket_connect_timeout": connect_timeout if connect_timeout is not None else timeout,
         "retry": Retry(NoBackoff(), 0),
     }
     if cluster:
@@ -213,7 +215,7 @@ class RedisBackend:
         *,
         cluster: bool = False,
         prefix: str = "openai-proxy",
-        timeout: float = 0.25,
+        timeout: float = 0.5,
         default_ttl: float = 0.0,
         max_entries: int = 0,
         max_bytes: int = 0,
@@ -241,7 +243,8 @@ class RedisBackend:
                 ("write", _WRITE_ENTRY_SCRIPT),
             )
         }
-        self._down_until = 0.0
+        self._failures = 0
+        self._retry_at = 0.0
         self._down_reason = ""
         self._closed = False
 
@@ -251,25 +254,29 @@ class RedisBackend:
     def entry_key(self, key: str) -> str:
         return f"{self.prefix}:{{{key}}}"
 
-    async def _run(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        """Run one Redis operation, turning its failures into CacheError. After a connection failure the
-        next `RETRY_AFTER` seconds of operations fail at once, so an outage costs requests no waiting."""
+    async def run(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """Run one Redis operation, turning its failures into CacheError. After `FAILURES_TO_SKIP`
+        connection failures in a row (refused, reset, timed out), operations fail at once for
+        `RETRY_AFTER` seconds, so an outage costs requests no waiting; one success ends it."""
         if self._closed:
             raise CacheError(f"{self.describe()}: closed")
-        if time.monotonic() < self._down_until:
+        if self._failures >= FAILURES_TO_SKIP and time.monotonic() < self._retry_at:
             raise CacheError(self._down_reason)
         try:
-            return await operation()
+            result = await operation()
         except (RedisError, OSError) as exc:
             message = f"{self.describe()}: {what} failed: {exc}"
             if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
-                self._down_until = time.monotonic() + RETRY_AFTER
+                self._failures += 1
+                self._retry_at = time.monotonic() + RETRY_AFTER
                 self._down_reason = message
             raise CacheError(message) from exc
+        self._failures = 0
+        return result
 
     async def _script(self, name: str, args: list[Any], keys: list[str] | None = None) -> Any:
         script = self._scripts[name]
-        return await self._run(
+        return await self.run(
             f"cache {name}", lambda: script(keys=keys or self._index_keys, args=[_INVALIDATIONS_KEPT, *args])
         )
 
@@ -278,13 +285,13 @@ class RedisBackend:
         await self.ping()
 
     async def ping(self) -> None:
-        await self._run("ping", self.redis.ping)
+        await self.run("ping", self.redis.ping)
 
     async def get(self, key: str) -> CachedResponse | None:
         async def read() -> dict[bytes, bytes]:
             return cast(dict[bytes, bytes], await self.redis.hgetall(self.entry_key(key)))
 
-        fields = await self._run("cache read", read)
+        fields = await self.run("cache read", read)
         return _entry(fields) if fields else None
 
     async def set(self, key: str, entry: CachedResponse) -> None:
@@ -320,7 +327,7 @@ class RedisBackend:
 
     async def _script_on_entry(self, key: str, args: list[Any]) -> None:
         script = self._scripts["write"]
-        await self._run("cache write", lambda: script(keys=[self.entry_key(key)], args=args))
+        await self.run("cache write", lambda: script(keys=[self.entry_key(key)], args=args))
 
     async def _forget_quietly(self, keys: list[str]) -> None:
         try:
@@ -337,7 +344,7 @@ class RedisBackend:
                     pipe.delete(self.entry_key(key))
                 return sum(await pipe.execute())
 
-        return await self._run("cache delete", delete_all) if keys else 0
+        return await self.run("cache delete", delete_all) if keys else 0
 
     async def delete(self, key: str) -> bool:
         forgotten = await self._script("forget", [key])
@@ -391,7 +398,7 @@ class RedisBackend:
                 metas, hit_counts, last_hits = await pipe.execute()
             return list(zip(keys, metas, hit_counts, last_hits, strict=True))
 
-        rows = await self._run("cache read", read)
+        rows = await self.run("cache read", read)
         page = []
         for key, raw, hit_count, last_hit in rows:
             if raw is None:
@@ -422,7 +429,7 @@ class RedisBackend:
                         pipe.hgetall(self.entry_key(key))
                     return list(await pipe.execute())
 
-            for key, fields in zip(keys, await self._run("cache read", read), strict=True):
+            for key, fields in zip(keys, await self.run("cache read", read), strict=True):
                 if fields:
                     yield key, _entry(fields)
 
@@ -436,14 +443,14 @@ class RedisBackend:
                 found = await self.redis.hscan(meta_key, cursor, count=_PAGE)
                 return cast(tuple[int, dict[bytes, bytes]], found)
 
-            cursor, page = await self._run(what, scan)
+            cursor, page = await self.run(what, scan)
             if page:
                 yield [(name.decode(), raw) for name, raw in page.items()]
             if cursor == 0:
                 return
 
     async def latest_invalidation(self) -> int:
-        value = await self._run("cache read", lambda: self.redis.get(self._index_keys[9]))
+        value = await self.run("cache read", lambda: self.redis.get(self._index_keys[9]))
         return int(value) if value is not None else 0
 
     async def invalidations_since(self, after: int) -> tuple[int, list[str | None]]:
@@ -455,7 +462,7 @@ class RedisBackend:
                 pipe.zrangebyscore(feed_key, f"({after}", "+inf", start=0, num=_INVALIDATIONS_KEPT)
                 return list(await pipe.execute())
 
-        latest_raw, members = await self._run("cache read", read)
+        latest_raw, members = await self.run("cache read", read)
         latest = int(latest_raw) if latest_raw is not None else 0
         if not members:
             # The feed's real end: below `after` when Redis lost its data (a restart without persistence).
@@ -486,7 +493,7 @@ class RedisBackend:
                 pipe.hgetall(savings_key)
                 return list(await pipe.execute())
 
-        totals, counters, savings = await self._run("cache read", read)
+        totals, counters, savings = await self.run("cache read", read)
         figures: dict[tuple[str, str], dict[str, int]] = {}
         for name, value in savings.items():
             provider, model, figure = name.decode().split("\x1f")

@@ -10,10 +10,21 @@ nothing yet go upstream themselves at once (never forming a new queue).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
 
 from proxy.headers import Headers
 from proxy.responses import UpstreamBrokeOff
+
+
+class FlightMirror(Protocol):
+    """Where a leader's flight is also published, for followers in other proxy instances."""
+
+    def started(self, status: int, headers: Sequence[tuple[str, str]], streamed: bool, with_usage: bool) -> None: ...
+
+    def publish(self, chunk: bytes) -> None: ...
+
+    def finish(self, complete: bool, stored: bool) -> None: ...
 
 
 class Flight:
@@ -28,6 +39,7 @@ class Flight:
         self.done = False
         self.complete = False
         self.stored = False
+        self.mirror: FlightMirror | None = None
         self._changed = asyncio.Event()
 
     def can_relay_to(self, streamed: bool, with_usage: bool) -> bool:
@@ -36,15 +48,21 @@ class Flight:
 
     def started(self, status: int, headers: Headers) -> None:
         self.status, self.headers = status, headers
+        if self.mirror is not None:
+            self.mirror.started(status, headers, self.streamed, self.with_usage)
         self._wake()
 
     def publish(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
+        if self.mirror is not None:
+            self.mirror.publish(chunk)
         self._wake()
 
     def finish(self, complete: bool, stored: bool) -> None:
         """`complete`: the whole answer arrived. `stored`: followers can be answered from the cache."""
         self.done, self.complete, self.stored = True, complete, stored
+        if self.mirror is not None:
+            self.mirror.finish(complete, stored)
         self._wake()
 
     def _wake(self) -> None:

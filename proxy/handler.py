@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -20,6 +21,7 @@ from cache import CacheBackend, CachedResponse, CacheError, CacheHealth, cache_k
 from cache.control import ControlError, RequestControl, is_fresh, request_control
 from cache.health import Operation
 from cache.keys import credential_scope, is_storable
+from cache.redis_flights import Lease, RedisFlights
 from cache.replay import Replay, is_event_stream, replay
 from cache.usage import reported_tokens
 from providers import Provider
@@ -125,7 +127,9 @@ class Proxy:
         http: UpstreamClient,
         statistics: Statistics,
         clock: Callable[[], float] = time.time,
+        shared_flights: RedisFlights | None = None,
     ) -> None:
+        """`shared_flights`: coalescing across instances, when they share a Redis."""
         self.settings = settings
         self.providers = settings.providers()
         self.key_config = settings.key_config()
@@ -136,6 +140,8 @@ class Proxy:
         self.statistics = statistics
         self.clock = clock
         self.flights = Flights()
+        self.shared_flights = shared_flights
+        self._relays: set[asyncio.Task[None]] = set()
         self.total_timeout = settings.upstream_total_timeout or math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -252,7 +258,10 @@ class Proxy:
             leader = self.flights.get(pending.key)
             if leader is None:
                 flight = self.flights.lead(pending.key, wants_stream, wants_usage)
-            else:
+                leader = await self._share(pending.key, flight)
+                if leader is not None:
+                    flight = None
+            if leader is not None:
                 followed = await self._follow(leader, pending, wants_stream, wants_usage)
                 if followed is not None:
                     return followed
@@ -324,14 +333,44 @@ class Proxy:
         now = self.clock()
         return self._answer(stale.entry, stale.answer, stale.pending.key, now, CacheStatus.STALE)
 
+    async def _share(self, key: str, flight: Flight) -> Flight | None:
+        """Coalesce across instances (Redis): None when this instance leads, its flight then mirrored for
+        the others; else `flight`, now fed with another instance's answer, to follow like a local one."""
+        if self.shared_flights is None:
+            return None
+        try:
+            claim = await self.shared_flights.claim(key)
+        except CacheError:
+            return None  # Redis fails: coalesce within this instance only
+        if isinstance(claim, Lease):
+            flight.mirror = claim
+            return None
+        flight.streamed = flight.with_usage = False  # until the leader's start says what it streams
+
+        async def relay() -> None:
+            complete = stored = False
+            try:
+                with anyio.move_on_after(self.settings.cache_lock_timeout):
+                    complete, stored = await claim.relay_into(flight)
+            except CacheError:
+                pass
+            finally:
+                self.flights.land(key, flight, complete=complete, stored=stored)
+
+        task = asyncio.create_task(relay())
+        self._relays.add(task)
+        task.add_done_callback(self._relays.discard)
+        return flight
+
     async def _follow(
         self, flight: Flight, pending: PendingEntry, wants_stream: bool, wants_usage: bool
     ) -> ASGIApp | None:
         """The answer of an identical request already in flight, or None to go upstream after all."""
-        timeout = self.settings.cache_lock_timeout
+        deadline = anyio.current_time() + self.settings.cache_lock_timeout
+        # The leader's shape is known once it started (another instance's leader says so then).
+        if not await flight.wait_until("started", deadline - anyio.current_time()):
+            return None
         if flight.can_relay_to(wants_stream, wants_usage):
-            if not await flight.wait_until("started", timeout):
-                return None
             if flight.status == 200 and is_event_stream(_content_type(flight.headers)):
                 headers = [*flight.headers, *self._cache_headers(CacheStatus.HIT, pending.key), COALESCED]
 
@@ -340,6 +379,7 @@ class Proxy:
                         await self._count_hit(pending.key)
 
                 return RelayResponse(200, headers, flight.live_chunks(), on_end=count_hit)
+        timeout = deadline - anyio.current_time()
         if not await flight.wait_until("done", timeout) or not flight.stored:
             return None
         try:

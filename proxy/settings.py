@@ -72,7 +72,7 @@ class Settings(BaseSettings):
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     redis_cluster: bool = False
     redis_key_prefix: str = Field(default="openai-proxy", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    redis_timeout: float = Field(default=0.25, gt=0)
+    redis_timeout: float = Field(default=0.5, gt=0)
     cache_busy_timeout: float = Field(default=5.0, ge=0)
     cache_key_mode: KeyMode = KeyMode.MESSAGES
     cache_key_include: Annotated[tuple[str, ...], NoDecode] = ()

@@ -1,0 +1,190 @@
+"""Request coalescing across proxy instances that share one Redis.
+
+The first instance to miss a key takes a short-lived lock (`SET NX PX`) and becomes the leader; it
+appends its answer's start, chunks and end to a Redis Stream as they pass. An instance that finds the
+lock taken reads that stream with blocking `XREAD` from its first entry, so its clients get the same
+bytes, live. The lock is released only by its owner (a script compares the token), and it expires by
+itself after `CACHE_LOCK_TIMEOUT` if the leader dies; waiters give up after the same time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import orjson
+from redis.typing import EncodableT, FieldT
+
+from cache.base import CacheError
+from cache.redis_backend import RedisBackend, connect
+
+logger = logging.getLogger("openai_proxy.cache")
+
+# How long a finished flight's stream stays readable, for waiters that are still reading it.
+FINISHED_KEPT_FOR_MS = 30_000
+# Each blocking read waits at most this long, so a lost connection is noticed.
+_BLOCK_MS = 1000
+
+_RELEASE_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+# One event of a flight, as stored in its Redis Stream.
+Event = dict[FieldT, EncodableT]
+
+
+class FlightReceiver(Protocol):
+    """What a remote leader's events are delivered to (a local `Flight`), with its answer's shape."""
+
+    streamed: bool
+    with_usage: bool
+
+    def started(self, status: int, headers: list[tuple[str, str]]) -> None: ...
+
+    def publish(self, chunk: bytes) -> None: ...
+
+
+class Lease:
+    """This instance leads the flight of one key: what passes is mirrored to Redis, in order, by one
+    writer task, so the request path never waits for Redis."""
+
+    def __init__(self, flights: RedisFlights, key: str, token: str) -> None:
+        self._flights = flights
+        self._key = key
+        self._token = token
+        self._stream = flights.stream_key(key, token)
+        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write())
+        flights.tasks.add(self._writer)
+        self._writer.add_done_callback(flights.tasks.discard)
+
+    def started(self, status: int, headers: Sequence[tuple[str, str]], streamed: bool, with_usage: bool) -> None:
+        self._events.put_nowait(
+            {
+                "e": "start",
+                "status": status,
+                "headers": orjson.dumps(list(headers)),
+                "streamed": int(streamed),
+                "usage": int(with_usage),
+            }
+        )
+
+    def publish(self, chunk: bytes) -> None:
+        self._events.put_nowait({"e": "chunk", "d": chunk})
+
+    def finish(self, complete: bool, stored: bool) -> None:
+        self._events.put_nowait({"e": "end", "complete": int(complete), "stored": int(stored)})
+        self._events.put_nowait(None)
+
+    async def _write(self) -> None:
+        redis = self._flights.backend.redis
+        lifetime = self._flights.lock_ms + FINISHED_KEPT_FOR_MS
+        finished = False
+        failed = False
+        while not finished:
+            batch = [await self._events.get()]
+            while not self._events.empty():
+                batch.append(self._events.get_nowait())
+            finished = batch[-1] is None
+            events = [event for event in batch if event is not None]
+            if failed or not events:
+                continue  # waiters time out and go upstream themselves
+
+            async def append(events: list[Event] = events) -> None:
+                async with redis.pipeline(transaction=False) as pipe:
+                    for event in events:
+                        pipe.xadd(self._stream, event)
+                    pipe.pexpire(self._stream, lifetime)
+                    await pipe.execute()
+
+            try:
+                await self._flights.backend.run("coalescing", append)
+            except CacheError as exc:
+                logger.debug("could not share a flight through Redis: %s", exc)
+                failed = True
+        await self._flights.release(self._key, self._token)
+
+
+class RemoteLeader:
+    """Another instance leads the flight of one key; its events are read from Redis."""
+
+    def __init__(self, flights: RedisFlights, stream: str) -> None:
+        self._flights = flights
+        self._stream = stream
+
+    async def relay_into(self, flight: FlightReceiver) -> tuple[bool, bool]:
+        """Deliver the leader's start and chunks to `flight` as they arrive; return (complete, stored).
+        Raises CacheError when Redis fails; the caller bounds the wait."""
+        last = "0-0"
+        while True:
+
+            async def read(last: str = last) -> Any:
+                return await self._flights.reader.xread({self._stream: last}, count=512, block=_BLOCK_MS)
+
+            answer = await self._flights.backend.run("coalescing", read)
+            for _, messages in answer or []:
+                for message_id, fields in messages:
+                    last = message_id.decode() if isinstance(message_id, bytes) else str(message_id)
+                    kind = fields[b"e"]
+                    if kind == b"chunk":
+                        flight.publish(fields[b"d"])
+                    elif kind == b"start":
+                        flight.streamed = fields[b"streamed"] == b"1"
+                        flight.with_usage = fields[b"usage"] == b"1"
+                        headers = [(name, value) for name, value in orjson.loads(fields[b"headers"])]
+                        flight.started(int(fields[b"status"]), headers)
+                    elif kind == b"end":
+                        return fields[b"complete"] == b"1", fields[b"stored"] == b"1"
+
+
+class RedisFlights:
+    """Cross-instance coalescing on the Redis of a `RedisBackend`."""
+
+    def __init__(self, backend: RedisBackend, lock_timeout: float) -> None:
+        self.backend = backend
+        self.lock_ms = max(1, int(lock_timeout * 1000))
+        # Blocking reads need a socket timeout longer than the block; connecting stays quick.
+        self.reader = connect(
+            backend.url,
+            cluster=backend.cluster,
+            timeout=_BLOCK_MS / 1000 + backend.timeout,
+            connect_timeout=backend.timeout,
+        )
+        self._release = backend.redis.register_script(_RELEASE_SCRIPT)
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def lock_key(self, key: str) -> str:
+        return f"{self.backend.entry_key(key)}:lock"
+
+    def stream_key(self, key: str, token: str) -> str:
+        return f"{self.backend.entry_key(key)}:live:{token}"
+
+    async def claim(self, key: str) -> Lease | RemoteLeader:
+        """Lead the flight of `key`, or learn which other instance's flight to follow.
+        Raises CacheError when Redis fails (the caller then leads for this instance only)."""
+        token = secrets.token_hex(8)
+        lock = self.lock_key(key)
+
+        async def take() -> Any:
+            return await self.backend.redis.set(lock, token, nx=True, px=self.lock_ms, get=True)
+
+        holder = await self.backend.run("coalescing", take)
+        if holder is None:
+            return Lease(self, key, token)
+        return RemoteLeader(self, self.stream_key(key, holder.decode()))
+
+    async def release(self, key: str, token: str) -> None:
+        try:
+            await self.backend.run("coalescing", lambda: self._release(keys=[self.lock_key(key)], args=[token]))
+        except CacheError:
+            pass  # it expires by itself
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            await asyncio.wait([task], timeout=1.0)
+        await self.reader.aclose()
