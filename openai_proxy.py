@@ -100,7 +100,8 @@ def create_app(
     )
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
     client = UpstreamClient(http if http is not None else upstream_transport(), timeout)
-    health = CacheHealth(tiered.name)
+    # SQLite reads go on while writes fail (a lock, a full disk); a Redis outage stops both.
+    health = CacheHealth(tiered.name, operations_fail_apart=store.name != "redis")
     statistics = Statistics(tiered, health)
     proxy = Proxy(settings, tiered, health, client, statistics, clock, shared_flights)
     admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None

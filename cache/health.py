@@ -25,23 +25,25 @@ class CacheState:
 
 
 class CacheHealth:
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, *, operations_fail_apart: bool = True) -> None:
+        """`operations_fail_apart`: reads and writes are tracked (and logged) apart, as with SQLite;
+        otherwise, as with Redis, any failure is the store's outage and any success its end."""
         self.backend = backend
-        self._failures: dict[Operation, str] = {}
+        self.apart = operations_fail_apart
+        self._failures: dict[Operation | None, str] = {}
 
     def failed(self, operation: Operation, exc: CacheError) -> None:
-        if operation not in self._failures:
-            logger.error(
-                "cache store (%s) %ss fail, serving from upstream until it recovers: %s",
-                self.backend,
-                operation.value,
-                exc,
-            )
-        self._failures[operation] = str(exc)
+        tracked = operation if self.apart else None
+        if tracked not in self._failures:
+            what = f"{operation.value}s fail" if self.apart else "fails"
+            logger.error("cache store (%s) %s, serving from upstream until it recovers: %s", self.backend, what, exc)
+        self._failures[tracked] = str(exc)
 
     def succeeded(self, operation: Operation) -> None:
-        if self._failures.pop(operation, None) is not None:
-            logger.warning("cache store (%s) %ss work again", self.backend, operation.value)
+        tracked = operation if self.apart else None
+        if self._failures.pop(tracked, None) is not None:
+            what = f"{operation.value}s work" if self.apart else "works"
+            logger.warning("cache store (%s) %s again", self.backend, what)
 
     def state(self) -> CacheState:
         reason = "; ".join(self._failures.values()) or None

@@ -28,9 +28,13 @@ FINISHED_KEPT_FOR_MS = 30_000
 # Each blocking read waits at most this long, so a lost connection is noticed.
 _BLOCK_MS = 1000
 
-_RELEASE_SCRIPT = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
+# KEYS: the flight's stream, its lock. ARGV: the owner's token, complete, stored, ms the stream stays.
+# The end and the release in one step, so no instance finds the lock held by a flight that is over.
+_END_SCRIPT = """
+redis.call('XADD', KEYS[1], '*', 'e', 'end', 'complete', ARGV[2], 'stored', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
 """
 
 
@@ -56,9 +60,10 @@ class Lease:
     def __init__(self, flights: RedisFlights, key: str, token: str) -> None:
         self._flights = flights
         self._key = key
-        self._token = token
+        self.token = token
         self._stream = flights.stream_key(key, token)
         self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._end = (False, False)
         self._writer = asyncio.create_task(self._write())
         flights.tasks.add(self._writer)
         self._writer.add_done_callback(flights.tasks.discard)
@@ -78,36 +83,40 @@ class Lease:
         self._events.put_nowait({"e": "chunk", "d": chunk})
 
     def finish(self, complete: bool, stored: bool) -> None:
-        self._events.put_nowait({"e": "end", "complete": int(complete), "stored": int(stored)})
         self._events.put_nowait(None)
+        self._end = (complete, stored)
+
+    async def finished(self) -> None:
+        """Return once the flight's end is in Redis and its lock released (or that failed)."""
+        await asyncio.shield(self._writer)
 
     async def _write(self) -> None:
         redis = self._flights.backend.redis
         lifetime = self._flights.lock_ms + FINISHED_KEPT_FOR_MS
-        finished = False
         failed = False
-        while not finished:
+        while True:
             batch = [await self._events.get()]
             while not self._events.empty():
                 batch.append(self._events.get_nowait())
-            finished = batch[-1] is None
             events = [event for event in batch if event is not None]
-            if failed or not events:
-                continue  # waiters time out and go upstream themselves
+            if events and not failed:
 
-            async def append(events: list[Event] = events) -> None:
-                async with redis.pipeline(transaction=False) as pipe:
-                    for event in events:
-                        pipe.xadd(self._stream, event)
-                    pipe.pexpire(self._stream, lifetime)
-                    await pipe.execute()
+                async def append(events: list[Event] = events) -> None:
+                    async with redis.pipeline(transaction=False) as pipe:
+                        for event in events:
+                            pipe.xadd(self._stream, event)
+                        pipe.pexpire(self._stream, lifetime)
+                        await pipe.execute()
 
-            try:
-                await self._flights.backend.run("coalescing", append)
-            except CacheError as exc:
-                logger.debug("could not share a flight through Redis: %s", exc)
-                failed = True
-        await self._flights.release(self._key, self._token)
+                try:
+                    await self._flights.backend.run("coalescing", append)
+                except CacheError as exc:
+                    logger.debug("could not share a flight through Redis: %s", exc)
+                    failed = True  # waiters time out and go upstream themselves
+            if batch[-1] is None:
+                break
+        complete, stored = self._end
+        await self._flights.end(self._key, self.token, complete and not failed, stored)
 
 
 class RemoteLeader:
@@ -127,19 +136,23 @@ class RemoteLeader:
                 return await self._flights.reader.xread({self._stream: last}, count=512, block=_BLOCK_MS)
 
             answer = await self._flights.backend.run("coalescing", read)
-            for _, messages in answer or []:
-                for message_id, fields in messages:
-                    last = message_id.decode() if isinstance(message_id, bytes) else str(message_id)
-                    kind = fields[b"e"]
-                    if kind == b"chunk":
-                        flight.publish(fields[b"d"])
-                    elif kind == b"start":
-                        flight.streamed = fields[b"streamed"] == b"1"
-                        flight.with_usage = fields[b"usage"] == b"1"
-                        headers = [(name, value) for name, value in orjson.loads(fields[b"headers"])]
-                        flight.started(int(fields[b"status"]), headers)
-                    elif kind == b"end":
-                        return fields[b"complete"] == b"1", fields[b"stored"] == b"1"
+            messages = [message for _, stream_messages in answer or [] for message in stream_messages]
+            if last == "0-0" and messages and messages[-1][1][b"e"] == b"end":
+                # The flight ended before this instance looked: its answer is stored, or it failed and this
+                # instance must ask the upstream itself; its bytes are not replayed.
+                return False, messages[-1][1][b"stored"] == b"1"
+            for message_id, fields in messages:
+                last = message_id.decode() if isinstance(message_id, bytes) else str(message_id)
+                kind = fields[b"e"]
+                if kind == b"chunk":
+                    flight.publish(fields[b"d"])
+                elif kind == b"start":
+                    flight.streamed = fields[b"streamed"] == b"1"
+                    flight.with_usage = fields[b"usage"] == b"1"
+                    headers = [(name, value) for name, value in orjson.loads(fields[b"headers"])]
+                    flight.started(int(fields[b"status"]), headers)
+                elif kind == b"end":
+                    return fields[b"complete"] == b"1", fields[b"stored"] == b"1"
 
 
 class RedisFlights:
@@ -155,7 +168,9 @@ class RedisFlights:
             timeout=_BLOCK_MS / 1000 + backend.timeout,
             connect_timeout=backend.timeout,
         )
-        self._release = backend.redis.register_script(_RELEASE_SCRIPT)
+        self._end = backend.redis.register_script(_END_SCRIPT)
+        # The flights this instance leads, by key, until their end is in Redis.
+        self._leases: dict[str, Lease] = {}
         self.tasks: set[asyncio.Task[None]] = set()
 
     def lock_key(self, key: str) -> str:
@@ -167,6 +182,9 @@ class RedisFlights:
     async def claim(self, key: str) -> Lease | RemoteLeader:
         """Lead the flight of `key`, or learn which other instance's flight to follow.
         Raises CacheError when Redis fails (the caller then leads for this instance only)."""
+        previous = self._leases.get(key)
+        if previous is not None:
+            await previous.finished()  # this instance's last flight of the key is still being wound up
         token = secrets.token_hex(8)
         lock = self.lock_key(key)
 
@@ -175,14 +193,21 @@ class RedisFlights:
 
         holder = await self.backend.run("coalescing", take)
         if holder is None:
-            return Lease(self, key, token)
+            lease = self._leases[key] = Lease(self, key, token)
+            return lease
         return RemoteLeader(self, self.stream_key(key, holder.decode()))
 
-    async def release(self, key: str, token: str) -> None:
+    async def end(self, key: str, token: str, complete: bool, stored: bool) -> None:
+        keys = [self.stream_key(key, token), self.lock_key(key)]
+        args: list[str | int] = [token, int(complete), int(stored), FINISHED_KEPT_FOR_MS]
         try:
-            await self.backend.run("coalescing", lambda: self._release(keys=[self.lock_key(key)], args=[token]))
+            await self.backend.run("coalescing", lambda: self._end(keys=keys, args=args))
         except CacheError:
-            pass  # it expires by itself
+            pass  # the lock expires by itself; waiters time out
+        finally:
+            lease = self._leases.get(key)
+            if lease is not None and lease.token == token:
+                del self._leases[key]
 
     async def close(self) -> None:
         for task in list(self.tasks):

@@ -24,7 +24,9 @@ PROXY_ANTHROPIC_KEY = "sk-ant-proxy-CANARY-77a1"
 # Client credentials some tests send; forwarded upstream, never written anywhere else either.
 PROXY_CLIENT_KEY = "proxy-client-CANARY-5d21"
 CLIENT_CANARIES = (PROXY_CLIENT_KEY, "sk-client-LOGCANARY-91", "sk-client-SECRET", "sk-client-a", "sk-client-b")
-CANARIES = (PROXY_OPENAI_KEY, PROXY_ANTHROPIC_KEY, *CLIENT_CANARIES)
+# The password of a Redis server some tests start; part of REDIS_URL, so a credential too.
+REDIS_PASSWORD = "redis-pw-CANARY-3c9d"
+CANARIES = (PROXY_OPENAI_KEY, PROXY_ANTHROPIC_KEY, REDIS_PASSWORD, *CLIENT_CANARIES)
 
 
 class CanaryWatch(logging.Handler):
@@ -177,7 +179,7 @@ def store_settings(cache_backend: str, request: pytest.FixtureRequest, tmp_path:
     return {"cache_backend": "redis", "redis_url": server.url, "redis_key_prefix": f"test-{tmp_path.name}"}
 
 
-def environment(settings: dict[str, Any]) -> dict[str, str]:
+def as_environment(settings: dict[str, Any]) -> dict[str, str]:
     """The same settings as environment variables, for a proxy or a command run as a process."""
     return {name.upper(): str(value) for name, value in settings.items()}
 

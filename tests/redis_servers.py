@@ -33,9 +33,10 @@ def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as connection:
             connection.sendall(b"PING\r\n")
-            return connection.recv(16).startswith(b"+PONG")
+            reply = connection.recv(64)
     except OSError:
         return False
+    return reply.startswith((b"+PONG", b"-NOAUTH"))  # up, with or without a password
 
 
 def _running(pid: int) -> bool:
@@ -50,10 +51,11 @@ def _running(pid: int) -> bool:
 class RedisServer:
     """One `redis-server` process of our own."""
 
-    def __init__(self, port: int | None = None, *, cluster: bool = False) -> None:
+    def __init__(self, port: int | None = None, *, cluster: bool = False, password: str | None = None) -> None:
         # A cluster node also listens on its port + 10000 (the cluster bus).
         self.port = port if port is not None else free_port(below=55536 if cluster else 65536)
         self.cluster = cluster
+        self.password = password
         self.directory = Path(tempfile.mkdtemp(prefix=f"redis-{self.port}-"))
         self.pid: int | None = None
 
@@ -75,6 +77,8 @@ class RedisServer:
             "--dir", str(self.directory),
             "--logfile", str(self.directory / "redis.log"),
         ]  # fmt: skip
+        if self.password is not None:
+            arguments += ["--requirepass", self.password]
         if self.cluster:
             arguments += ["--cluster-enabled", "yes", "--cluster-config-file", str(self.directory / "nodes.conf")]
         subprocess.run(arguments, check=True, capture_output=True)

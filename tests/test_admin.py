@@ -16,7 +16,7 @@ import pytest
 
 from openai_proxy import create_app, main
 from proxy.settings import Settings
-from tests.conftest import FakeClock, ProxyFactory, environment
+from tests.conftest import FakeClock, ProxyFactory, as_environment
 from tests.servers import FakeUpstream
 
 pytestmark = pytest.mark.both_backends
@@ -200,7 +200,7 @@ class TestCli:
         self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, store_settings: dict[str, Any]
     ) -> None:
         database = tmp_path / "cli.db"
-        env = {"CACHE_DB": str(database), **environment(store_settings)}
+        env = {"CACHE_DB": str(database), **as_environment(store_settings)}
         record_traffic(start_proxy(cache_db=database))
 
         exported = run_cli("export", "fixtures.jsonl", cwd=tmp_path, env=env)
@@ -225,7 +225,7 @@ class TestCli:
         self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, store_settings: dict[str, Any]
     ) -> None:
         database = tmp_path / "cli.db"
-        env = {"CACHE_DB": str(database), **environment(store_settings)}
+        env = {"CACHE_DB": str(database), **as_environment(store_settings)}
         record_traffic(start_proxy(cache_db=database))
         run_cli("export", "good.jsonl", cwd=tmp_path, env=env)
         good = (tmp_path / "good.jsonl").read_text().splitlines()
@@ -245,7 +245,7 @@ class TestCli:
         self, start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: Path, store_settings: dict[str, Any]
     ) -> None:
         database = tmp_path / "cli.db"
-        env = {"CACHE_DB": str(database), **environment(store_settings)}
+        env = {"CACHE_DB": str(database), **as_environment(store_settings)}
         base = start_proxy(cache_db=database)
         record_traffic(base)
         from_api: dict[str, Any] = httpx.get(f"{base}/cache/stats").json()

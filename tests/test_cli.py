@@ -4,71 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from cache import SqliteBackend
+from tests.processes import OPENAI_PROXY, UVICORN_FORM, environment, free_port, running, started
 from tests.servers import FakeUpstream
-
-BIN = Path(sys.executable).parent
-OPENAI_PROXY = [str(BIN / "openai-proxy")]
-UVICORN_FORM = [sys.executable, "-m", "uvicorn", "openai_proxy:app"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def environment(**values: str) -> dict[str, str]:
-    return {**os.environ, **values}
-
-
-@contextmanager
-def running(command: list[str], cwd: Path, env: dict[str, str]) -> Iterator[str]:
-    with started(command, cwd, env) as (base, _):
-        yield base
-
-
-@contextmanager
-def started(command: list[str], cwd: Path, env: dict[str, str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
-    process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                httpx.get(f"{base}/healthz", timeout=0.5)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-                assert time.monotonic() < deadline, "the proxy did not start"
-                time.sleep(0.1)
-        yield base, process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.mark.parametrize("command", [OPENAI_PROXY, UVICORN_FORM], ids=["openai-proxy", "uvicorn"])
@@ -112,16 +60,6 @@ def test_settings_come_from_a_dotenv_file(tmp_path: Path, upstream: FakeUpstream
     assert upstream.requests[0].header("authorization") == "Bearer sk-from-dotenv"
 
 
-def test_several_workers_share_one_cache(tmp_path: Path, upstream: FakeUpstream) -> None:
-    env = environment(OPENAI_BASE_URL=upstream.url)
-    with running([*OPENAI_PROXY, "--workers", "2"], tmp_path, env) as base:
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-        statuses = [httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(6)]
-    assert statuses[0] == "MISS"
-    assert statuses[1:] == ["HIT"] * 5
-    assert upstream.calls == 1
-
-
 def test_help_names_the_flags_and_settings() -> None:
     result = subprocess.run([*OPENAI_PROXY, "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
@@ -131,14 +69,17 @@ def test_help_names_the_flags_and_settings() -> None:
         assert setting in result.stdout
 
 
-def test_a_purge_through_one_worker_reaches_every_workers_memory_tier(tmp_path: Path, upstream: FakeUpstream) -> None:
+def test_workers_share_one_cache_and_a_purge_through_one_reaches_every_workers_memory_tier(
+    tmp_path: Path, upstream: FakeUpstream
+) -> None:
     env = environment(OPENAI_BASE_URL=upstream.url)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     with running([*OPENAI_PROXY, "--workers", "2"], tmp_path, env) as base:
-        httpx.post(f"{base}/v1/chat/completions", json=body)
+        assert httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] == "MISS"
         # Many requests, on fresh connections, so both workers answer some and hold the entry in memory.
         hits = [httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(20)]
         assert set(hits) == {"HIT"}
+        assert upstream.calls == 1
         assert httpx.delete(f"{base}/cache").json() == {"deleted": 1}
         time.sleep(1.0)
         after = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -87,7 +88,11 @@ class TestSizeLimits:
         assert status(chat(base, content="a")) == "HIT"  # "a" is now the more recently used
         httpx.get(f"{base}/cache/stats")  # flushes the hit, which records the use
         clock.advance(1)
-        chat(base, content="c")  # evicts "b"
+        chat(base, content="c")  # evicts "b", once stored (just after the answer)
+        deadline = time.monotonic() + 3
+        while status(chat(base, {"cache-control": "only-if-cached"}, content="b")) != "MISS":
+            assert time.monotonic() < deadline, '"b" was never evicted'
+            time.sleep(0.05)
         assert status(chat(base, content="a")) == "HIT"
         assert status(chat(base, content="c")) == "HIT"
         assert status(chat(base, content="b")) == "MISS"

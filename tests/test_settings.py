@@ -8,6 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from cache.keys import KeyConfig, KeyMode
+from cache.redis_backend import masked_url
 from providers import BUILTIN_PROVIDERS, AuthStyle, Provider, normalize_base_url
 from proxy.settings import Settings, describe_invalid_settings
 
@@ -324,6 +325,11 @@ def test_empty_environment_value_means_default(monkeypatch: pytest.MonkeyPatch) 
         pytest.param("UPSTREAM_TIMEOUT", "0", id="timeout-zero"),
         pytest.param("LOG_LEVEL", "loud", id="log-level"),
         pytest.param("ANTHROPIC_BASE_URL", "ftp://host", id="base-url"),
+        pytest.param("CACHE_BACKEND", "memcached", id="backend"),
+        pytest.param("REDIS_URL", "http://127.0.0.1:6379", id="redis-url-scheme"),
+        pytest.param("REDIS_TIMEOUT", "0", id="redis-timeout-zero"),
+        pytest.param("REDIS_KEY_PREFIX", "{tagged}", id="redis-prefix-hash-tag"),
+        pytest.param("REDIS_CLUSTER", "maybe", id="redis-cluster-bool"),
     ],
 )
 def test_invalid_setting_is_described_in_one_line(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
@@ -350,6 +356,41 @@ def test_invalid_base_url_does_not_leak_secret(monkeypatch: pytest.MonkeyPatch) 
     assert "OPENAI_BASE_URL" in message
     assert "s3cret" not in message
     assert "\n" not in message
+
+
+def test_an_invalid_redis_url_does_not_leak_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "http://user:s3cret@host:6379/0")
+    message = invalid_settings_message()
+    assert "REDIS_URL" in message and "s3cret" not in message
+
+
+def test_a_cluster_needs_a_network_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "unix:///run/redis.sock")
+    monkeypatch.setenv("REDIS_CLUSTER", "true")
+    message = invalid_settings_message()
+    assert "REDIS_CLUSTER" in message and "\n" not in message
+
+
+def test_the_redis_url_is_a_secret_in_every_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REDIS_URL", "rediss://app:s3cret@cache.internal:6380/2")
+    settings = Settings()
+    assert settings.redis_url.get_secret_value() == "rediss://app:s3cret@cache.internal:6380/2"
+    assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.model_dump())
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:s3cret@10.0.0.5:6379/0", "redis://***@10.0.0.5:6379/0"),
+        ("rediss://app:s3cret@cache.internal:6380/2", "rediss://app:***@cache.internal:6380/2"),
+        ("redis://s3cret@host/0", "redis://***@host/0"),
+        ("unix:///run/redis.sock?db=1", "unix:///run/redis.sock?db=1"),
+        ("unix://:s3cret@/run/redis.sock?db=1", "unix://***@/run/redis.sock?db=1"),
+    ],
+)
+def test_a_redis_url_is_shown_with_its_password_masked(url: str, shown: str) -> None:
+    assert masked_url(url) == shown
 
 
 def test_invalid_extra_provider_does_not_leak_secret(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,184 @@
+"""Several proxy instances sharing one cache: real processes on one Redis, or on one SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from tests.conftest import ProxyFactory
+from tests.processes import OPENAI_PROXY, environment, started_together
+from tests.redis_servers import RedisCluster, RedisServer
+from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
+
+Pair = tuple[str, str]
+
+
+def start_pair(tmp_path: Path, **settings: str) -> Iterator[Pair]:
+    env = environment(OPENAI_API_KEY="sk-shared-cache-test", CACHE_DB=str(tmp_path / "shared.db"), **settings)
+    with started_together([OPENAI_PROXY, OPENAI_PROXY], tmp_path, [env, env]) as [(a, _), (b, _)]:
+        yield a, b
+
+
+@pytest.fixture(scope="module")
+def redis_pair(
+    redis_server: RedisServer, upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pair]:
+    """Two proxy processes on one Redis (a key prefix of their own)."""
+    yield from start_pair(
+        tmp_path_factory.mktemp("redis-pair"),
+        OPENAI_BASE_URL=upstream_server.url,
+        CACHE_BACKEND="redis",
+        REDIS_URL=redis_server.url,
+        REDIS_KEY_PREFIX=f"pair-{uuid.uuid4().hex[:8]}",
+    )
+
+
+@pytest.fixture(scope="module")
+def sqlite_pair(upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
+    """Two proxy processes on one SQLite file."""
+    yield from start_pair(tmp_path_factory.mktemp("sqlite-pair"), OPENAI_BASE_URL=upstream_server.url)
+
+
+def chat_body(**extra: Any) -> dict[str, Any]:
+    """A conversation no other test asks about (the pairs' cache outlives each test)."""
+    return {"model": "m", "messages": [{"role": "user", "content": f"shared {uuid.uuid4().hex}"}], **extra}
+
+
+async def split(pair: Pair, count: int, body: dict[str, Any]) -> list[tuple[str, httpx.Response, bytes]]:
+    """`count` identical requests at once, half through each instance."""
+    limits = httpx.Limits(max_connections=count + 10)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as http:
+
+        async def one(base: str) -> tuple[str, httpx.Response, bytes]:
+            async with http.stream("POST", f"{base}/v1/chat/completions", json=body) as response:
+                return base, response, await response.aread()
+
+        return await asyncio.gather(*(one(pair[number % 2]) for number in range(count)))
+
+
+def slow_json(upstream: FakeUpstream, delay: float) -> None:
+    async def answer(request: Request, recorded: Recorded) -> Response:
+        await asyncio.sleep(delay)
+        return JSONResponse(chat_completion(upstream.calls, "m"))
+
+    upstream.handler = answer
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["json", "stream"])
+def test_50_identical_misses_across_two_instances_make_one_upstream_request(
+    redis_pair: Pair, upstream: FakeUpstream, streamed: bool
+) -> None:
+    if streamed:
+        upstream.chunk_delay = 0.1
+    else:
+        slow_json(upstream, 1.0)
+    results = asyncio.run(split(redis_pair, 50, chat_body(stream=streamed)))
+
+    assert upstream.calls == 1
+    assert all(response.status_code == 200 for _, response, _ in results)
+    statuses = Counter((base, response.headers["x-cache-status"]) for base, response, _ in results)
+    a, b = redis_pair
+    assert statuses[(a, "HIT")] + statuses[(b, "HIT")] == 49
+    assert statuses[(a, "MISS")] + statuses[(b, "MISS")] == 1
+    bodies = {body for _, _, body in results}
+    if streamed:
+        assert bodies == {b"".join(chat_chunks(1, "m"))}, "every client gets the bytes a direct client gets"
+    else:
+        assert len(bodies) == 1
+
+
+def serves(base: str, body: dict[str, Any]) -> bytes | None:
+    """What `base` answers from its cache alone (None: nothing)."""
+    response = httpx.post(f"{base}/v1/chat/completions", json=body, headers={"cache-control": "only-if-cached"})
+    return response.content if response.status_code == 200 else None
+
+
+def seconds_until(condition: Any, limit: float = 3.0) -> float:
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < limit, "the other instance never noticed"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_refresh_delete_or_purge_through_one_instance_reaches_the_other_within_a_second(
+    redis_pair: Pair, upstream: FakeUpstream
+) -> None:
+    a, b = redis_pair
+    body = chat_body()
+    stored = httpx.post(f"{a}/v1/chat/completions", json=body)
+    assert stored.headers["x-cache-status"] == "MISS"
+    seconds_until(lambda: serves(b, body) == stored.content)  # stored once answered; now in b's memory tier too
+
+    refreshed = httpx.post(f"{a}/v1/chat/completions", json=body, headers={"cache-control": "no-cache"})
+    assert refreshed.headers["x-cache-status"] == "REFRESH" and refreshed.content != stored.content
+    assert seconds_until(lambda: serves(b, body) == refreshed.content) < 1.0
+
+    key = stored.headers["x-cache-key"]
+    assert httpx.delete(f"{a}/cache/entries/{key}").status_code == 200
+    assert seconds_until(lambda: serves(b, body) is None) < 1.0
+
+    httpx.post(f"{a}/v1/chat/completions", json=body)
+    seconds_until(lambda: serves(b, body) is not None)
+    assert httpx.delete(f"{a}/cache").status_code == 200
+    assert seconds_until(lambda: serves(b, body) is None) < 1.0
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_concurrent_misses_through_two_instances_are_all_stored(
+    backend: str, request: pytest.FixtureRequest, upstream: FakeUpstream
+) -> None:
+    """Many processes writing at once: no client sees an error (SQLite's "database is locked" included),
+    and no answer is lost."""
+    pair: Pair = request.getfixturevalue(f"{backend}_pair")
+    bodies = [chat_body() for _ in range(40)]
+
+    async def all_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await asyncio.gather(
+                *(http.post(f"{pair[n % 2]}/v1/chat/completions", json=body) for n, body in enumerate(bodies))
+            )
+
+    responses = asyncio.run(all_at_once())
+    assert [response.status_code for response in responses] == [200] * 40
+    assert upstream.calls == 40
+    for number, body in enumerate(bodies):
+        other = pair[(number + 1) % 2]
+        seconds_until(lambda other=other, body=body: serves(other, body) is not None)  # type: ignore[misc]
+    assert upstream.calls == 40
+
+
+def test_a_proxy_on_a_redis_cluster_caches_streams_and_purges(
+    redis_cluster: RedisCluster, start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    base = start_proxy(
+        cache_backend="redis",
+        redis_url=redis_cluster.url,
+        redis_cluster=True,
+        redis_key_prefix=f"cluster-{uuid.uuid4().hex[:8]}",
+        memory_cache_bytes=0,  # every hit is read from the cluster
+    )
+    bodies = [chat_body() for _ in range(6)]  # keys on every node, most likely
+    for body in bodies:
+        assert httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] == "MISS"
+    for body in bodies:
+        assert httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] == "HIT"
+    streamed = chat_body(stream=True)
+    first = httpx.post(f"{base}/v1/chat/completions", json=streamed)
+    again = httpx.post(f"{base}/v1/chat/completions", json=streamed)
+    assert (first.headers["x-cache-status"], again.headers["x-cache-status"]) == ("MISS", "HIT")
+    assert again.content == first.content
+    assert httpx.get(f"{base}/cache/stats").json()["entries"] == 7
+    assert httpx.delete(f"{base}/cache").json() == {"deleted": 7}
+    assert httpx.post(f"{base}/v1/chat/completions", json=bodies[0]).headers["x-cache-status"] == "MISS"
+    assert httpx.get(f"{base}/healthz").json()["cache"] == {"backend": "redis", "ok": True, "reason": None}
