@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -256,13 +255,6 @@ class TestCli:
         assert "tokens saved  36 (27 input, 9 output)" in human
 
     def test_bad_purge_age_is_a_clear_error(self, tmp_path: Path) -> None:
-        result = subprocess.run(
-            [str(BIN / "openai-proxy"), "purge", "--older-than", "soon"],
-            cwd=tmp_path,
-            env={**os.environ, "CACHE_DB": str(tmp_path / "c.db")},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = run_cli("purge", "--older-than", "soon", cwd=tmp_path, env={"CACHE_DB": str(tmp_path / "c.db")})
         assert result.returncode == 2
         assert "not a duration" in result.stderr and "Traceback" not in result.stderr

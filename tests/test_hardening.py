@@ -29,17 +29,29 @@ def post(base: str, body: dict[str, Any] = CHAT, **kwargs: Any) -> httpx.Respons
 
 
 def raw_exchange(port: int, request: bytes, *, read_timeout: float = 5) -> bytes:
-    """Send raw bytes and read until the server closes or stops sending."""
+    """Send raw bytes and read until a whole response with a Content-Length arrived, the server closes,
+    or it stops sending."""
     with socket.create_connection(("127.0.0.1", port)) as connection:
         connection.sendall(request)
         connection.settimeout(read_timeout)
         received = b""
         try:
-            while chunk := connection.recv(65536):
+            while not _whole_response(received) and (chunk := connection.recv(65536)):
                 received += chunk
         except (TimeoutError, ConnectionResetError):
             pass
     return received
+
+
+def _whole_response(received: bytes) -> bool:
+    head, separator, body = received.partition(b"\r\n\r\n")
+    if not separator:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value)
+    return False
 
 
 def port_of(base: str) -> int:

@@ -158,6 +158,7 @@ def test_concurrent_misses_through_two_instances_are_all_stored(
     assert upstream.calls == 40
 
 
+@pytest.mark.xdist_group("cluster")
 def test_a_proxy_on_a_redis_cluster_caches_streams_and_purges(
     redis_cluster: RedisCluster, start_proxy: ProxyFactory, upstream: FakeUpstream
 ) -> None:
