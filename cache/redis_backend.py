@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -43,6 +43,8 @@ FAILURES_TO_SKIP = 3
 RETRY_AFTER = 1.0
 # How often the maintenance loop drops entries Redis expired from the index.
 PRUNE_INTERVAL = 1.0
+# Connections to one Redis server per process (blocking XREADs of coalescing have a pool of their own).
+MAX_CONNECTIONS = 256
 _PRUNE_BATCH = 1000
 _PAGE = 500
 _INVALIDATIONS_KEPT = 10_000
@@ -65,7 +67,8 @@ def masked_url(url: str) -> str:
 
 
 def connect(url: str, *, cluster: bool, timeout: float, connect_timeout: float | None = None) -> RedisClient:
-    """A client that never retries by itself: a failure must reach the caller within `timeout`."""
+    """A client that never retries by itself: a failure must reach the caller within `timeout`. Past
+    `MAX_CONNECTIONS` busy connections, a command waits up to `timeout` for one (a plain pool fails)."""
     options: dict[str, Any] = {
         "socket_timeout": timeout,
         "socket_connect_timeout": connect_timeout if connect_timeout is not None else timeout,
@@ -73,7 +76,8 @@ def connect(url: str, *, cluster: bool, timeout: float, connect_timeout: float |
     }
     if cluster:
         return RedisCluster.from_url(url, **options)
-    return Redis.from_url(url, **options)
+    pool = BlockingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options)
+    return Redis(connection_pool=pool)
 
 
 # KEYS of every index script, in this order.
