@@ -59,8 +59,7 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-# The cluster tests share one worker (xdist_group), so a run forms one cluster, not one per worker.
-@pytest.fixture(params=["sqlite", "redis", pytest.param("redis-cluster", marks=pytest.mark.xdist_group("cluster"))])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 async def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Opener]:
     """Opens a backend over the same store each time it is called, to test what persists."""
     opened: list[CacheBackend] = []

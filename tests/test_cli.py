@@ -76,26 +76,6 @@ def test_help_names_the_flags_and_settings_and_shows_no_secret(
     assert "s3cret" not in shown
 
 
-def test_workers_share_one_cache_and_a_purge_through_one_reaches_every_workers_memory_tier(
-    tmp_path: Path, upstream: FakeUpstream
-) -> None:
-    env = environment(OPENAI_BASE_URL=upstream.url)
-    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    with running([*OPENAI_PROXY, "--workers", "2"], tmp_path, env) as base:
-        assert httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] == "MISS"
-        # Many requests, on fresh connections, so both workers answer some and hold the entry in memory.
-        hits = [httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(20)]
-        assert set(hits) == {"HIT"}
-        assert upstream.calls == 1
-        assert httpx.delete(f"{base}/cache").json() == {"deleted": 1}
-        time.sleep(1.0)
-        after = [
-            httpx.post(f"{base}/v1/chat/completions", json=body, headers={"cache-control": "only-if-cached"})
-            for _ in range(20)
-        ]
-    assert {response.status_code for response in after} == {504}, "no worker served the purged entry from memory"
-
-
 def test_kill_9_while_storing_leaves_only_whole_entries(tmp_path: Path, upstream: FakeUpstream) -> None:
     env = environment(OPENAI_BASE_URL=upstream.url, OPENAI_API_KEY="sk-test", MEMORY_CACHE_BYTES="0")
     stop = threading.Event()

@@ -1,4 +1,8 @@
-"""Several proxy instances sharing one cache: real processes on one Redis, or on one SQLite file."""
+"""Several proxy instances sharing one cache: real processes on one Redis, or on one SQLite file.
+
+The processes start once for the module (they take seconds); the suite runs each module on one
+xdist worker (`--dist loadfile`).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tests.conftest import ProxyFactory
-from tests.processes import OPENAI_PROXY, environment, started_together
+from tests.processes import OPENAI_PROXY, environment, running, started_together
 from tests.redis_servers import RedisCluster, RedisServer
 from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
 
@@ -44,9 +48,17 @@ def redis_pair(
 
 
 @pytest.fixture(scope="module")
-def sqlite_pair(upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
-    """Two proxy processes on one SQLite file."""
-    yield from start_pair(tmp_path_factory.mktemp("sqlite-pair"), OPENAI_BASE_URL=upstream_server.url)
+def sqlite_workers(upstream_server: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`openai-proxy --workers 2`: two processes on one SQLite file, behind one port."""
+    folder = tmp_path_factory.mktemp("sqlite-workers")
+    env = environment(OPENAI_API_KEY="sk-shared-cache-test", OPENAI_BASE_URL=upstream_server.url)
+    with running([*OPENAI_PROXY, "--workers", "2"], folder, env) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def sqlite_pair(sqlite_workers: str) -> Pair:
+    return sqlite_workers, sqlite_workers
 
 
 def chat_body(**extra: Any) -> dict[str, Any]:
@@ -158,7 +170,24 @@ def test_concurrent_misses_through_two_instances_are_all_stored(
     assert upstream.calls == 40
 
 
-@pytest.mark.xdist_group("cluster")
+def test_workers_share_one_cache_and_a_purge_through_one_reaches_every_workers_memory_tier(
+    sqlite_workers: str, upstream: FakeUpstream
+) -> None:
+    base, body = sqlite_workers, chat_body()
+    assert httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] == "MISS"
+    # Many requests, on fresh connections, so both workers answer some and hold the entry in memory.
+    hits = [httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(20)]
+    assert set(hits) == {"HIT"}
+    assert upstream.calls == 1
+    assert httpx.delete(f"{base}/cache").json()["deleted"] >= 1
+    time.sleep(1.0)
+    after = [
+        httpx.post(f"{base}/v1/chat/completions", json=body, headers={"cache-control": "only-if-cached"})
+        for _ in range(20)
+    ]
+    assert {response.status_code for response in after} == {504}, "no worker served the purged entry from memory"
+
+
 def test_a_proxy_on_a_redis_cluster_caches_streams_and_purges(
     redis_cluster: RedisCluster, start_proxy: ProxyFactory, upstream: FakeUpstream
 ) -> None:
