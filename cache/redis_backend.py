@@ -14,6 +14,7 @@ Keys, with `P` the key prefix (REDIS_KEY_PREFIX):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -44,7 +45,11 @@ RETRY_AFTER = 1.0
 # How often the maintenance loop drops entries Redis expired from the index.
 PRUNE_INTERVAL = 1.0
 # Connections to one Redis server per process (blocking XREADs of coalescing have a pool of their own).
-MAX_CONNECTIONS = 256
+# A burst of requests queues for these instead of opening a connection each: a command takes well under
+# a millisecond, while a hundred connects at once on a busy event loop can outlast REDIS_TIMEOUT.
+MAX_CONNECTIONS = 32
+# Connections opened at start-up, so the first burst finds them ready.
+WARM_CONNECTIONS = 8
 _PRUNE_BATCH = 1000
 _PAGE = 500
 _INVALIDATIONS_KEPT = 10_000
@@ -285,8 +290,11 @@ class RedisBackend:
         )
 
     async def open(self) -> None:
-        """Check that Redis answers. When it does not, the backend stays usable: it reconnects by itself."""
+        """Check that Redis answers, and open a few connections. When it does not answer, the backend
+        stays usable: it connects as soon as Redis is back."""
         await self.ping()
+        if not self.cluster:
+            await asyncio.gather(*(self.ping() for _ in range(WARM_CONNECTIONS)))
 
     async def ping(self) -> None:
         await self.run("ping", self.redis.ping)

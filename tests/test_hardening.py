@@ -178,6 +178,7 @@ FAILURES = {
 }
 
 
+@pytest.mark.both_backends
 class TestStaleIfError:
     def expired_entry(self, start_proxy: ProxyFactory, clock: FakeClock, body: dict[str, Any], **settings: Any) -> str:
         base = start_proxy(clock=clock, cache_ttl=60, **settings)

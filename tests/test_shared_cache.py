@@ -170,6 +170,61 @@ def test_concurrent_misses_through_two_instances_are_all_stored(
     assert upstream.calls == 40
 
 
+def in_thread_pair(start_proxy: ProxyFactory, redis_server: RedisServer, **overrides: Any) -> Pair:
+    """Two proxies in this process on one Redis: instances as far as the cache can tell, cheaply."""
+    settings = {"cache_backend": "redis", "redis_url": redis_server.url, "redis_key_prefix": uuid.uuid4().hex[:8]}
+    return start_proxy(**settings, **overrides), start_proxy(**settings, **overrides)
+
+
+def test_a_waiter_on_another_instance_gives_up_after_the_lock_timeout(
+    start_proxy: ProxyFactory, redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    slow_json(upstream, 2.0)
+    a, b = in_thread_pair(start_proxy, redis_server, cache_lock_timeout=0.5)
+    body = chat_body()
+
+    async def leader_then_waiter() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            leading = asyncio.ensure_future(http.post(f"{a}/v1/chat/completions", json=body))
+            await asyncio.sleep(0.3)  # the leader holds the lock
+            started = time.monotonic()
+            waited = await http.post(f"{b}/v1/chat/completions", json=body)
+            elapsed = time.monotonic() - started
+            await leading
+            return waited, elapsed
+
+    waited, elapsed = asyncio.run(leader_then_waiter())
+    assert upstream.calls == 2, "the waiter went upstream itself"
+    assert waited.headers["x-cache-status"] == "MISS"
+    assert 2.0 <= elapsed < 2.0 + 1.0, "it waited the lock timeout (0.5 s), then its own upstream request (2 s)"
+
+
+def test_when_the_leader_fails_waiters_on_another_instance_go_upstream_at_once(
+    start_proxy: ProxyFactory, redis_server: RedisServer, upstream: FakeUpstream
+) -> None:
+    async def first_fails(request: Request, recorded: Recorded) -> Response:
+        if upstream.calls == 1:
+            await asyncio.sleep(1.0)
+            return JSONResponse({"error": {"message": "overloaded"}}, status_code=529)
+        return JSONResponse(chat_completion(upstream.calls, "m"))
+
+    upstream.handler = first_fails
+    a, b = in_thread_pair(start_proxy, redis_server)
+    body = chat_body()
+
+    async def leader_then_waiters() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            leading = asyncio.ensure_future(http.post(f"{a}/v1/chat/completions", json=body))
+            await asyncio.sleep(0.3)
+            waiting = asyncio.gather(*(http.post(f"{b}/v1/chat/completions", json=body) for _ in range(3)))
+            return [await leading, *await waiting]
+
+    leader, *waiters = asyncio.run(leader_then_waiters())
+    assert leader.status_code == 529
+    assert [response.status_code for response in waiters] == [200] * 3, "the leader's error is not theirs"
+    assert upstream.calls == 4, "each waiter went upstream on its own once the leader failed"
+
+
 def test_workers_share_one_cache_and_a_purge_through_one_reaches_every_workers_memory_tier(
     sqlite_workers: str, upstream: FakeUpstream
 ) -> None:
