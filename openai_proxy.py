@@ -35,8 +35,10 @@ from cache.memory import TieredBackend
 from cache.redis_backend import RedisBackend
 from cache.redis_flights import RedisFlights
 from proxy import commands
+from proxy.access_log import AccessLog
 from proxy.admin import AdminApi
 from proxy.errors import ProxyError, error_response
+from proxy.exchange import begin, observing
 from proxy.handler import Proxy
 from proxy.server import HttpProtocol
 from proxy.settings import Settings, describe_invalid_settings
@@ -107,6 +109,8 @@ def create_app(
     admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
     admin = AdminApi(tiered, statistics, admin_key, proxy.proxy_keys, clock)
 
+    access_log = AccessLog(settings.log_format) if settings.access_log else None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
@@ -118,10 +122,14 @@ def create_app(
                 background.start_soon(statistics.flush_periodically)
                 background.start_soon(tiered.sync_periodically)
                 background.start_soon(tiered.maintain)
+                if access_log is not None:
+                    background.start_soon(access_log.flush_periodically)
                 yield
                 background.cancel_scope.cancel()
         finally:
             await statistics.flush()
+            if access_log is not None:
+                access_log.flush()
             if shared_flights is not None:
                 await shared_flights.close()
             await tiered.close()
@@ -147,7 +155,7 @@ def create_app(
     async def cache_admin(request: Request) -> Response:
         return await admin.serve(request)
 
-    return ProxyApp(proxy, app)
+    return ProxyApp(proxy, app, access_log)
 
 
 # First path segments the proxy's own routes answer; every other path is proxied.
@@ -158,15 +166,25 @@ class ProxyApp:
     """The ASGI application. Proxied paths go straight to the proxy, with no framework in the way of a
     hit; the proxy's own routes (/healthz, /cache) and the lifespan go to the FastAPI app."""
 
-    def __init__(self, proxy: Proxy, api: FastAPI) -> None:
+    def __init__(self, proxy: Proxy, api: FastAPI, access_log: AccessLog | None = None) -> None:
         self.proxy = proxy
         self.api = api
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].split("/", 2)[1] not in OWN_ROUTES:
-            await self.proxy(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self.api(scope, receive, send)
+            return
+        exchange = begin(scope)
+        try:
+            if scope["path"].split("/", 2)[1] not in OWN_ROUTES:
+                await self.proxy(scope, receive, observing(send, exchange))
+            else:
+                await self.api(scope, receive, observing(send, exchange))
+        finally:
+            exchange.ended = time.perf_counter()
+            if self.access_log is not None:
+                self.access_log.add(exchange)
 
     def lifespan(self) -> AbstractAsyncContextManager[Any]:
         """Start-up and shutdown, for running the app without a server (tests)."""
@@ -290,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
         "port": settings.port,
         "log_level": settings.log_level,
         "server_header": False,
-        # uvicorn's own request lines only when debugging: they cost time on every request.
-        "access_log": settings.log_level in ("debug", "trace"),
+        # The proxy writes its own access log (ACCESS_LOG, LOG_FORMAT), with what uvicorn's cannot know.
+        "access_log": False,
         # Client addresses are the sockets' own: the admin API's loopback rule must not trust X-Forwarded-For.
         "proxy_headers": False,
         "http": HttpProtocol,

@@ -16,7 +16,10 @@ class CachedResponse:
     """A complete upstream answer, as replayed on a hit, with what the admin API shows of it.
 
     Never holds a credential. `ttl` is the entry's own time to live in seconds (from
-    `X-Cache-TTL`); None means the proxy's `CACHE_TTL` applies.
+    `X-Cache-TTL`); None means the proxy's `CACHE_TTL` applies. The token counts are the usage the
+    provider reported (`input_tokens` includes the input it served from its own prompt cache,
+    `cached_input_tokens`, and the input it wrote to it, `cache_write_tokens`); `upstream_seconds` is
+    how long the upstream took to answer, which each hit saves.
     """
 
     status: int
@@ -30,6 +33,9 @@ class CachedResponse:
     ttl: float | None = None
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    upstream_seconds: float | None = None
 
 
 @dataclass(frozen=True)

@@ -562,6 +562,9 @@ def _fields(entry: CachedResponse) -> list[Any]:
         ("ttl", entry.ttl),
         ("input_tokens", entry.input_tokens),
         ("output_tokens", entry.output_tokens),
+        ("cached_input_tokens", entry.cached_input_tokens),
+        ("cache_write_tokens", entry.cache_write_tokens),
+        ("upstream_seconds", entry.upstream_seconds),
     ):
         if value is not None:
             fields += [name, repr(value) if isinstance(value, float) else value]
@@ -577,7 +580,10 @@ def _entry(fields: dict[bytes, bytes]) -> CachedResponse:
         value = fields.get(name)
         return int(value) if value is not None else None
 
-    ttl = fields.get(b"ttl")
+    def number(name: bytes) -> float | None:
+        value = fields.get(name)
+        return float(value) if value is not None else None
+
     return CachedResponse(
         status=int(fields[b"status"]),
         content_type=fields[b"content_type"].decode(),
@@ -587,9 +593,12 @@ def _entry(fields: dict[bytes, bytes]) -> CachedResponse:
         endpoint=fields[b"endpoint"].decode(),
         model=text(b"model"),
         namespace=fields[b"namespace"].decode(),
-        ttl=float(ttl) if ttl is not None else None,
+        ttl=number(b"ttl"),
         input_tokens=integer(b"input_tokens"),
         output_tokens=integer(b"output_tokens"),
+        cached_input_tokens=integer(b"cached_input_tokens"),
+        cache_write_tokens=integer(b"cache_write_tokens"),
+        upstream_seconds=number(b"upstream_seconds"),
     )
 
 

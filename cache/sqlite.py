@@ -97,11 +97,18 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             DELETE FROM entry_hits WHERE key = OLD.key;
         END""",
     ),
+    (
+        # What prices a hit and what it saved: the provider's own prompt caching, and the upstream's time.
+        "ALTER TABLE entries ADD COLUMN cached_input_tokens INTEGER",
+        "ALTER TABLE entries ADD COLUMN cache_write_tokens INTEGER",
+        "ALTER TABLE entries ADD COLUMN upstream_seconds REAL",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _ENTRY_COLUMNS = (
-    "status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, input_tokens, output_tokens"
+    "status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, input_tokens, output_tokens,"
+    " cached_input_tokens, cache_write_tokens, upstream_seconds"
 )
 _INFO_COLUMNS = (
     "e.key, e.provider, e.endpoint, e.model, e.namespace, e.size, e.created_at, h.last_hit_at, coalesce(h.hits, 0)"
@@ -543,7 +550,8 @@ def _logged_failure(what: str) -> Iterator[None]:
 
 
 def _entry(row: Any) -> CachedResponse:
-    status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, inputs, outputs = row
+    status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, inputs, outputs, *more = row
+    cached_inputs, cache_writes, upstream_seconds = more
     return CachedResponse(
         status=status,
         content_type=content_type,
@@ -556,18 +564,23 @@ def _entry(row: Any) -> CachedResponse:
         ttl=ttl,
         input_tokens=inputs,
         output_tokens=outputs,
+        cached_input_tokens=cached_inputs,
+        cache_write_tokens=cache_writes,
+        upstream_seconds=upstream_seconds,
     )
 
 
 _UPSERT = (
     "INSERT INTO entries (key, status, content_type, body, created_at, provider, endpoint, model,"
-    " namespace, ttl, input_tokens, output_tokens, size, used_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " namespace, ttl, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, upstream_seconds,"
+    " size, used_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (key) DO UPDATE SET status = excluded.status, content_type = excluded.content_type,"
     " body = excluded.body, created_at = excluded.created_at, provider = excluded.provider,"
     " endpoint = excluded.endpoint, model = excluded.model, namespace = excluded.namespace,"
     " ttl = excluded.ttl, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,"
-    " size = excluded.size, used_at = excluded.used_at"
+    " cached_input_tokens = excluded.cached_input_tokens, cache_write_tokens = excluded.cache_write_tokens,"
+    " upstream_seconds = excluded.upstream_seconds, size = excluded.size, used_at = excluded.used_at"
 )
 
 
@@ -594,6 +607,9 @@ def _row(key: str, entry: CachedResponse, size: int) -> tuple[Any, ...]:
         entry.ttl,
         entry.input_tokens,
         entry.output_tokens,
+        entry.cached_input_tokens,
+        entry.cache_write_tokens,
+        entry.upstream_seconds,
         size,
         entry.created_at,
     )

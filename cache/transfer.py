@@ -24,6 +24,9 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "ttl": (int, float),
     "input_tokens": int,
     "output_tokens": int,
+    "cached_input_tokens": int,
+    "cache_write_tokens": int,
+    "upstream_seconds": (int, float),
 }
 
 
@@ -85,5 +88,8 @@ def line_to_entry(line: str) -> tuple[str, CachedResponse]:
         ttl=record.get("ttl"),
         input_tokens=record.get("input_tokens"),
         output_tokens=record.get("output_tokens"),
+        cached_input_tokens=record.get("cached_input_tokens"),
+        cache_write_tokens=record.get("cache_write_tokens"),
+        upstream_seconds=record.get("upstream_seconds"),
     )
     return record["key"], entry

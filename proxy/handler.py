@@ -28,6 +28,7 @@ from providers import Provider
 from proxy.access import presents_key
 from proxy.coalesce import Flight, Flights
 from proxy.errors import ProxyError, error_response
+from proxy.exchange import of as exchange_of
 from proxy.headers import Headers, client_response_headers, scope_headers, upstream_request_headers
 from proxy.intake import declared_length, is_chunked, read_request_body, stream_request_body, too_large
 from proxy.responses import BufferedResponse, RelayResponse, upstream_chunks
@@ -168,11 +169,14 @@ class Proxy:
                 401, "A valid proxy API key is required (Authorization: Bearer or x-api-key).", "invalid_api_key"
             )
         provider, rest = resolve_route(scope.get("raw_path") or scope["path"].encode(), self.providers)
+        exchange = exchange_of(scope)
         query: bytes = scope.get("query_string", b"")
         strip_client_key = bool(self.proxy_keys)
         upstream = Upstream(provider, rest, query, client_headers, strip_client_key)
         endpoint_path = rest.decode("latin-1")
         endpoint = generation_endpoint(endpoint_path)
+        if exchange is not None:
+            exchange.provider, exchange.endpoint = provider.name, endpoint
         method: str = scope["method"]
         if method != "POST" or endpoint is None:
             self._refuse_if_offline()
@@ -200,6 +204,8 @@ class Proxy:
         except RecursionError as exc:
             raise ProxyError(400, "The JSON body is nested too deeply.", "invalid_json") from exc
         model = payload.get("model")
+        if exchange is not None:
+            exchange.model, exchange.key = (model if isinstance(model, str) else None), key
         pending = PendingEntry(
             key=key,
             provider=provider.name,
@@ -290,10 +296,12 @@ class Proxy:
         stale: Stale | None,
     ) -> ASGIApp:
         """A complete (not streamed) upstream answer, stored once it was sent, so storing never delays it."""
+        asked_at = anyio.current_time()
         try:
             with anyio.move_on_after(self.total_timeout) as deadline:
                 response = await self.http.open(upstream.provider, "POST", upstream.url, upstream.headers, body)
                 answer_body = await read_body(response, upstream.provider)
+            upstream_seconds = anyio.current_time() - asked_at
             if deadline.cancelled_caught:
                 raise self._past_total_timeout(upstream.provider)
         except ProxyError as error:
@@ -306,7 +314,9 @@ class Proxy:
         response_headers = response.headers.multi_items()
 
         async def store() -> None:
-            stored = storing and await self._store(pending, response.status_code, response_headers, answer_body)
+            stored = storing and await self._store(
+                pending, response.status_code, response_headers, answer_body, upstream_seconds
+            )
             if flight is not None:
                 self.flights.land(pending.key, flight, complete=True, stored=stored)
 
@@ -410,7 +420,9 @@ class Proxy:
                 "not_cached",
             )
 
-    async def _store(self, pending: PendingEntry, status: int, headers: Headers, body: bytes) -> bool:
+    async def _store(
+        self, pending: PendingEntry, status: int, headers: Headers, body: bytes, upstream_seconds: float
+    ) -> bool:
         """Store the answer if it may be stored; True when the store has it."""
         if len(body) > self.settings.max_cache_entry_bytes or not is_storable(status, headers, body, pending.endpoint):
             return False
@@ -428,6 +440,7 @@ class Proxy:
             ttl=pending.ttl,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
+            upstream_seconds=upstream_seconds,
         )
         try:
             await self.backend.set(pending.key, entry)
@@ -491,7 +504,8 @@ class Proxy:
         key = pending.key if pending is not None else None
         provider = upstream.provider
         headers = [*upstream.headers, *extra_headers]
-        deadline = anyio.current_time() + self.total_timeout
+        asked_at = anyio.current_time()
+        deadline = asked_at + self.total_timeout
         try:
             with anyio.move_on_after(self.total_timeout) as waited:
                 response = await self.http.open(provider, method, upstream.url, headers, content)
@@ -531,7 +545,8 @@ class Proxy:
         async def ended(completed: bool) -> None:
             stored = False
             if completed and store and recorded_bytes <= size_limit:
-                stored = await self._store(pending, response.status_code, upstream_headers, b"".join(recorded))
+                answer, upstream_seconds = b"".join(recorded), anyio.current_time() - asked_at
+                stored = await self._store(pending, response.status_code, upstream_headers, answer, upstream_seconds)
             if flight is not None:
                 self.flights.land(pending.key, flight, complete=completed, stored=stored)
 

@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     log_level: LogLevel = "info"
+    access_log: bool = True
+    log_format: Literal["text", "json"] = "text"
 
     openai_api_key: SecretStr | None = None
     anthropic_api_key: SecretStr | None = None

@@ -46,25 +46,30 @@ def started_together(
 ) -> Iterator[list[tuple[str, subprocess.Popen[bytes]]]]:
     """Start several proxies at once (each takes a second or two to import) and wait until all answer."""
     launched: list[tuple[str, subprocess.Popen[bytes]]] = []
+    logs: list[Path] = []
     try:
         for command, env in zip(commands, envs, strict=True):
             port = free_port()
-            process = subprocess.Popen(
-                [*command, "--host", "127.0.0.1", "--port", str(port)],
-                cwd=cwd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
+            # Output goes to a file: a pipe nobody reads fills up with access log lines and stalls the proxy.
+            output = cwd / f"proxy-{port}.log"
+            with output.open("wb") as log:
+                process = subprocess.Popen(
+                    [*command, "--host", "127.0.0.1", "--port", str(port)],
+                    cwd=cwd,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             launched.append((f"http://127.0.0.1:{port}", process))
+            logs.append(output)
         deadline = time.monotonic() + 20
-        for base, process in launched:
+        for (base, process), output in zip(launched, logs, strict=True):
             while True:
                 try:
                     httpx.get(f"{base}/healthz", timeout=0.5)
                     break
                 except httpx.TransportError:
-                    assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+                    assert process.poll() is None, output.read_text(errors="replace")
                     assert time.monotonic() < deadline, "the proxy did not start"
                     time.sleep(0.1)
         yield launched

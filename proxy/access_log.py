@@ -1,0 +1,127 @@
+"""The access log: one line per request, written after its response ended (ACCESS_LOG, LOG_FORMAT).
+
+Never a credential and never a body: the path is logged without its query string (some clients put keys
+there), and the cache key only as a short prefix. Lines are kept in memory and written a batch at a
+time, off the request path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Literal, TextIO
+
+import anyio
+
+from proxy.exchange import Exchange
+
+LogFormat = Literal["text", "json"]
+FLUSH_INTERVAL = 0.2
+# Written at once when this many lines wait, whatever the interval.
+_BATCH = 512
+KEY_PREFIX_LENGTH = 12
+_MAX_FIELD = 200
+
+
+def _milliseconds(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 3) if seconds is not None else None
+
+
+def _quoted(value: str | None) -> str:
+    """A field of the text format: quoted, with quotes, backslashes and control characters escaped, so a
+    client cannot forge a line."""
+    if not value:
+        return '"-"'
+    escaped = json.dumps(value[:_MAX_FIELD], ensure_ascii=True)[1:-1]
+    return f'"{escaped}"'
+
+
+def _bare(value: str | None) -> str:
+    return _quoted(value)[1:-1].replace(" ", "%20") if value else "-"
+
+
+def text_line(exchange: Exchange) -> str:
+    """nginx's combined log format, then the cache status and what the proxy knows of the request:
+    provider, endpoint, model, seconds, seconds to the first byte, key prefix."""
+    stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(exchange.at))
+    request = f"{exchange.method} {exchange.path} HTTP/1.1"
+    ttfb = exchange.time_to_first_byte if exchange.streamed else None
+    fields = [
+        _bare(exchange.client),
+        "-",
+        "-",
+        f"[{stamp}]",
+        _quoted(request),
+        str(exchange.status),
+        str(exchange.sent_bytes),
+        '"-"',
+        _quoted(exchange.user_agent),
+        _bare(exchange.cache_status),
+        _bare(exchange.provider),
+        _bare(exchange.endpoint),
+        _quoted(exchange.model),
+        f"{exchange.duration:.3f}",
+        f"{ttfb:.3f}" if ttfb is not None else "-",
+        _bare(exchange.key[:KEY_PREFIX_LENGTH] if exchange.key else None),
+    ]
+    return " ".join(fields)
+
+
+def json_line(exchange: Exchange) -> str:
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(exchange.at)) + f".{int(exchange.at * 1000) % 1000:03d}Z"
+    record = {
+        "time": stamp,
+        "client": exchange.client,
+        "method": exchange.method,
+        "path": exchange.path,
+        "status": exchange.status,
+        "bytes": exchange.sent_bytes,
+        "cache_status": exchange.cache_status,
+        "coalesced": exchange.coalesced,
+        "provider": exchange.provider,
+        "endpoint": exchange.endpoint,
+        "model": exchange.model[:_MAX_FIELD] if exchange.model else None,
+        "duration_ms": _milliseconds(exchange.duration),
+        "ttfb_ms": _milliseconds(exchange.time_to_first_byte) if exchange.streamed else None,
+        "key": exchange.key[:KEY_PREFIX_LENGTH] if exchange.key else None,
+        "user_agent": exchange.user_agent[:_MAX_FIELD] or None,
+    }
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+FORMATTERS: dict[str, Callable[[Exchange], str]] = {"text": text_line, "json": json_line}
+
+
+class AccessLog:
+    """Lines waiting to be written; `flush_periodically` writes them, and so does shutdown."""
+
+    def __init__(self, log_format: LogFormat, stream: TextIO | None = None) -> None:
+        self._format = FORMATTERS[log_format]
+        self._stream = stream
+        self._waiting: list[Exchange] = []
+        self._full = anyio.Event()
+
+    def add(self, exchange: Exchange) -> None:
+        self._waiting.append(exchange)
+        if len(self._waiting) >= _BATCH:
+            self._full.set()
+
+    def flush(self) -> None:
+        if not self._waiting:
+            return
+        waiting, self._waiting = self._waiting, []
+        stream = self._stream if self._stream is not None else sys.stdout
+        try:
+            stream.write("".join(self._format(exchange) + "\n" for exchange in waiting))
+            stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stdout must not take requests down with it
+
+    async def flush_periodically(self) -> None:
+        while True:
+            with anyio.move_on_after(FLUSH_INTERVAL):
+                await self._full.wait()
+            self._full = anyio.Event()
+            self.flush()

@@ -1,0 +1,94 @@
+"""One request and its response as the access log and the metrics see them, measured at the ASGI edge."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.types import Message, Scope, Send
+
+# Where the proxy's handler finds the exchange of the request it serves, to say what it was.
+SCOPE_KEY = "openai_proxy.exchange"
+
+
+@dataclass
+class Exchange:
+    method: str
+    path: str
+    client: str
+    user_agent: str
+    started: float  # time.perf_counter()
+    at: float  # time.time(), for the log line
+    provider: str | None = None
+    endpoint: str | None = None
+    model: str | None = None
+    key: str | None = None
+    status: int = 0
+    cache_status: str | None = None
+    coalesced: bool = False
+    streamed: bool = False
+    sent_bytes: int = 0
+    first_byte: float | None = None
+    ended: float | None = None
+
+    @property
+    def duration(self) -> float:
+        return (self.ended if self.ended is not None else time.perf_counter()) - self.started
+
+    @property
+    def time_to_first_byte(self) -> float | None:
+        return self.first_byte - self.started if self.first_byte is not None else None
+
+
+def begin(scope: Scope) -> Exchange:
+    user_agent = ""
+    for name, value in scope.get("headers", ()):
+        if name == b"user-agent":
+            user_agent = value.decode("latin-1")
+            break
+    client = scope.get("client")
+    exchange = Exchange(
+        method=scope.get("method", ""),
+        path=scope.get("path", ""),
+        client=client[0] if client else "-",
+        user_agent=user_agent,
+        started=time.perf_counter(),
+        at=time.time(),
+    )
+    scope[SCOPE_KEY] = exchange
+    return exchange
+
+
+def of(scope: Scope) -> Exchange | None:
+    exchange: Exchange | None = scope.get(SCOPE_KEY)
+    return exchange
+
+
+def observing(send: Send, exchange: Exchange) -> Send:
+    """`send`, noting the status, cache status, bytes and first body byte of the response on the way."""
+
+    async def observed(message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            body: bytes = message.get("body", b"")
+            if body:
+                if exchange.first_byte is None:
+                    exchange.first_byte = time.perf_counter()
+                exchange.sent_bytes += len(body)
+        elif kind == "http.response.start":
+            exchange.status = message["status"]
+            _note_headers(exchange, message.get("headers", ()))
+        await send(message)
+
+    return observed
+
+
+def _note_headers(exchange: Exchange, headers: Any) -> None:
+    for name, value in headers:
+        if name == b"x-cache-status":
+            exchange.cache_status = value.decode("latin-1")
+        elif name == b"x-cache-coalesced":
+            exchange.coalesced = True
+        elif name == b"content-type" and value.startswith(b"text/event-stream"):
+            exchange.streamed = True
