@@ -10,12 +10,14 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 import anyio
@@ -30,24 +32,29 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from cache import CacheBackend, CacheError, CacheHealth, SqliteBackend
+from cache.base import CacheStatistics
 from cache.health import Operation
+from cache.keys import GENERATION_ENDPOINTS
 from cache.memory import TieredBackend
-from cache.redis_backend import RedisBackend
-from cache.redis_flights import RedisFlights
+from cache.prices import PriceTable, parse_price_overrides
+from cache.usage import Usage, entry_usage
 from proxy import commands
 from proxy.access_log import AccessLog
 from proxy.admin import AdminApi
 from proxy.errors import ProxyError, error_response
 from proxy.exchange import begin, observing
 from proxy.handler import Proxy
+from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxy.metrics import MULTIPROCESS_DIRECTORY, Metrics, ModelLabels
 from proxy.server import HttpProtocol
 from proxy.settings import Settings, describe_invalid_settings
-from proxy.statistics import Statistics
+from proxy.statistics import Pricer, Statistics
 from proxy.upstream import UpstreamClient
 
 __all__ = ["Settings", "create_app", "main"]
 
 logger = logging.getLogger("openai_proxy")
+T = TypeVar("T")
 
 PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -65,9 +72,30 @@ def upstream_transport() -> httpx.AsyncBaseTransport:
     return AiohttpTransport(client=session)
 
 
+class LoadedLater(Generic[T]):
+    """A value that takes a while to build (the price table: most of a second), built in a thread after
+    start-up rather than delaying it; `get` waits for it."""
+
+    def __init__(self, build: Callable[[], T]) -> None:
+        self._build = build
+        self.value: T | None = None
+        self._loaded = asyncio.Event()
+
+    async def load(self) -> None:
+        self.value = await anyio.to_thread.run_sync(self._build)
+        self._loaded.set()
+
+    async def get(self) -> T:
+        await self._loaded.wait()
+        assert self.value is not None
+        return self.value
+
+
 def build_backend(settings: Settings) -> CacheBackend:
     """The cache store the settings name (CACHE_BACKEND)."""
     if settings.cache_backend == "redis":
+        from cache.redis_backend import RedisBackend  # redis-py takes a while to import: only when used
+
         return RedisBackend(
             settings.redis_url.get_secret_value(),
             cluster=settings.redis_cluster,
@@ -95,16 +123,37 @@ def create_app(
     limited = bool(settings.cache_max_entries or settings.cache_max_bytes)
     store = backend if backend is not None else build_backend(settings)
     tiered = TieredBackend(store, settings.memory_cache_bytes, evicts=limited)
-    shared_flights = (
-        RedisFlights(store, settings.cache_lock_timeout)
-        if isinstance(store, RedisBackend) and settings.cache_lock_timeout > 0
-        else None
-    )
+    shared_flights = None
+    if store.name == "redis" and settings.cache_lock_timeout > 0:
+        from cache.redis_backend import RedisBackend
+        from cache.redis_flights import RedisFlights
+
+        assert isinstance(store, RedisBackend)
+        shared_flights = RedisFlights(store, settings.cache_lock_timeout)
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
     client = UpstreamClient(http if http is not None else upstream_transport(), timeout)
+    prices = LoadedLater(
+        lambda: PriceTable(parse_price_overrides(settings.price_overrides) if settings.price_overrides else None)
+    )
+    known_usage = Usage(input_tokens=1, output_tokens=1)
+
+    def known_model(provider: str, model: str) -> bool:
+        table = prices.value
+        return table is not None and table.cost(provider, model, known_usage) is not None
+
+    async def pricer() -> Pricer:
+        table = await prices.get()
+        return lambda entry: table.cost(entry.provider, entry.model, entry_usage(entry))
+
+    models = ModelLabels(known=known_model)
+    metrics = Metrics(set(settings.providers()), set(GENERATION_ENDPOINTS), models)
     # SQLite reads go on while writes fail (a lock, a full disk); a Redis outage stops both.
-    health = CacheHealth(tiered.name, operations_fail_apart=store.name != "redis")
-    statistics = Statistics(tiered, health)
+    health = CacheHealth(
+        tiered.name,
+        operations_fail_apart=store.name != "redis",
+        on_failure=lambda operation: metrics.store_failures.labels(operation.value).inc(),
+    )
+    statistics = Statistics(tiered, health, pricer)
     proxy = Proxy(settings, tiered, health, client, statistics, clock, shared_flights)
     admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
     admin = AdminApi(tiered, statistics, admin_key, proxy.proxy_keys, clock)
@@ -119,6 +168,7 @@ def create_app(
             health.failed(Operation.READ, exc)
         try:
             async with anyio.create_task_group() as background:
+                background.start_soon(prices.load)
                 background.start_soon(statistics.flush_periodically)
                 background.start_soon(tiered.sync_periodically)
                 background.start_soon(tiered.maintain)
@@ -150,25 +200,40 @@ def create_app(
         cache = {"backend": tiered.name, "ok": reason is None, "reason": reason}
         return JSONResponse({"status": "ok" if reason is None else "degraded", "cache": cache})
 
+    @app.get("/metrics")
+    async def metrics_page(request: Request) -> Response:
+        try:
+            if not settings.metrics_public:
+                admin.authorize(request)
+        except ProxyError as error:
+            return error_response(error)
+        await statistics.flush()
+        try:
+            figures: CacheStatistics | None = await tiered.statistics()
+        except CacheError:
+            figures = None
+        return Response(metrics.exposition(figures, health.state()), media_type=METRICS_CONTENT_TYPE)
+
     @app.api_route("/cache", methods=PROXIED_METHODS)
     @app.api_route("/cache/{path:path}", methods=PROXIED_METHODS)
     async def cache_admin(request: Request) -> Response:
         return await admin.serve(request)
 
-    return ProxyApp(proxy, app, access_log)
+    return ProxyApp(proxy, app, metrics, access_log)
 
 
 # First path segments the proxy's own routes answer; every other path is proxied.
-OWN_ROUTES = frozenset({"healthz", "cache"})
+OWN_ROUTES = frozenset({"healthz", "cache", "metrics"})
 
 
 class ProxyApp:
     """The ASGI application. Proxied paths go straight to the proxy, with no framework in the way of a
     hit; the proxy's own routes (/healthz, /cache) and the lifespan go to the FastAPI app."""
 
-    def __init__(self, proxy: Proxy, api: FastAPI, access_log: AccessLog | None = None) -> None:
+    def __init__(self, proxy: Proxy, api: FastAPI, metrics: Metrics, access_log: AccessLog | None = None) -> None:
         self.proxy = proxy
         self.api = api
+        self.metrics = metrics
         self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -182,7 +247,9 @@ class ProxyApp:
             else:
                 await self.api(scope, receive, observing(send, exchange))
         finally:
-            exchange.ended = time.perf_counter()
+            if exchange.ended is None:
+                exchange.ended = time.perf_counter()
+            self.metrics.observe(exchange)
             if self.access_log is not None:
                 self.access_log.add(exchange)
 
@@ -315,8 +382,11 @@ def main(argv: list[str] | None = None) -> None:
         "http": HttpProtocol,
     }
     if settings.workers > 1:
-        # Each worker process builds its own app from the environment.
-        uvicorn.run("openai_proxy:app", workers=settings.workers, **options)
+        # Each worker process builds its own app from the environment. Their request metrics meet in a
+        # directory of this server's own: two servers on one host never share it or wipe each other's.
+        with tempfile.TemporaryDirectory(prefix="openai-proxy-metrics-") as directory:
+            os.environ[MULTIPROCESS_DIRECTORY] = directory
+            uvicorn.run("openai_proxy:app", workers=settings.workers, **options)
     else:
         app = create_app(settings)
         tune_garbage_collection()

@@ -64,13 +64,27 @@ class EntryFilter:
 
 @dataclass(frozen=True)
 class Saving:
-    """What hits saved for one provider and model: tokens not paid for again."""
+    """What hits saved for one provider and model: tokens not paid for again, their price (in billionths
+    of a dollar, so sums stay exact), and the upstream's time. `unpriced_hits`: hits whose cost is unknown
+    (a model the price table does not know, or no usage reported); they count tokens but no dollars."""
 
     provider: str
     model: str
     hits: int
     input_tokens: int
     output_tokens: int
+    cost_nanos: int = 0
+    upstream_ms: int = 0
+    unpriced_hits: int = 0
+
+
+# The figures of a Saving after its provider and model, in order: how a Tally and the stores hold them.
+SAVING_FIGURES = ("hits", "input_tokens", "output_tokens", "cost_nanos", "upstream_ms", "unpriced_hits")
+
+
+def padded(figures: list[int]) -> list[int]:
+    """`figures` with every one of SAVING_FIGURES (those missing are 0)."""
+    return [*figures, *[0] * (len(SAVING_FIGURES) - len(figures))]
 
 
 @dataclass(frozen=True)
@@ -99,7 +113,7 @@ class Tally:
     stale: int = 0
     # key -> (hits, time of the last one)
     entry_hits: dict[str, tuple[int, float]] = field(default_factory=dict)
-    # (provider, model) -> [hits, input tokens, output tokens]
+    # (provider, model) -> figures, in the order of SAVING_FIGURES
     savings: dict[tuple[str, str], list[int]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -113,7 +127,7 @@ class Tally:
             previous, last = self.entry_hits.get(key, (0, 0.0))
             self.entry_hits[key] = (previous + count, max(last, at))
         for group, figures in other.savings.items():
-            totals = self.savings.setdefault(group, [0, 0, 0])
+            totals = self.savings.setdefault(group, padded([]))
             for index, value in enumerate(figures):
                 totals[index] += value
 

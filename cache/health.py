@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -25,14 +26,24 @@ class CacheState:
 
 
 class CacheHealth:
-    def __init__(self, backend: str, *, operations_fail_apart: bool = True) -> None:
+    def __init__(
+        self,
+        backend: str,
+        *,
+        operations_fail_apart: bool = True,
+        on_failure: Callable[[Operation], None] | None = None,
+    ) -> None:
         """`operations_fail_apart`: reads and writes are tracked (and logged) apart, as with SQLite;
-        otherwise, as with Redis, any failure is the store's outage and any success its end."""
+        otherwise, as with Redis, any failure is the store's outage and any success its end.
+        `on_failure` hears of every failure (the metrics count them)."""
         self.backend = backend
         self.apart = operations_fail_apart
+        self.on_failure = on_failure
         self._failures: dict[Operation | None, str] = {}
 
     def failed(self, operation: Operation, exc: CacheError) -> None:
+        if self.on_failure is not None:
+            self.on_failure(operation)
         tracked = operation if self.apart else None
         if tracked not in self._failures:
             what = f"{operation.value}s fail" if self.apart else "fails"

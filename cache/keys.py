@@ -20,9 +20,8 @@ KEY_VERSION = 2
 # A generation endpoint is the last part of a versioned path: `v1/chat/completions`,
 # `compatibility/v1/chat/completions`, `v2/chat`. Anything deeper (`v1/threads/x/messages`,
 # `v1/responses/{id}`) is not a generation and is never cached.
-_GENERATION_PATH = re.compile(
-    r"^(?:.*/)?v\d+(?:alpha|beta)?/(chat/completions|completions|embeddings|responses|messages|chat)$"
-)
+GENERATION_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages", "chat")
+_GENERATION_PATH = re.compile(r"^(?:.*/)?v\d+(?:alpha|beta)?/(" + "|".join(GENERATION_ENDPOINTS) + ")$")
 
 # Fields that make up "the conversation" in messages mode.
 CONTENT_FIELDS = (

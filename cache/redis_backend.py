@@ -32,7 +32,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cache.base import CachedResponse, CacheError, CacheStatistics, EntryFilter, EntryInfo, Saving, Tally
+from cache.base import (
+    SAVING_FIGURES,
+    CachedResponse,
+    CacheError,
+    CacheStatistics,
+    EntryFilter,
+    EntryInfo,
+    Saving,
+    Tally,
+    padded,
+)
 
 logger = logging.getLogger("openai_proxy.cache")
 
@@ -175,10 +185,11 @@ return #expired
 """
 )
 
-# ARGV: kept, hits, misses, stale, entry count, then key, hits, at for each, then provider, model, hits,
-# input tokens, output tokens for each saving.
+# ARGV: kept, hits, misses, stale, entry count, then key, hits, at for each, then provider, model and the
+# SAVING_FIGURES of each saving (stored as fields "provider\\x1fmodel\\x1f<figure number>").
 _RECORD_SCRIPT = (
     _INDEX_FUNCTIONS
+    + f"local FIGURES = {len(SAVING_FIGURES)}\n"
     + """
 redis.call('HINCRBY', KEYS[9], 'hits', ARGV[2])
 redis.call('HINCRBY', KEYS[9], 'misses', ARGV[3])
@@ -197,10 +208,10 @@ for _ = 1, count do
 end
 while at <= #ARGV do
   local group = ARGV[at] .. '\\31' .. ARGV[at + 1] .. '\\31'
-  redis.call('HINCRBY', KEYS[12], group .. 'hits', ARGV[at + 2])
-  redis.call('HINCRBY', KEYS[12], group .. 'input', ARGV[at + 3])
-  redis.call('HINCRBY', KEYS[12], group .. 'output', ARGV[at + 4])
-  at = at + 5
+  for index = 1, FIGURES do
+    redis.call('HINCRBY', KEYS[12], group .. index, ARGV[at + 1 + index])
+  end
+  at = at + 2 + FIGURES
 end
 return 1
 """
@@ -491,8 +502,8 @@ class RedisBackend:
         args: list[Any] = [tally.hits, tally.misses, tally.stale, len(tally.entry_hits)]
         for key, (count, at) in tally.entry_hits.items():
             args += [key, count, repr(at)]
-        for (provider, model), (hits, inputs, outputs) in tally.savings.items():
-            args += [provider, model, hits, inputs, outputs]
+        for (provider, model), figures in tally.savings.items():
+            args += [provider, model, *padded(figures)]
         await self._script("record", args)
 
     async def statistics(self) -> CacheStatistics:
@@ -506,10 +517,10 @@ class RedisBackend:
                 return list(await pipe.execute())
 
         totals, counters, savings = await self.run("cache read", read)
-        figures: dict[tuple[str, str], dict[str, int]] = {}
+        figures: dict[tuple[str, str], list[int]] = {}
         for name, value in savings.items():
             provider, model, figure = name.decode().split("\x1f")
-            figures.setdefault((provider, model), {})[figure] = int(value)
+            figures.setdefault((provider, model), padded([]))[int(figure) - 1] = int(value)
         return CacheStatistics(
             entries=int(totals.get(b"entries", 0)),
             bytes=int(totals.get(b"bytes", 0)),
@@ -517,10 +528,7 @@ class RedisBackend:
             misses=int(counters.get(b"misses", 0)),
             evictions=int(counters.get(b"evictions", 0)),
             stale=int(counters.get(b"stale", 0)),
-            savings=[
-                Saving(provider, model, values.get("hits", 0), values.get("input", 0), values.get("output", 0))
-                for (provider, model), values in sorted(figures.items())
-            ],
+            savings=[Saving(provider, model, *values) for (provider, model), values in sorted(figures.items())],
         )
 
     async def prune(self) -> int:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import orjson
 from redis.typing import EncodableT, FieldT
@@ -56,6 +56,8 @@ class FlightReceiver(Protocol):
 class Lease:
     """This instance leads the flight of one key: what passes is mirrored to Redis, in order, by one
     writer task, so the request path never waits for Redis."""
+
+    leads: Literal[True] = True
 
     def __init__(self, flights: RedisFlights, key: str, token: str) -> None:
         self._flights = flights
@@ -121,6 +123,8 @@ class Lease:
 
 class RemoteLeader:
     """Another instance leads the flight of one key; its events are read from Redis."""
+
+    leads: Literal[False] = False
 
     def __init__(self, flights: RedisFlights, stream: str) -> None:
         self._flights = flights

@@ -16,7 +16,17 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from cache.base import CachedResponse, CacheError, CacheStatistics, EntryFilter, EntryInfo, Saving, Tally
+from cache.base import (
+    SAVING_FIGURES,
+    CachedResponse,
+    CacheError,
+    CacheStatistics,
+    EntryFilter,
+    EntryInfo,
+    Saving,
+    Tally,
+    padded,
+)
 
 logger = logging.getLogger("openai_proxy.cache")
 
@@ -102,6 +112,9 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE entries ADD COLUMN cached_input_tokens INTEGER",
         "ALTER TABLE entries ADD COLUMN cache_write_tokens INTEGER",
         "ALTER TABLE entries ADD COLUMN upstream_seconds REAL",
+        "ALTER TABLE savings ADD COLUMN cost_nanos INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE savings ADD COLUMN upstream_ms INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE savings ADD COLUMN unpriced_hits INTEGER NOT NULL DEFAULT 0",
     ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -479,10 +492,10 @@ class SqliteBackend:
                     [(at, key) for key, (_, at) in tally.entry_hits.items()],
                 )
             await db.executemany(
-                "INSERT INTO savings VALUES (?, ?, ?, ?, ?) ON CONFLICT (provider, model) DO UPDATE SET"
-                " hits = hits + excluded.hits, input_tokens = input_tokens + excluded.input_tokens,"
-                " output_tokens = output_tokens + excluded.output_tokens",
-                [(provider, model, *figures) for (provider, model), figures in tally.savings.items()],
+                f"INSERT INTO savings (provider, model, {', '.join(SAVING_FIGURES)})"
+                f" VALUES (?, ?, {', '.join('?' for _ in SAVING_FIGURES)}) ON CONFLICT (provider, model) DO UPDATE SET "
+                + ", ".join(f"{name} = {name} + excluded.{name}" for name in SAVING_FIGURES),
+                [(provider, model, *padded(figures)) for (provider, model), figures in tally.savings.items()],
             )
 
     async def statistics(self) -> CacheStatistics:
@@ -493,7 +506,7 @@ class SqliteBackend:
             async with db.execute("SELECT name, value FROM counters") as cursor:
                 counters: dict[str, int] = {name: value for name, value in await cursor.fetchall()}
             async with db.execute(
-                "SELECT provider, model, hits, input_tokens, output_tokens FROM savings ORDER BY provider, model"
+                f"SELECT provider, model, {', '.join(SAVING_FIGURES)} FROM savings ORDER BY provider, model"
             ) as cursor:
                 savings = [Saving(*row) for row in await cursor.fetchall()]
         except sqlite3.Error as exc:

@@ -2,35 +2,104 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from cache.convert import anthropic_stream_to_json, chat_stream_to_json
 from cache.sse import EVENT_STREAM, parse_events
 
+if TYPE_CHECKING:
+    from cache.base import CachedResponse
+
 Tokens = tuple[int | None, int | None]
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The tokens one answer reports; None where the answer does not say.
+
+    One convention for every provider, so that totals are comparable:
+
+    - `input_tokens`: ALL input tokens, including those read from and written to the provider's
+      prompt cache. OpenAI's `prompt_tokens` (and the Responses API's `input_tokens`) already count
+      them; Anthropic's `input_tokens` does not, so for Anthropic this is `input_tokens +
+      cache_read_input_tokens + cache_creation_input_tokens`.
+    - `cached_input_tokens`: the part of `input_tokens` read from the provider's cache (OpenAI
+      `*_tokens_details.cached_tokens`, Anthropic `cache_read_input_tokens`).
+    - `output_tokens`: output tokens (0 for embeddings, which have no output).
+    - `cache_write_tokens`: the part of `input_tokens` written to the provider's cache (Anthropic
+      `cache_creation_input_tokens`; `*_tokens_details.cache_write_tokens` where an OpenAI-compatible
+      provider reports it).
+
+    So the input billed at the plain input price is `input_tokens - cached_input_tokens -
+    cache_write_tokens` (None counting as 0).
+    """
+
+    input_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_write_tokens: int | None = None
+
+
+NO_USAGE = Usage()
+
+
+def entry_usage(entry: CachedResponse) -> Usage:
+    """The usage a stored entry keeps (its counts follow the convention of `Usage`)."""
+    return Usage(
+        input_tokens=entry.input_tokens,
+        cached_input_tokens=entry.cached_input_tokens,
+        output_tokens=entry.output_tokens,
+        cache_write_tokens=entry.cache_write_tokens,
+    )
+
+
 def reported_tokens(endpoint: str, content_type: str, body: bytes) -> Tokens:
-    """(input, output) tokens the answer's usage reports; None where it reports none."""
+    """(input, output) tokens the answer's usage reports; None where it reports none.
+
+    Input counts cached tokens too (see `Usage`)."""
+    usage = reported_usage(endpoint, content_type, body)
+    return usage.input_tokens, usage.output_tokens
+
+
+def reported_usage(endpoint: str, content_type: str, body: bytes) -> Usage:
+    """The usage a stored answer (JSON, or an SSE stream) reports, by the convention of `Usage`.
+
+    Understands OpenAI chat/completions, completions, responses and embeddings, Anthropic messages
+    (for streams: `message_start` carries the input side, `message_delta` the output) and Cohere
+    chat (billed units). Anything else, or anything malformed, reports `Usage()` (all None)."""
     answer = _as_json(endpoint, content_type, body)
     if not isinstance(answer, dict):
-        return None, None
+        return NO_USAGE
     usage = answer.get("usage")
     if endpoint == "chat":  # Cohere: billed units under `usage` (v2) or `meta` (v1)
         container = answer.get("usage") or answer.get("meta")
         usage = container.get("billed_units") if isinstance(container, dict) else None
     if not isinstance(usage, dict):
-        return None, None
+        return NO_USAGE
     if endpoint == "messages":
-        inputs = _sum(usage, "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-        return inputs, _int(usage.get("output_tokens"))
+        return Usage(
+            input_tokens=_sum(usage, "input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
+            cached_input_tokens=_int(usage.get("cache_read_input_tokens")),
+            output_tokens=_int(usage.get("output_tokens")),
+            cache_write_tokens=_int(usage.get("cache_creation_input_tokens")),
+        )
     inputs = _int(usage.get("prompt_tokens", usage.get("input_tokens")))
     outputs = _int(usage.get("completion_tokens", usage.get("output_tokens")))
     if endpoint == "embeddings" and inputs is not None:
         outputs = 0
-    return inputs, outputs
+    # Chat completions name the details after prompt_tokens, the Responses API after input_tokens.
+    details = usage.get("prompt_tokens_details", usage.get("input_tokens_details"))
+    if not isinstance(details, dict):
+        details = {}
+    return Usage(
+        input_tokens=inputs,
+        cached_input_tokens=_int(details.get("cached_tokens")),
+        output_tokens=outputs,
+        cache_write_tokens=_int(details.get("cache_write_tokens")),
+    )
 
 
 def _as_json(endpoint: str, content_type: str, body: bytes) -> Any:
@@ -51,7 +120,8 @@ def _as_json(endpoint: str, content_type: str, body: bytes) -> Any:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    """A token count: a non-negative JSON integer."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def _sum(usage: dict[str, Any], *names: str) -> int | None:

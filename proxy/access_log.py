@@ -99,7 +99,8 @@ class AccessLog:
 
     def __init__(self, log_format: LogFormat, stream: TextIO | None = None) -> None:
         self._format = FORMATTERS[log_format]
-        self._stream = stream
+        # Bound now: standard output as the server starts, whatever replaces sys.stdout later.
+        self._stream = stream if stream is not None else sys.stdout
         self._waiting: list[Exchange] = []
         self._full = anyio.Event()
 
@@ -112,10 +113,9 @@ class AccessLog:
         if not self._waiting:
             return
         waiting, self._waiting = self._waiting, []
-        stream = self._stream if self._stream is not None else sys.stdout
         try:
-            stream.write("".join(self._format(exchange) + "\n" for exchange in waiting))
-            stream.flush()
+            self._stream.write("".join(self._format(exchange) + "\n" for exchange in waiting))
+            self._stream.flush()
         except (OSError, ValueError):
             pass  # a closed or broken stdout must not take requests down with it
 

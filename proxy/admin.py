@@ -14,26 +14,31 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cache import CacheBackend, CacheError
-from cache.base import CacheStatistics, EntryFilter
+from cache.base import CacheStatistics, EntryFilter, Saving
 from cache.control import ControlError, parse_duration
 from proxy.access import is_loopback, presents_key
 from proxy.errors import ProxyError, error_response
 from proxy.headers import scope_headers
-from proxy.statistics import Statistics
+from proxy.statistics import NANOS_PER_DOLLAR, Statistics
 
 MAX_PAGE = 1000
 
 
+def _saved(savings: list[Saving]) -> dict[str, Any]:
+    return {
+        "hits": sum(saving.hits for saving in savings),
+        "input_tokens": sum(saving.input_tokens for saving in savings),
+        "output_tokens": sum(saving.output_tokens for saving in savings),
+        "cost_usd": sum(saving.cost_nanos for saving in savings) / NANOS_PER_DOLLAR,
+        "upstream_seconds": sum(saving.upstream_ms for saving in savings) / 1000,
+        "hits_without_price": sum(saving.unpriced_hits for saving in savings),
+    }
+
+
 def statistics_report(statistics: CacheStatistics) -> dict[str, Any]:
     """What `GET /cache/stats` and `openai-proxy stats` show."""
-    by_provider: dict[str, dict[str, int]] = {}
-    for saving in statistics.savings:
-        totals = by_provider.setdefault(saving.provider, {"hits": 0, "input_tokens": 0, "output_tokens": 0})
-        totals["hits"] += saving.hits
-        totals["input_tokens"] += saving.input_tokens
-        totals["output_tokens"] += saving.output_tokens
-    saved_input = sum(saving.input_tokens for saving in statistics.savings)
-    saved_output = sum(saving.output_tokens for saving in statistics.savings)
+    providers = sorted({saving.provider for saving in statistics.savings})
+    total = _saved(statistics.savings)
     return {
         "entries": statistics.entries,
         "bytes": statistics.bytes,
@@ -42,9 +47,22 @@ def statistics_report(statistics: CacheStatistics) -> dict[str, Any]:
         "hit_ratio": round(statistics.hit_ratio, 4),
         "evictions": statistics.evictions,
         "stale": statistics.stale,
-        "tokens_saved": {"input": saved_input, "output": saved_output, "total": saved_input + saved_output},
-        "by_provider": by_provider,
-        "by_model": [asdict(saving) for saving in statistics.savings],
+        "tokens_saved": {
+            "input": total["input_tokens"],
+            "output": total["output_tokens"],
+            "total": total["input_tokens"] + total["output_tokens"],
+        },
+        # Dollars only for hits whose price is known; `hits_without_price` counts the others.
+        "cost_saved_usd": total["cost_usd"],
+        "hits_without_price": total["hits_without_price"],
+        "upstream_seconds_saved": total["upstream_seconds"],
+        "by_provider": {
+            provider: _saved([saving for saving in statistics.savings if saving.provider == provider])
+            for provider in providers
+        },
+        "by_model": [
+            {"provider": saving.provider, "model": saving.model, **_saved([saving])} for saving in statistics.savings
+        ],
     }
 
 

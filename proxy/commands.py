@@ -52,11 +52,14 @@ async def show_statistics(backend: CacheBackend, as_json: bool) -> int:
         f"evictions     {report['evictions']}",
         f"stale served  {report['stale']}",
         f"tokens saved  {saved['total']} ({saved['input']} input, {saved['output']} output)",
+        f"cost saved    ${report['cost_saved_usd']:.6f} (hits of unknown price: {report['hits_without_price']})",
+        f"time saved    {report['upstream_seconds_saved']:.3f} s of upstream time",
     ]
     for row in report["by_model"]:
         model = f"{row['provider']} {row['model'] or '(no model)'}"
         lines.append(
-            f"  {model:<40} hits {row['hits']:<8} input {row['input_tokens']:<10} output {row['output_tokens']}"
+            f"  {model:<40} hits {row['hits']:<8} input {row['input_tokens']:<10} output {row['output_tokens']:<10}"
+            f" ${row['cost_usd']:.6f}  {row['upstream_seconds']:.3f} s"
         )
     out.write("\n".join(lines) + "\n")
     return 0

@@ -76,6 +76,8 @@ def observing(send: Send, exchange: Exchange) -> Send:
                 if exchange.first_byte is None:
                     exchange.first_byte = time.perf_counter()
                 exchange.sent_bytes += len(body)
+            if not message.get("more_body", False):
+                exchange.ended = time.perf_counter()  # work done after the answer (storing it) is not its time
         elif kind == "http.response.start":
             exchange.status = message["status"]
             _note_headers(exchange, message.get("headers", ()))

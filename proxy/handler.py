@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import anyio
 import orjson
@@ -21,9 +21,8 @@ from cache import CacheBackend, CachedResponse, CacheError, CacheHealth, cache_k
 from cache.control import ControlError, RequestControl, is_fresh, request_control
 from cache.health import Operation
 from cache.keys import credential_scope, is_storable
-from cache.redis_flights import Lease, RedisFlights
 from cache.replay import Replay, is_event_stream, replay
-from cache.usage import reported_tokens
+from cache.usage import reported_usage
 from providers import Provider
 from proxy.access import presents_key
 from proxy.coalesce import Flight, Flights
@@ -35,6 +34,9 @@ from proxy.responses import BufferedResponse, RelayResponse, upstream_chunks
 from proxy.settings import Settings
 from proxy.statistics import Statistics
 from proxy.upstream import RequestContent, UpstreamClient, close_quietly, read_body, upstream_url
+
+if TYPE_CHECKING:
+    from cache.redis_flights import RedisFlights
 
 logger = logging.getLogger("openai_proxy")
 
@@ -352,7 +354,7 @@ class Proxy:
             claim = await self.shared_flights.claim(key)
         except CacheError:
             return None  # Redis fails: coalesce within this instance only
-        if isinstance(claim, Lease):
+        if claim.leads:
             flight.mirror = claim
             return None
         flight.streamed = flight.with_usage = False  # until the leader's start says what it streams
@@ -427,7 +429,7 @@ class Proxy:
         if len(body) > self.settings.max_cache_entry_bytes or not is_storable(status, headers, body, pending.endpoint):
             return False
         content_type = _content_type(headers)
-        input_tokens, output_tokens = reported_tokens(pending.endpoint, content_type, body)
+        usage = reported_usage(pending.endpoint, content_type, body)
         entry = CachedResponse(
             status=status,
             content_type=content_type,
@@ -438,8 +440,10 @@ class Proxy:
             model=pending.model,
             namespace=pending.namespace,
             ttl=pending.ttl,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cached_input_tokens=usage.cached_input_tokens,
+            cache_write_tokens=usage.cache_write_tokens,
             upstream_seconds=upstream_seconds,
         )
         try:

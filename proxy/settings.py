@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validat
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from cache.keys import KeyConfig, KeyMode
+from cache.prices import parse_price_overrides
 from providers import BUILTIN_PROVIDERS, PROVIDER_NAME, RESERVED_NAMES, AuthStyle, Provider
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
@@ -92,6 +93,9 @@ class Settings(BaseSettings):
     cache_stale_if_error: bool = False
     proxy_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     admin_api_key: SecretStr | None = None
+    metrics_public: bool = False
+    # Prices for models the price table does not know: JSON, or the path of a JSON file (cache/prices.py).
+    price_overrides: str | None = None
 
     @field_validator(
         "openai_base_url",
@@ -105,6 +109,13 @@ class Settings(BaseSettings):
     @classmethod
     def _base_urls_are_http(cls, value: str | None) -> str | None:
         return _check_base_url(value)
+
+    @field_validator("price_overrides")
+    @classmethod
+    def _price_overrides_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_price_overrides(value)
+        return value
 
     @field_validator("redis_url")
     @classmethod

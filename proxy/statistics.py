@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+
 import anyio
 
 from cache import CacheBackend, CachedResponse, CacheError, CacheHealth
-from cache.base import Tally
+from cache.base import Tally, padded
 from cache.health import Operation
 
 FLUSH_INTERVAL = 1.0
 
 
+NANOS_PER_DOLLAR = 1_000_000_000
+
+
+Pricer = Callable[[CachedResponse], Decimal | None]
+
+
 class Statistics:
-    def __init__(self, backend: CacheBackend, health: CacheHealth) -> None:
+    def __init__(
+        self, backend: CacheBackend, health: CacheHealth, pricer: Callable[[], Awaitable[Pricer]] | None = None
+    ) -> None:
+        """`pricer`: gives, once ready, what an entry's usage cost in USD (None: unknown). Hits are priced
+        when they are written to the store, off the request path."""
         self.backend = backend
         self.health = health
+        self.pricer = pricer
         self._tally = Tally()
+        # Entries hit since the last flush, to price then: key -> (entry, hits)
+        self._unpriced: dict[str, tuple[CachedResponse, int]] = {}
         # One flush at a time: a flush asked for while another writes (GET /cache/stats during the
         # periodic one) returns only once everything counted before it is in the store.
         self._flushing = anyio.Lock()
@@ -25,10 +41,25 @@ class Statistics:
         tally.hits += 1
         count, _ = tally.entry_hits.get(key, (0, 0.0))
         tally.entry_hits[key] = (count + 1, at)
-        saved = tally.savings.setdefault((entry.provider, entry.model or ""), [0, 0, 0])
+        saved = tally.savings.setdefault((entry.provider, entry.model or ""), padded([]))
         saved[0] += 1
         saved[1] += entry.input_tokens or 0
         saved[2] += entry.output_tokens or 0
+        saved[4] += round((entry.upstream_seconds or 0.0) * 1000)
+        _, hits = self._unpriced.get(key, (entry, 0))
+        self._unpriced[key] = (entry, hits + 1)
+
+    async def _price_hits(self) -> None:
+        """Add what the hits since the last flush cost to the tally's savings."""
+        unpriced, self._unpriced = self._unpriced, {}
+        price = await self.pricer() if self.pricer is not None and unpriced else None
+        for entry, hits in unpriced.values():
+            saved = self._tally.savings.setdefault((entry.provider, entry.model or ""), padded([]))
+            cost = price(entry) if price is not None else None
+            if cost is None:
+                saved[5] += hits
+            else:
+                saved[3] += int(cost * NANOS_PER_DOLLAR) * hits
 
     def miss(self) -> None:
         self._tally.misses += 1
@@ -39,6 +70,7 @@ class Statistics:
     async def flush(self) -> None:
         """Write what was gathered; on failure keep it for the next flush, so no count is lost."""
         async with self._flushing:
+            await self._price_hits()
             if not self._tally:
                 return
             tally, self._tally = self._tally, Tally()

@@ -176,7 +176,13 @@ def store_settings(cache_backend: str, request: pytest.FixtureRequest, tmp_path:
     if cache_backend == "sqlite":
         return {}
     server: RedisServer = request.getfixturevalue("redis_server")
-    return {"cache_backend": "redis", "redis_url": server.url, "redis_key_prefix": f"test-{tmp_path.name}"}
+    return {
+        "cache_backend": "redis",
+        "redis_url": server.url,
+        "redis_key_prefix": f"test-{tmp_path.name}",
+        # A busy test machine can hold an event loop for longer than the default; outage tests set their own.
+        "redis_timeout": 2.0,
+    }
 
 
 def as_environment(settings: dict[str, Any]) -> dict[str, str]:

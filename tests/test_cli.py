@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -130,3 +131,22 @@ def test_kill_9_while_storing_leaves_only_whole_entries(tmp_path: Path, upstream
 
     assert asyncio.run(reopen()) is True
     assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_workers_share_a_metrics_directory_of_their_server_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each `openai-proxy --workers N` gets a fresh directory for its workers' metrics, removed at exit,
+    so their figures add up and two servers on one host never mix or wipe each other's."""
+    seen: list[tuple[str, bool, str]] = []
+
+    def run(app: str, **options: object) -> None:
+        directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        seen.append((directory, Path(directory).is_dir(), app))
+
+    monkeypatch.setattr("uvicorn.run", run)
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    main(["--workers", "2"])
+    main(["--workers", "2"])
+    (first, existed, app), (second, _, _) = seen
+    assert existed and app == "openai_proxy:app"
+    assert first != second, "two servers, two directories"
+    assert not Path(first).exists() and not Path(second).exists(), "removed when the server exits"

@@ -1,7 +1,7 @@
 """Several proxy instances sharing one cache: real processes on one Redis, or on one SQLite file.
 
-The processes start once for the module (they take seconds); the suite runs each module on one
-xdist worker (`--dist loadfile`).
+The processes take seconds to start, so they are module fixtures: each xdist worker that runs tests of
+this module starts them once.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -267,3 +268,43 @@ def test_a_proxy_on_a_redis_cluster_caches_streams_and_purges(
     assert httpx.delete(f"{base}/cache").json() == {"deleted": 7}
     assert httpx.post(f"{base}/v1/chat/completions", json=bodies[0]).headers["x-cache-status"] == "MISS"
     assert httpx.get(f"{base}/healthz").json()["cache"] == {"backend": "redis", "ok": True, "reason": None}
+
+
+def served(base: str) -> float:
+    """Requests to /v1/chat/completions this server counted, read from its /metrics."""
+    return _served_in(httpx.get(f"{base}/metrics").text)
+
+
+def _served_in(text: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "openai_proxy_requests_total" and sample.labels["endpoint"] == "chat/completions"
+    )
+
+
+def test_metrics_of_several_workers_are_those_of_the_whole_server(sqlite_workers: str, upstream: FakeUpstream) -> None:
+    base = sqlite_workers
+    before = served(base)
+
+    async def at_once(count: int, scrape: bool) -> list[float]:
+        # Many connections at once, so both workers take some (one alone would look right either way).
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as http:
+            if scrape:
+                pages = await asyncio.gather(*(http.get(f"{base}/metrics") for _ in range(count)))
+                return [_served_in(page.text) for page in pages]
+            await asyncio.gather(*(http.post(f"{base}/v1/chat/completions", json=chat_body()) for _ in range(count)))
+            return []
+
+    asyncio.run(at_once(40, scrape=False))
+    scrapes = asyncio.run(at_once(20, scrape=True))
+    assert {count - before for count in scrapes} == {40.0}, "every scrape counts every worker's requests"
+
+
+def test_two_servers_on_one_host_keep_their_metrics_apart(redis_pair: Pair, upstream: FakeUpstream) -> None:
+    a, b = redis_pair
+    before = served(a), served(b)
+    for base in (a, a, a, b, b):
+        httpx.post(f"{base}/v1/chat/completions", json=chat_body())
+    assert (served(a) - before[0], served(b) - before[1]) == (3.0, 2.0)

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from cache.usage import reported_tokens
+from cache.base import CachedResponse
+from cache.usage import Usage, entry_usage, reported_tokens, reported_usage
 from tests.servers import anthropic_events, anthropic_message, chat_chunks, chat_completion
 
 JSON = "application/json"
@@ -135,6 +136,8 @@ COHERE_V1 = {"text": "hi", "meta": {"billed_units": {"input_tokens": 4, "output_
 )
 def test_reported_tokens(endpoint: str, content_type: str, body: bytes, tokens: tuple[int | None, int | None]) -> None:
     assert reported_tokens(endpoint, content_type, body) == tokens
+    usage = reported_usage(endpoint, content_type, body)
+    assert (usage.input_tokens, usage.output_tokens) == tokens
 
 
 def test_anthropic_input_tokens_without_cache_fields_are_just_input_tokens() -> None:
@@ -195,6 +198,7 @@ def test_one_missing_count_leaves_only_that_side_unknown() -> None:
 )
 def test_garbage_reports_no_tokens(endpoint: str, content_type: str, body: bytes) -> None:
     assert reported_tokens(endpoint, content_type, body) == (None, None)
+    assert reported_usage(endpoint, content_type, body) == Usage()
 
 
 @pytest.mark.parametrize(
@@ -217,3 +221,248 @@ def test_garbage_reports_no_tokens(endpoint: str, content_type: str, body: bytes
 )
 def test_streams_of_the_wrong_shape_report_no_tokens_rather_than_fail(endpoint: str, body: bytes) -> None:
     assert reported_tokens(endpoint, "text/event-stream", body) == (None, None)
+    assert reported_usage(endpoint, "text/event-stream", body) == Usage()
+
+
+# Provider-side prompt caching: Usage counts all input in input_tokens, cached reads and cache
+# writes being parts of it, whatever the provider's own convention.
+
+OPENAI_CACHED_USAGE = {
+    "prompt_tokens": 2006,
+    "completion_tokens": 300,
+    "total_tokens": 2306,
+    "prompt_tokens_details": {"cached_tokens": 1920, "audio_tokens": 0},
+    "completion_tokens_details": {"reasoning_tokens": 0},
+}
+
+
+def chat_with_usage(usage: Any) -> dict[str, Any]:
+    return {**chat_completion(1, "gpt-4o-mini"), "usage": usage}
+
+
+def chat_stream_with_usage(usage: Any) -> bytes:
+    chunks = [json.loads(chunk.split(b"data: ", 1)[1]) for chunk in chat_chunks(1, "m", usage=True)[:-1]]
+    chunks[-1]["usage"] = usage
+    return b"".join(f"data: {json.dumps(chunk)}\n\n".encode() for chunk in chunks) + b"data: [DONE]\n\n"
+
+
+RESPONSE_CACHED_USAGE = {
+    "input_tokens": 5000,
+    "input_tokens_details": {"cached_tokens": 4096},
+    "output_tokens": 120,
+    "output_tokens_details": {"reasoning_tokens": 64},
+    "total_tokens": 5120,
+}
+
+
+def responses_stream_with_usage(usage: Any) -> bytes:
+    response = {**RESPONSE, "usage": usage}
+    return sse({"type": "response.created", "sequence_number": 0, "response": {**response, "usage": None}}) + sse(
+        {"type": "response.completed", "sequence_number": 1, "response": response}
+    )
+
+
+def anthropic_stream_with_final_cache_usage() -> bytes:
+    """Newer Anthropic streams repeat the cumulative input-side counts in message_delta."""
+    events = [json.loads(chunk.split(b"data: ", 1)[1]) for chunk in anthropic_events(1, "claude")]
+    events[0]["message"]["usage"].update(cache_creation_input_tokens=20, cache_read_input_tokens=300)
+    events[-2]["usage"].update(input_tokens=9, cache_creation_input_tokens=20, cache_read_input_tokens=300)
+    return sse(*events)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "content_type", "body", "usage"),
+    [
+        pytest.param("chat/completions", JSON, as_json(chat_completion(1, "m")), Usage(9, None, 3), id="chat-plain"),
+        pytest.param(
+            "chat/completions",
+            JSON,
+            as_json(chat_with_usage(OPENAI_CACHED_USAGE)),
+            Usage(input_tokens=2006, cached_input_tokens=1920, output_tokens=300),
+            id="chat-cached",
+        ),
+        pytest.param(
+            "chat/completions",
+            JSON,
+            as_json(chat_with_usage({**OPENAI_CACHED_USAGE, "prompt_tokens_details": None})),
+            Usage(2006, None, 300),
+            id="chat-details-null",
+        ),
+        pytest.param(
+            "chat/completions",
+            JSON,
+            as_json(chat_with_usage({**OPENAI_CACHED_USAGE, "prompt_tokens_details": {"cached_tokens": 0}})),
+            Usage(2006, 0, 300),
+            id="chat-nothing-cached",
+        ),
+        pytest.param(
+            "chat/completions",
+            JSON,
+            as_json(
+                chat_with_usage(
+                    {**OPENAI_CACHED_USAGE, "prompt_tokens_details": {"cached_tokens": 1000, "cache_write_tokens": 900}}
+                )
+            ),
+            Usage(input_tokens=2006, cached_input_tokens=1000, output_tokens=300, cache_write_tokens=900),
+            id="chat-openai-compatible-cache-writes",
+        ),
+        pytest.param(
+            "chat/completions",
+            STREAM,
+            b"".join(chat_chunks(1, "m", usage=True)),
+            Usage(9, None, 3),
+            id="chat-stream-plain",
+        ),
+        pytest.param(
+            "chat/completions",
+            STREAM,
+            chat_stream_with_usage(OPENAI_CACHED_USAGE),
+            Usage(input_tokens=2006, cached_input_tokens=1920, output_tokens=300),
+            id="chat-stream-cached",
+        ),
+        pytest.param("responses", JSON, as_json(RESPONSE), Usage(11, None, 22), id="responses-plain"),
+        pytest.param(
+            "responses",
+            JSON,
+            as_json({**RESPONSE, "usage": RESPONSE_CACHED_USAGE}),
+            Usage(input_tokens=5000, cached_input_tokens=4096, output_tokens=120),
+            id="responses-cached",
+        ),
+        pytest.param("responses", STREAM, responses_stream(), Usage(11, None, 22), id="responses-stream-plain"),
+        pytest.param(
+            "responses",
+            STREAM,
+            responses_stream_with_usage(RESPONSE_CACHED_USAGE),
+            Usage(input_tokens=5000, cached_input_tokens=4096, output_tokens=120),
+            id="responses-stream-cached",
+        ),
+        pytest.param(
+            "messages", JSON, as_json(anthropic_message(1, "claude")), Usage(9, None, 3), id="anthropic-plain"
+        ),
+        pytest.param(
+            "messages",
+            JSON,
+            as_json(anthropic_with_cache_usage()),
+            Usage(input_tokens=1109, cached_input_tokens=1000, output_tokens=3, cache_write_tokens=100),
+            id="anthropic-cached",
+        ),
+        pytest.param(
+            "messages",
+            JSON,
+            as_json({"usage": {"input_tokens": 0, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}),
+            Usage(input_tokens=0, cached_input_tokens=0, cache_write_tokens=0),
+            id="anthropic-zeros-without-output",
+        ),
+        pytest.param(
+            "messages", STREAM, b"".join(anthropic_events(1, "claude")), Usage(9, None, 3), id="anthropic-stream-plain"
+        ),
+        pytest.param(
+            "messages",
+            STREAM,
+            anthropic_stream_with_cache_usage(),
+            Usage(input_tokens=329, cached_input_tokens=300, output_tokens=3, cache_write_tokens=20),
+            id="anthropic-stream-cached",
+        ),
+        pytest.param(
+            "messages",
+            STREAM,
+            anthropic_stream_with_final_cache_usage(),
+            Usage(input_tokens=329, cached_input_tokens=300, output_tokens=3, cache_write_tokens=20),
+            id="anthropic-stream-cached-counts-repeated-at-the-end",
+        ),
+        pytest.param(
+            "embeddings",
+            JSON,
+            as_json({"object": "list", "data": [], "usage": {"prompt_tokens": 2, "total_tokens": 2}}),
+            Usage(2, None, 0),
+            id="embeddings",
+        ),
+        pytest.param("chat", JSON, as_json(COHERE_V2), Usage(5, None, 7), id="cohere"),
+    ],
+)
+def test_reported_usage(endpoint: str, content_type: str, body: bytes, usage: Usage) -> None:
+    assert reported_usage(endpoint, content_type, body) == usage
+
+
+def test_cached_tokens_are_part_of_the_input_for_every_provider() -> None:
+    """The same conversation, 1000 tokens of it read from the provider's cache, reads the same."""
+    openai = {"prompt_tokens": 1200, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 1000}}
+    anthropic = {"input_tokens": 200, "cache_read_input_tokens": 1000, "output_tokens": 5}
+
+    from_openai = reported_usage("chat/completions", JSON, as_json({"usage": openai}))
+    from_anthropic = reported_usage("messages", JSON, as_json({"usage": anthropic}))
+
+    assert from_openai.input_tokens == from_anthropic.input_tokens == 1200
+    assert from_openai.cached_input_tokens == from_anthropic.cached_input_tokens == 1000
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "usage", "expected"),
+    [
+        pytest.param(
+            "chat/completions",
+            {"prompt_tokens": 9, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": "5"}},
+            Usage(9, None, 3),
+            id="cached-as-string",
+        ),
+        pytest.param(
+            "chat/completions",
+            {"prompt_tokens": 9, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": True}},
+            Usage(9, None, 3),
+            id="cached-as-bool",
+        ),
+        pytest.param(
+            "chat/completions",
+            {"prompt_tokens": 9, "completion_tokens": 3, "prompt_tokens_details": [5]},
+            Usage(9, None, 3),
+            id="details-not-an-object",
+        ),
+        pytest.param(
+            "chat/completions",
+            {"prompt_tokens": -9, "completion_tokens": 3, "prompt_tokens_details": {"cached_tokens": -1}},
+            Usage(None, None, 3),
+            id="negative-counts",
+        ),
+        pytest.param(
+            "messages",
+            {"input_tokens": 9, "cache_read_input_tokens": 2.5, "cache_creation_input_tokens": -4, "output_tokens": 3},
+            Usage(9, None, 3),
+            id="anthropic-bad-cache-counts",
+        ),
+        pytest.param(
+            "messages",
+            {"cache_read_input_tokens": 7, "output_tokens": 3},
+            Usage(input_tokens=7, cached_input_tokens=7, output_tokens=3),
+            id="anthropic-without-input-tokens",
+        ),
+    ],
+)
+def test_bad_cache_counts_are_left_unknown(endpoint: str, usage: dict[str, Any], expected: Usage) -> None:
+    assert reported_usage(endpoint, JSON, as_json({"usage": usage})) == expected
+
+
+def test_usage_is_immutable_and_hashable() -> None:
+    usage = Usage(1, 2, 3, 4)
+
+    with pytest.raises(AttributeError):
+        usage.input_tokens = 5  # type: ignore[misc]
+    assert {usage: "x"}[Usage(1, 2, 3, 4)] == "x"
+
+
+def test_an_entry_keeps_the_usage_its_answer_reported() -> None:
+    body = as_json(anthropic_with_cache_usage())
+    usage = reported_usage("messages", JSON, body)
+    entry = CachedResponse(
+        status=200,
+        content_type=JSON,
+        body=body,
+        created_at=0.0,
+        provider="anthropic",
+        endpoint="v1/messages",
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        cache_write_tokens=usage.cache_write_tokens,
+    )
+
+    assert entry_usage(entry) == usage == Usage(1109, 1000, 3, 100)

@@ -1,0 +1,208 @@
+"""GET /metrics: Prometheus figures, produced with prometheus_client.
+
+Two kinds of figures:
+- per request (counts by provider, endpoint, cache status and status class; upstream and hit latency):
+  counted by each process. With several workers they live in prometheus_client's multiprocess files in
+  a directory private to this server (`openai-proxy --workers N` creates it and removes it at exit), so
+  every scrape sums every worker.
+- the cache's own (entries, bytes, hits, evictions, tokens saved...): read from the store at each
+  scrape, so they are the figures /cache/stats and `openai-proxy stats` show, whichever worker answers.
+
+Label values are bounded: providers and endpoints come from the proxy's own tables, cache statuses from
+its own list, and models from `ModelLabels`, so a client cannot create new series at will.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+from cache.base import CacheStatistics
+from cache.health import CacheState
+from proxy.exchange import Exchange
+from proxy.statistics import NANOS_PER_DOLLAR
+
+MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
+OTHER = "other"
+NONE = "none"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CACHE_STATUSES = frozenset({"HIT", "MISS", "BYPASS", "EXPIRED", "REFRESH", "STALE"})
+# Seconds: a hit takes milliseconds, an upstream answer up to minutes.
+_HIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class ModelLabels:
+    """Model names as label values: a name `known` for its provider, or one of the first `limit` names
+    seen per provider; any other is `other`."""
+
+    def __init__(self, known: Callable[[str, str], bool] | None = None, limit: int = 50) -> None:
+        self._known = known
+        self._limit = limit
+        self._seen: dict[str, set[str]] = {}
+
+    def __call__(self, provider: str, model: str | None) -> str:
+        if not model:
+            return NONE
+        seen = self._seen.setdefault(provider, set())
+        if model in seen:
+            return model
+        if (self._known is not None and self._known(provider, model)) or len(seen) < self._limit:
+            seen.add(model)
+            return model
+        return OTHER
+
+
+class Metrics:
+    def __init__(self, providers: set[str], endpoints: set[str], models: ModelLabels) -> None:
+        self._providers = providers
+        self._endpoints = endpoints
+        self.models = models
+        self.directory = os.environ.get(MULTIPROCESS_DIRECTORY) or None
+        # Multiprocess values are written to files whatever registry holds them; alone, this app's own.
+        self._registry = CollectorRegistry() if self.directory is None else None
+        self.requests = Counter(
+            "openai_proxy_requests",
+            "Requests answered, by provider, endpoint, cache status and status class.",
+            ["provider", "endpoint", "cache_status", "status_class", "coalesced"],
+            registry=self._registry,
+        )
+        self.upstream_seconds = Histogram(
+            "openai_proxy_upstream_duration_seconds",
+            "Seconds from a request that went upstream to the end of its answer, by provider.",
+            ["provider"],
+            buckets=_UPSTREAM_BUCKETS,
+            registry=self._registry,
+        )
+        self.upstream_first_byte = Histogram(
+            "openai_proxy_upstream_first_byte_seconds",
+            "Seconds from a streamed request that went upstream to its first byte, by provider.",
+            ["provider"],
+            buckets=_UPSTREAM_BUCKETS,
+            registry=self._registry,
+        )
+        self.hit_seconds = Histogram(
+            "openai_proxy_hit_duration_seconds",
+            "Seconds the proxy took to answer a hit: its own added latency.",
+            buckets=_HIT_BUCKETS,
+            registry=self._registry,
+        )
+        self.store_failures = Counter(
+            "openai_proxy_cache_store_failures",
+            "Cache store operations that failed (the request was served anyway).",
+            ["operation"],
+            registry=self._registry,
+        )
+
+    def observe(self, exchange: Exchange) -> None:
+        """Count one finished request."""
+        provider = exchange.provider if exchange.provider in self._providers else NONE
+        endpoint = exchange.endpoint if exchange.endpoint in self._endpoints else OTHER
+        status = exchange.cache_status if exchange.cache_status in CACHE_STATUSES else NONE
+        status_class = f"{exchange.status // 100}xx" if exchange.status else "none"
+        coalesced = "true" if exchange.coalesced else "false"
+        self.requests.labels(provider, endpoint, status, status_class, coalesced).inc()
+        if status == "HIT" and not exchange.coalesced:
+            self.hit_seconds.observe(exchange.duration)
+        elif provider != NONE and status in ("MISS", "BYPASS", "EXPIRED", "REFRESH", NONE) and exchange.status < 500:
+            self.upstream_seconds.labels(provider).observe(exchange.duration)
+            first_byte = exchange.time_to_first_byte
+            if exchange.streamed and first_byte is not None:
+                self.upstream_first_byte.labels(provider).observe(first_byte)
+
+    def exposition(self, statistics: CacheStatistics | None, state: CacheState) -> bytes:
+        """The text a scrape gets: this server's request figures and the store's own."""
+        registry = self._registry
+        if registry is None:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
+        scrape = CollectorRegistry()
+        scrape.register(_Merged(registry, _StoreFigures(statistics, state, self.models)))
+        return generate_latest(scrape)
+
+
+class _Merged(Collector):
+    def __init__(self, registry: CollectorRegistry, store: Collector) -> None:
+        self._registry = registry
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._registry.collect()
+        yield from self._store.collect()
+
+
+class _StoreFigures(Collector):
+    """The cache store's figures at the moment of the scrape (None: the store could not be read)."""
+
+    def __init__(self, statistics: CacheStatistics | None, state: CacheState, models: ModelLabels) -> None:
+        self._statistics = statistics
+        self._state = state
+        self._models = models
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "openai_proxy_cache_up", "1 when the cache store works, 0 when it fails.", labels=["backend"]
+        )
+        up.add_metric([self._state.backend], 1.0 if self._state.ok and self._statistics is not None else 0.0)
+        yield up
+        statistics = self._statistics
+        if statistics is None:
+            return
+        yield GaugeMetricFamily("openai_proxy_cache_entries", "Entries in the cache store.", value=statistics.entries)
+        yield GaugeMetricFamily("openai_proxy_cache_bytes", "Bytes of the stored answers.", value=statistics.bytes)
+        for name, documentation, value in (
+            ("openai_proxy_cache_hits", "Requests answered from the cache (coalesced ones included).", statistics.hits),
+            ("openai_proxy_cache_misses", "Cacheable requests the cache could not answer.", statistics.misses),
+            (
+                "openai_proxy_cache_evictions",
+                "Entries evicted to keep the cache within its limits.",
+                statistics.evictions,
+            ),
+            ("openai_proxy_cache_stale", "Expired entries served because the upstream failed.", statistics.stale),
+        ):
+            yield CounterMetricFamily(name, documentation, value=value)
+        tokens = CounterMetricFamily(
+            "openai_proxy_tokens_saved",
+            "Tokens that hits did not pay for again, as the provider reported them, by provider, model and kind.",
+            labels=["provider", "model", "kind"],
+        )
+        cost = CounterMetricFamily(
+            "openai_proxy_cost_saved_usd",
+            "US dollars that hits did not pay again, at the price table's prices, by provider and model.",
+            labels=["provider", "model"],
+        )
+        unpriced = CounterMetricFamily(
+            "openai_proxy_hits_without_price",
+            "Hits whose cost is unknown (unknown model or no usage): their tokens count, no dollars.",
+            labels=["provider", "model"],
+        )
+        upstream = CounterMetricFamily(
+            "openai_proxy_upstream_seconds_saved",
+            "Seconds the upstream took for the answers that hits replayed, by provider and model.",
+            labels=["provider", "model"],
+        )
+        totals: dict[tuple[str, str], list[float]] = {}
+        for saving in statistics.savings:
+            group = (saving.provider, self._models(saving.provider, saving.model))
+            figures = totals.setdefault(group, [0.0] * 5)
+            values = (
+                float(saving.input_tokens),
+                float(saving.output_tokens),
+                saving.cost_nanos / NANOS_PER_DOLLAR,
+                float(saving.unpriced_hits),
+                saving.upstream_ms / 1000,
+            )
+            for index, figure in enumerate(values):
+                figures[index] += figure
+        for (provider, model), (inputs, outputs, dollars, unknown, seconds) in sorted(totals.items()):
+            tokens.add_metric([provider, model, "input"], inputs)
+            tokens.add_metric([provider, model, "output"], outputs)
+            cost.add_metric([provider, model], dollars)
+            unpriced.add_metric([provider, model], unknown)
+            upstream.add_metric([provider, model], seconds)
+        yield from (tokens, cost, unpriced, upstream)

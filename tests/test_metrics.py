@@ -1,0 +1,179 @@
+"""GET /metrics, read with prometheus_client's own parser: each figure moves by exactly what was done."""
+
+from __future__ import annotations
+
+import genai_prices
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.metrics import ModelLabels
+from tests.conftest import ProxyFactory
+from tests.servers import FakeUpstream
+
+pytestmark = pytest.mark.both_backends
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(base: str, **headers: str) -> Samples:
+    response = httpx.get(f"{base}/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def requests(samples: Samples, cache_status: str, status_class: str = "2xx", **labels: str) -> float:
+    defaults = {"provider": "openai", "endpoint": "chat/completions", "coalesced": "false"}
+    return value(
+        samples,
+        "openai_proxy_requests_total",
+        **{**defaults, **labels, "cache_status": cache_status, "status_class": status_class},
+    )
+
+
+CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "count me"}]}
+
+
+def test_every_figure_moves_by_exactly_what_was_done(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    base = start_proxy()
+    before = scrape(base)
+    chat = f"{base}/v1/chat/completions"
+    assert httpx.post(chat, json=CHAT).headers["x-cache-status"] == "MISS"
+    assert httpx.post(chat, json=CHAT).headers["x-cache-status"] == "HIT"
+    assert httpx.post(chat, json=CHAT).headers["x-cache-status"] == "HIT"
+    streamed = {**CHAT, "messages": [{"role": "user", "content": "stream me"}], "stream": True}
+    assert httpx.post(chat, json=streamed).headers["x-cache-status"] == "MISS"
+    assert httpx.post(chat, json=CHAT, headers={"cache-control": "no-cache"}).headers["x-cache-status"] == "REFRESH"
+    assert httpx.post(chat, content=b"not json").headers["x-cache-status"] == "BYPASS"
+    assert httpx.post(f"{base}/nowhere/v1/chat/completions", json=CHAT).status_code == 404
+    after = scrape(base)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert requests(after, "MISS") - requests(before, "MISS") == 2
+    assert requests(after, "HIT") - requests(before, "HIT") == 2
+    assert requests(after, "REFRESH") - requests(before, "REFRESH") == 1
+    assert requests(after, "BYPASS", "4xx") - requests(before, "BYPASS", "4xx") == 1  # the upstream refused it
+    unknown = {"provider": "none", "endpoint": "other"}
+    assert requests(after, "none", "4xx", **unknown) - requests(before, "none", "4xx", **unknown) == 1
+    assert moved("openai_proxy_hit_duration_seconds_count") == 2
+    assert moved("openai_proxy_upstream_duration_seconds_count", provider="openai") == 4
+    assert moved("openai_proxy_upstream_first_byte_seconds_count", provider="openai") == 1
+    assert moved("openai_proxy_cache_hits_total") == 2
+    assert moved("openai_proxy_cache_misses_total") == 3  # the two misses and the refresh
+    assert value(after, "openai_proxy_cache_entries") == 2
+    assert value(after, "openai_proxy_cache_bytes") > 0
+    usage = httpx.post(chat, json=CHAT).json()["usage"]
+    after_one_more_hit = scrape(base)
+    saved = {"provider": "openai", "model": "gpt-4o-mini"}
+    assert (
+        value(after_one_more_hit, "openai_proxy_tokens_saved_total", **saved, kind="input")
+        == 3 * usage["prompt_tokens"]
+    )
+    assert value(after_one_more_hit, "openai_proxy_cache_up", backend=_backend(base)) == 1
+
+
+def _backend(base: str) -> str:
+    return str(httpx.get(f"{base}/healthz").json()["cache"]["backend"])
+
+
+def test_the_store_figures_are_those_of_cache_stats(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    base = start_proxy()
+    for content in ("a", "b", "a", "a"):
+        httpx.post(f"{base}/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": content}]})
+    samples = scrape(base)
+    stats = httpx.get(f"{base}/cache/stats").json()
+    assert value(samples, "openai_proxy_cache_hits_total") == stats["hits"] == 2
+    assert value(samples, "openai_proxy_cache_misses_total") == stats["misses"] == 2
+    assert value(samples, "openai_proxy_cache_entries") == stats["entries"]
+    assert value(samples, "openai_proxy_cache_bytes") == stats["bytes"]
+    saved = {"provider": "openai", "model": "gpt-4o-mini", "kind": "output"}
+    assert value(samples, "openai_proxy_tokens_saved_total", **saved) == stats["tokens_saved"]["output"]
+
+
+def test_metrics_follow_the_admin_rule_unless_public(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    guarded = start_proxy(admin_api_key="admin-secret")
+    assert httpx.get(f"{guarded}/metrics").status_code == 401
+    assert httpx.get(f"{guarded}/metrics").json()["error"]["code"] == "invalid_api_key"
+    scrape(guarded, authorization="Bearer admin-secret")
+    public = start_proxy(admin_api_key="admin-secret", metrics_public=True)
+    scrape(public)
+
+
+def test_a_failing_store_shows_as_down_and_counts_its_failures(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, tmp_path: object
+) -> None:
+    base = start_proxy(
+        cache_backend="redis", redis_url="redis://127.0.0.1:1/0", redis_timeout=0.1, redis_key_prefix="down"
+    )
+    httpx.post(f"{base}/v1/chat/completions", json=CHAT)
+    samples = scrape(base)
+    assert value(samples, "openai_proxy_cache_up", backend="redis") == 0
+    assert value(samples, "openai_proxy_cache_store_failures_total", operation="read") >= 1
+    assert requests(samples, "BYPASS") == 1
+
+
+def test_model_labels_are_bounded() -> None:
+    labels = ModelLabels(known=lambda provider, model: model.startswith("gpt-"), limit=3)
+    assert [labels("openai", f"custom-{number}") for number in range(5)] == [
+        "custom-0",
+        "custom-1",
+        "custom-2",
+        "other",
+        "other",
+    ]
+    assert labels("openai", "gpt-4o") == "gpt-4o", "a known model always has its own label"
+    assert labels("openai", "custom-1") == "custom-1"
+    assert labels("anthropic", "custom-9") == "custom-9", "the bound is per provider"
+    assert labels("openai", None) == "none"
+
+
+def test_hits_save_the_price_genai_prices_gives_and_unknown_models_save_tokens_only(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    base = start_proxy()
+    known = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "price me"}]}
+    unknown = {"model": "no-such-model-anywhere", "messages": [{"role": "user", "content": "price me not"}]}
+    usage = httpx.post(f"{base}/v1/chat/completions", json=known).json()["usage"]
+    for body in (known, known, unknown, unknown):
+        httpx.post(f"{base}/v1/chat/completions", json=body)
+    one_hit = genai_prices.calc_price(
+        genai_prices.Usage(input_tokens=usage["prompt_tokens"], output_tokens=usage["completion_tokens"]),
+        model_ref="gpt-4o-mini",
+        provider_id="openai",
+    ).total_price
+    assert one_hit > 0
+    stats = httpx.get(f"{base}/cache/stats").json()
+    assert stats["cost_saved_usd"] == pytest.approx(float(2 * one_hit), rel=1e-6)
+    assert stats["hits_without_price"] == 1, "the unknown model's hit: tokens, no dollars"
+    by_model = {row["model"]: row for row in stats["by_model"]}
+    assert by_model["no-such-model-anywhere"]["input_tokens"] > 0
+    assert by_model["no-such-model-anywhere"]["cost_usd"] == 0
+    assert stats["upstream_seconds_saved"] > 0
+    samples = scrape(base)
+    assert value(samples, "openai_proxy_cost_saved_usd_total", provider="openai", model="gpt-4o-mini") == pytest.approx(
+        float(2 * one_hit), rel=1e-6
+    )
+    unpriced = value(
+        samples, "openai_proxy_hits_without_price_total", provider="openai", model="no-such-model-anywhere"
+    )
+    assert unpriced == 1
+
+
+def test_price_overrides_price_a_private_model(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    base = start_proxy(price_overrides='{"local-llm": {"input": 1000000, "output": 2000000}}')
+    body = {"model": "local-llm", "messages": [{"role": "user", "content": "mine"}]}
+    usage = httpx.post(f"{base}/v1/chat/completions", json=body).json()["usage"]
+    httpx.post(f"{base}/v1/chat/completions", json=body)
+    expected = usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2  # dollars per token
+    assert httpx.get(f"{base}/cache/stats").json()["cost_saved_usd"] == pytest.approx(expected)
