@@ -22,8 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,7 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.processes import free_port, stop  # noqa: E402
 from tests.redis_servers import RedisServer  # noqa: E402
 
 WORDS = ("Coalescing ", "makes ", "identical ", "misses ", "cost ", "one ", "upstream ", "request.")
@@ -100,12 +99,6 @@ class CountingUpstream:
         yield b"data: [DONE]\n\n"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def serve_in_thread(app: Starlette, port: int) -> uvicorn.Server:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
@@ -138,15 +131,6 @@ def wait_for_proxy(port: int, process: subprocess.Popen[bytes], timeout: float =
             raise SystemExit(f"the proxy on port {port} has no usable Redis cache: {health}")
         return
     raise SystemExit(f"the proxy on port {port} did not come up")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @dataclass

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,6 +46,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.coalescing import measure_coalescing  # noqa: E402
+from bench.processes import free_port, stop  # noqa: E402
 from bench.stream_latency import measure_streaming  # noqa: E402
 from cache.keys import KeyConfig, cache_key  # noqa: E402
 from cache.sqlite import SqliteBackend  # noqa: E402
@@ -163,12 +163,6 @@ class Figures:
     errors: int
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_until_up(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> float:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -238,15 +232,6 @@ def start_proxy(port: int, upstream: int, database: Path, extra: dict[str, str])
     }
     command = ["taskset", "-c", "0", sys.executable, "-c", "import openai_proxy; openai_proxy.main()"]
     return subprocess.Popen([*command, "--port", str(port)], env=env)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def populate(database: Path, count: int) -> None:
