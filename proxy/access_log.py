@@ -7,6 +7,7 @@ time, off the request path.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -42,10 +43,15 @@ def _bare(value: str | None) -> str:
     return _quoted(value)[1:-1].replace(" ", "%20") if value else "-"
 
 
+@functools.lru_cache(maxsize=4)
+def _stamp(second: int) -> str:
+    return time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(second))
+
+
 def text_line(exchange: Exchange) -> str:
     """nginx's combined log format, then the cache status and what the proxy knows of the request:
     provider, endpoint, model, seconds, seconds to the first byte, key prefix."""
-    stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(exchange.at))
+    stamp = _stamp(int(exchange.at))
     request = f"{exchange.method} {exchange.path} HTTP/1.1"
     ttfb = exchange.time_to_first_byte if exchange.streamed else None
     fields = [

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -32,6 +33,8 @@ OTHER = "other"
 NONE = "none"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CACHE_STATUSES = frozenset({"HIT", "MISS", "BYPASS", "EXPIRED", "REFRESH", "STALE"})
+# Answers that came from the upstream (NONE: not cacheable, passed through).
+_FROM_UPSTREAM = frozenset({"MISS", "BYPASS", "EXPIRED", "REFRESH", NONE})
 # Seconds: a hit takes milliseconds, an upstream answer up to minutes.
 _HIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -98,22 +101,35 @@ class Metrics:
             ["operation"],
             registry=self._registry,
         )
+        # Label lookups take a lock and build a key: each label set's child is looked up once.
+        self._counted: dict[tuple[str, str, str, int, bool], Any] = {}
+        self._timings: dict[str, tuple[Any, Any]] = {}
 
     def observe(self, exchange: Exchange) -> None:
         """Count one finished request."""
         provider = exchange.provider if exchange.provider in self._providers else NONE
         endpoint = exchange.endpoint if exchange.endpoint in self._endpoints else OTHER
         status = exchange.cache_status if exchange.cache_status in CACHE_STATUSES else NONE
-        status_class = f"{exchange.status // 100}xx" if exchange.status else "none"
-        coalesced = "true" if exchange.coalesced else "false"
-        self.requests.labels(provider, endpoint, status, status_class, coalesced).inc()
+        labels = (provider, endpoint, status, exchange.status // 100, exchange.coalesced)
+        counted = self._counted.get(labels)
+        if counted is None:
+            status_class = f"{exchange.status // 100}xx" if exchange.status else "none"
+            counted = self.requests.labels(provider, endpoint, status, status_class, str(exchange.coalesced).lower())
+            self._counted[labels] = counted
+        counted.inc()
         if status == "HIT" and not exchange.coalesced:
             self.hit_seconds.observe(exchange.duration)
-        elif provider != NONE and status in ("MISS", "BYPASS", "EXPIRED", "REFRESH", NONE) and exchange.status < 500:
-            self.upstream_seconds.labels(provider).observe(exchange.duration)
+        elif provider != NONE and status in _FROM_UPSTREAM and exchange.status < 500:
+            timings = self._timings.get(provider)
+            if timings is None:
+                timings = self._timings[provider] = (
+                    self.upstream_seconds.labels(provider),
+                    self.upstream_first_byte.labels(provider),
+                )
+            timings[0].observe(exchange.duration)
             first_byte = exchange.time_to_first_byte
             if exchange.streamed and first_byte is not None:
-                self.upstream_first_byte.labels(provider).observe(first_byte)
+                timings[1].observe(first_byte)
 
     def exposition(self, statistics: CacheStatistics | None, state: CacheState) -> bytes:
         """The text a scrape gets: this server's request figures and the store's own."""

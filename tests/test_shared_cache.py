@@ -45,6 +45,7 @@ def redis_pair(
         CACHE_BACKEND="redis",
         REDIS_URL=redis_server.url,
         REDIS_KEY_PREFIX=f"pair-{uuid.uuid4().hex[:8]}",
+        REDIS_TIMEOUT="2",  # as in conftest's store_settings: a busy test machine is not an outage
     )
 
 
@@ -173,7 +174,12 @@ def test_concurrent_misses_through_two_instances_are_all_stored(
 
 def in_thread_pair(start_proxy: ProxyFactory, redis_server: RedisServer, **overrides: Any) -> Pair:
     """Two proxies in this process on one Redis: instances as far as the cache can tell, cheaply."""
-    settings = {"cache_backend": "redis", "redis_url": redis_server.url, "redis_key_prefix": uuid.uuid4().hex[:8]}
+    settings = {
+        "cache_backend": "redis",
+        "redis_url": redis_server.url,
+        "redis_key_prefix": uuid.uuid4().hex[:8],
+        "redis_timeout": 2.0,
+    }
     return start_proxy(**settings, **overrides), start_proxy(**settings, **overrides)
 
 
