@@ -74,20 +74,31 @@ def upstream_transport() -> httpx.AsyncBaseTransport:
 
 class LoadedLater(Generic[T]):
     """A value that takes a while to build (the price table: most of a second), built in a thread after
-    start-up rather than delaying it; `get` waits for it."""
+    start-up rather than delaying it; `get` waits for it (and builds it, if nothing has begun to)."""
 
     def __init__(self, build: Callable[[], T]) -> None:
         self._build = build
         self.value: T | None = None
+        self._begun = False
         self._loaded = asyncio.Event()
 
     async def load(self) -> None:
-        self.value = await anyio.to_thread.run_sync(self._build)
-        self._loaded.set()
+        self._begun = True
+        # Shielded: a shutdown that begins meanwhile waits for it, so `get` never waits for nothing.
+        with anyio.CancelScope(shield=True):
+            try:
+                self.value = await anyio.to_thread.run_sync(self._build)
+            except Exception:
+                logger.exception("could not build %s", self._build)
+            finally:
+                self._loaded.set()
 
     async def get(self) -> T:
+        if not self._begun:
+            await self.load()
         await self._loaded.wait()
-        assert self.value is not None
+        if self.value is None:
+            raise RuntimeError("the value could not be built")
         return self.value
 
 

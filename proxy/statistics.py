@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
@@ -12,6 +13,8 @@ from cache.base import Tally, padded
 from cache.health import Operation
 
 FLUSH_INTERVAL = 1.0
+
+logger = logging.getLogger("openai_proxy")
 
 
 NANOS_PER_DOLLAR = 1_000_000_000
@@ -52,7 +55,13 @@ class Statistics:
     async def _price_hits(self) -> None:
         """Add what the hits since the last flush cost to the tally's savings."""
         unpriced, self._unpriced = self._unpriced, {}
-        price = await self.pricer() if self.pricer is not None and unpriced else None
+        price = None
+        if self.pricer is not None and unpriced:
+            try:
+                price = await self.pricer()
+            except RuntimeError:
+                logger.error("no price table: hits are counted without dollars (hits_without_price)")
+                self.pricer = None
         for entry, hits in unpriced.values():
             saved = self._tally.savings.setdefault((entry.provider, entry.model or ""), padded([]))
             cost = price(entry) if price is not None else None

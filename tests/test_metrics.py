@@ -177,3 +177,32 @@ def test_price_overrides_price_a_private_model(start_proxy: ProxyFactory, upstre
     httpx.post(f"{base}/v1/chat/completions", json=body)
     expected = usage["prompt_tokens"] * 1 + usage["completion_tokens"] * 2  # dollars per token
     assert httpx.get(f"{base}/cache/stats").json()["cost_saved_usd"] == pytest.approx(expected)
+
+
+@pytest.mark.anyio
+async def test_hits_are_counted_without_dollars_when_the_price_table_cannot_load(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from cache import SqliteBackend
+    from cache.base import CachedResponse
+    from cache.health import CacheHealth
+    from openai_proxy import LoadedLater
+    from proxy.statistics import Pricer, Statistics
+
+    def broken() -> Pricer:
+        raise ValueError("no table")
+
+    backend = SqliteBackend(Path(str(tmp_path)) / "c.db")
+    await backend.open()
+    table = LoadedLater(broken)
+    statistics = Statistics(backend, CacheHealth("sqlite"), table.get)
+    entry = CachedResponse(
+        200, "application/json", b"{}", 1.0, "openai", "v1/chat/completions", "gpt-4o-mini", 0, None, 5, 2
+    )
+    statistics.hit("k", entry, 2.0)
+    await statistics.flush()
+    statistics.hit("k", entry, 3.0)
+    await statistics.flush()
+    saved = (await backend.statistics()).savings
+    assert [(s.hits, s.input_tokens, s.cost_nanos, s.unpriced_hits) for s in saved] == [(2, 10, 0, 2)]
+    await backend.close()
