@@ -41,6 +41,7 @@ from cache.usage import Usage, entry_usage
 from proxy import commands
 from proxy.access_log import AccessLog
 from proxy.admin import AdminApi
+from proxy.dashboard import Dashboard, DashboardPage
 from proxy.errors import ProxyError, error_response
 from proxy.exchange import begin, observing
 from proxy.handler import Proxy
@@ -156,18 +157,47 @@ def create_app(
         table = await prices.get()
         return lambda entry: table.cost(entry.provider, entry.model, entry_usage(entry))
 
-    models = ModelLabels(known=known_model)
-    metrics = Metrics(set(settings.providers()), set(GENERATION_ENDPOINTS), models)
+    metrics = None
+    if settings.metrics:
+        metrics = Metrics(set(settings.providers()), set(GENERATION_ENDPOINTS), ModelLabels(known=known_model))
+
+    def count_store_failure(operation: Operation) -> None:
+        if metrics is not None:
+            metrics.store_failures.labels(operation.value).inc()
+
     # SQLite reads go on while writes fail (a lock, a full disk); a Redis outage stops both.
-    health = CacheHealth(
-        tiered.name,
-        operations_fail_apart=store.name != "redis",
-        on_failure=lambda operation: metrics.store_failures.labels(operation.value).inc(),
-    )
-    statistics = Statistics(tiered, health, pricer)
+    health = CacheHealth(tiered.name, operations_fail_apart=store.name != "redis", on_failure=count_store_failure)
+    statistics = Statistics(tiered, health, pricer, clock)
     proxy = Proxy(settings, tiered, health, client, statistics, clock, shared_flights)
+
+    async def cache_health() -> dict[str, Any]:
+        reason = health.state().reason
+        if reason is None:
+            try:
+                await tiered.ping()
+            except CacheError as exc:
+                reason = str(exc)
+        return {"backend": tiered.name, "ok": reason is None, "reason": reason}
+
+    dashboard = Dashboard(
+        tiered,
+        cache_health,
+        show_prompts=settings.dashboard_show_prompts,
+        max_entries=settings.cache_max_entries,
+        max_bytes=settings.cache_max_bytes,
+        clock=clock,
+    )
     admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
-    admin = AdminApi(tiered, statistics, admin_key, proxy.proxy_keys, clock)
+    admin = AdminApi(
+        tiered,
+        statistics,
+        admin_key,
+        proxy.proxy_keys,
+        clock,
+        show_prompts=settings.dashboard_show_prompts,
+        dashboard=dashboard.report,
+    )
+    dashboard_page = DashboardPage()
 
     access_log = AccessLog(settings.log_format) if settings.access_log else None
 
@@ -202,48 +232,65 @@ def create_app(
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> JSONResponse:
-        reason = health.state().reason
-        if reason is None:
-            try:
-                await tiered.ping()
-            except CacheError as exc:
-                reason = str(exc)
-        cache = {"backend": tiered.name, "ok": reason is None, "reason": reason}
-        return JSONResponse({"status": "ok" if reason is None else "degraded", "cache": cache})
+        cache = await cache_health()
+        return JSONResponse({"status": "ok" if cache["ok"] else "degraded", "cache": cache})
 
-    @app.get("/metrics")
-    async def metrics_page(request: Request) -> Response:
+    if metrics is not None:
+        exposed = metrics
+
+        @app.get("/metrics")
+        async def metrics_page(request: Request) -> Response:
+            try:
+                if not settings.metrics_public:
+                    admin.authorize(request)
+            except ProxyError as error:
+                return error_response(error)
+            await statistics.flush()
+            try:
+                figures: CacheStatistics | None = await tiered.statistics()
+            except CacheError:
+                figures = None
+            return Response(exposed.exposition(figures, health.state()), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/dashboard")
+    @app.get("/dashboard/{name:path}")
+    async def dashboard_files(request: Request, name: str = "") -> Response:
         try:
-            if not settings.metrics_public:
-                admin.authorize(request)
+            admin.authorize_page(request)
         except ProxyError as error:
             return error_response(error)
-        await statistics.flush()
-        try:
-            figures: CacheStatistics | None = await tiered.statistics()
-        except CacheError:
-            figures = None
-        return Response(metrics.exposition(figures, health.state()), media_type=METRICS_CONTENT_TYPE)
+        found = dashboard_page.response(name)
+        if found is None:
+            return error_response(ProxyError(404, "The dashboard has no such file.", "unknown_route"))
+        return found
 
     @app.api_route("/cache", methods=PROXIED_METHODS)
     @app.api_route("/cache/{path:path}", methods=PROXIED_METHODS)
     async def cache_admin(request: Request) -> Response:
         return await admin.serve(request)
 
-    return ProxyApp(proxy, app, metrics, access_log)
+    return ProxyApp(proxy, app, statistics, metrics, access_log)
 
 
 # First path segments the proxy's own routes answer; every other path is proxied.
-OWN_ROUTES = frozenset({"healthz", "cache", "metrics"})
+OWN_ROUTES = frozenset({"healthz", "cache", "metrics", "dashboard"})
 
 
 class ProxyApp:
     """The ASGI application. Proxied paths go straight to the proxy, with no framework in the way of a
-    hit; the proxy's own routes (/healthz, /cache) and the lifespan go to the FastAPI app."""
+    hit; the proxy's own routes (/healthz, /cache, /metrics, /dashboard) and the lifespan go to the FastAPI app."""
 
-    def __init__(self, proxy: Proxy, api: FastAPI, metrics: Metrics, access_log: AccessLog | None = None) -> None:
+    def __init__(
+        self,
+        proxy: Proxy,
+        api: FastAPI,
+        statistics: Statistics,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
+    ) -> None:
         self.proxy = proxy
         self.api = api
+        self.statistics = statistics
         self.metrics = metrics
         self.access_log = access_log
 
@@ -252,15 +299,19 @@ class ProxyApp:
             await self.api(scope, receive, send)
             return
         exchange = begin(scope)
+        proxied = scope["path"].split("/", 2)[1] not in OWN_ROUTES
         try:
-            if scope["path"].split("/", 2)[1] not in OWN_ROUTES:
+            if proxied:
                 await self.proxy(scope, receive, observing(send, exchange))
             else:
                 await self.api(scope, receive, observing(send, exchange))
         finally:
             if exchange.ended is None:
                 exchange.ended = time.perf_counter()
-            self.metrics.observe(exchange)
+            if proxied:
+                self.statistics.requested(exchange)
+            if self.metrics is not None:
+                self.metrics.observe(exchange)
             if self.access_log is not None:
                 self.access_log.add(exchange)
 

@@ -231,7 +231,9 @@ def start_proxy(port: int, upstream: int, database: Path, extra: dict[str, str])
         **extra,
     }
     command = ["taskset", "-c", "0", sys.executable, "-c", "import openai_proxy; openai_proxy.main()"]
-    return subprocess.Popen([*command, "--port", str(port)], env=env)
+    # The access log (on by default) goes to a file, as it would in production, not to this terminal.
+    with open(database.with_name(f"access-{port}.log"), "ab") as access_log:
+        return subprocess.Popen([*command, "--port", str(port)], env=env, stdout=access_log)
 
 
 def populate(database: Path, count: int) -> None:
@@ -332,11 +334,27 @@ def backend_rows(
         notes.append(f"openai-proxy ({backend}) RSS after the runs: {rss_mb(proxy.pid):.0f} MB")
     finally:
         stop(proxy)
-    return [
+    rows = [
         (f"openai-proxy HIT ({backend})", hit),
         (f"openai-proxy HIT ({backend}, no memory tier)", no_memory),
         (f"openai-proxy MISS ({backend})", miss),
     ]
+    if args.compare_watching:
+        port = free_port()
+        proxy = start_proxy(port, upstream, database, {**env, "METRICS": "false", "ACCESS_LOG": "false"})
+        try:
+            wait_for_proxy(port, proxy, backend)
+            url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            warm_hit(url)
+            rows.append(
+                (f"openai-proxy HIT ({backend}, no metrics, no access log)", measure(url, folder / "hit.lua", args))
+            )
+            rows.append(
+                (f"openai-proxy MISS ({backend}, no metrics, no access log)", measure(url, folder / "miss.lua", args))
+            )
+        finally:
+            stop(proxy)
+    return rows
 
 
 def start_redis() -> RedisServer:
@@ -373,6 +391,11 @@ def main() -> None:
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx proxy_cache reference")
     parser.add_argument("--no-streaming", action="store_true", help="skip the streaming latency figures")
     parser.add_argument("--no-coalescing", action="store_true", help="skip the cross-instance coalescing test")
+    parser.add_argument(
+        "--compare-watching",
+        action="store_true",
+        help="also measure HIT and MISS with metrics and the access log off (METRICS=false ACCESS_LOG=false)",
+    )
     args = parser.parse_args()
     needed = ["wrk", "nginx", "taskset"]
     if "redis" in args.backends or not args.no_coalescing:

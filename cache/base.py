@@ -36,6 +36,8 @@ class CachedResponse:
     cached_input_tokens: int | None = None
     cache_write_tokens: int | None = None
     upstream_seconds: float | None = None
+    # The first line of the prompt, shortened (cache/preview.py), for the dashboard's most-hit entries.
+    prompt_preview: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class EntryInfo:
     created_at: float
     last_hit_at: float | None
     hits: int
+    prompt_preview: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,53 @@ class CacheStatistics:
         return self.hits / answered if answered else 0.0
 
 
+# The activity time series: requests, hits and misses per minute and per hour, kept this long.
+ACTIVITY_KEPT_SECONDS = 7 * 24 * 3600
+ACTIVITY_STEPS = (60, 3600)
+# The recent requests the store keeps for the dashboard.
+RECENT_REQUESTS_KEPT = 50
+
+
+@dataclass(frozen=True)
+class ActivityPoint:
+    """What the proxy answered in one minute or hour, from `start` (unix seconds) on."""
+
+    start: int
+    requests: int
+    hits: int
+    misses: int
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One proxied request as the dashboard lists it: no credential, no body, no query string."""
+
+    at: float
+    method: str
+    path: str
+    provider: str | None
+    endpoint: str | None
+    model: str | None
+    status: int
+    cache_status: str | None
+    coalesced: bool
+    streamed: bool
+    duration_ms: float
+    bytes: int
+    key: str | None  # a short prefix of the cache key
+
+
+def activity_buckets(minutes: dict[int, list[int]]) -> dict[tuple[int, int], list[int]]:
+    """Per-minute figures (minute start -> requests, hits, misses) summed into every step of ACTIVITY_STEPS."""
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for minute, figures in minutes.items():
+        for step in ACTIVITY_STEPS:
+            totals = buckets.setdefault((step, minute - minute % step), [0, 0, 0])
+            for index, value in enumerate(figures):
+                totals[index] += value
+    return buckets
+
+
 @dataclass
 class Tally:
     """Counts gathered in memory between two flushes to the store, so no request writes for them."""
@@ -115,9 +165,18 @@ class Tally:
     entry_hits: dict[str, tuple[int, float]] = field(default_factory=dict)
     # (provider, model) -> figures, in the order of SAVING_FIGURES
     savings: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    # minute start (unix seconds) -> requests, hits, misses
+    activity: dict[int, list[int]] = field(default_factory=dict)
+    # the newest last, at most RECENT_REQUESTS_KEPT
+    recent: list[RequestRecord] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.hits or self.misses or self.stale)
+        return bool(self.hits or self.misses or self.stale or self.activity or self.recent)
+
+    def count_activity(self, at: float, figure: int) -> None:
+        """Add one to a figure (0: requests, 1: hits, 2: misses) of the minute that holds `at`."""
+        minute = int(at) - int(at) % 60
+        self.activity.setdefault(minute, [0, 0, 0])[figure] += 1
 
     def merge(self, other: Tally) -> None:
         self.hits += other.hits
@@ -130,6 +189,11 @@ class Tally:
             totals = self.savings.setdefault(group, padded([]))
             for index, value in enumerate(figures):
                 totals[index] += value
+        for minute, counts in other.activity.items():
+            totals = self.activity.setdefault(minute, [0, 0, 0])
+            for index, value in enumerate(counts):
+                totals[index] += value
+        self.recent = sorted(self.recent + other.recent, key=lambda record: record.at)[-RECENT_REQUESTS_KEPT:]
 
 
 class CacheBackend(Protocol):
@@ -155,6 +219,10 @@ class CacheBackend(Protocol):
         """Matching entries, newest first."""
         ...
 
+    async def most_hit(self, limit: int) -> list[EntryInfo]:
+        """The entries with the most hits, most first."""
+        ...
+
     def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]: ...
 
     async def record(self, tally: Tally) -> None:
@@ -173,6 +241,15 @@ class CacheBackend(Protocol):
         ...
 
     async def statistics(self) -> CacheStatistics: ...
+
+    async def activity(self, step: int, since: int) -> list[ActivityPoint]:
+        """The activity series of one of ACTIVITY_STEPS from `since` on, oldest first; periods without
+        requests are missing."""
+        ...
+
+    async def recent_requests(self) -> list[RequestRecord]:
+        """The last RECENT_REQUESTS_KEPT requests recorded, newest first."""
+        ...
 
     async def ping(self) -> None:
         """Return when the store is usable; raise CacheError saying why it is not."""

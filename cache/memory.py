@@ -14,12 +14,14 @@ from collections.abc import AsyncIterator
 import anyio
 
 from cache.base import (
+    ActivityPoint,
     CacheBackend,
     CachedResponse,
     CacheError,
     CacheStatistics,
     EntryFilter,
     EntryInfo,
+    RequestRecord,
     Tally,
 )
 
@@ -116,6 +118,15 @@ class TieredBackend:
 
     async def list_entries(self, which: EntryFilter, offset: int, limit: int) -> list[EntryInfo]:
         return await self.backend.list_entries(which, offset, limit)
+
+    async def most_hit(self, limit: int) -> list[EntryInfo]:
+        return await self.backend.most_hit(limit)
+
+    async def activity(self, step: int, since: int) -> list[ActivityPoint]:
+        return await self.backend.activity(step, since)
+
+    async def recent_requests(self) -> list[RequestRecord]:
+        return await self.backend.recent_requests()
 
     def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]:
         return self.backend.export_entries()

@@ -8,7 +8,8 @@ Keys, with `P` the key prefix (REDIS_KEY_PREFIX):
 - `P:{<cache key>}:lock` and `P:{<cache key>}:live:<token>`: the cross-instance flight of a miss (see
   `SharedFlights`). The braces are a hash tag, so an entry's keys live on one cluster node.
 - `{P}:...`: the index: sizes, creation and use times (LRU order), Redis expiry times, what the admin
-  API lists, hit counts, totals, counters, savings, and the invalidation feed. All in one hash slot,
+  API lists, hit counts and their ranking, totals, counters, savings, the invalidation feed, and what the
+  dashboard shows over time (activity per minute and hour, the latest requests). All in one hash slot,
   so each change to it is one atomic script; each script touches a bounded number of entries.
 """
 
@@ -18,6 +19,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import astuple
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -33,14 +35,19 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cache.base import (
+    ACTIVITY_KEPT_SECONDS,
+    RECENT_REQUESTS_KEPT,
     SAVING_FIGURES,
+    ActivityPoint,
     CachedResponse,
     CacheError,
     CacheStatistics,
     EntryFilter,
     EntryInfo,
+    RequestRecord,
     Saving,
     Tally,
+    activity_buckets,
     padded,
 )
 
@@ -96,7 +103,27 @@ def connect(url: str, *, cluster: bool, timeout: float, connect_timeout: float |
 
 
 # KEYS of every index script, in this order.
-_INDEX_KEYS = ("sizes", "created", "used", "expires", "meta", "hits", "lasthit", "totals", "counters", "seq", "feed")
+_INDEX_KEYS = (
+    "sizes",
+    "created",
+    "used",
+    "expires",
+    "meta",
+    "hits",
+    "lasthit",
+    "totals",
+    "counters",
+    "seq",
+    "feed",
+    "savings",
+    # Entries by hit count (a sorted set beside the `hits` hash, which older versions made).
+    "ranking",
+    # Activity figures, as fields "<step>:<start>:<figure number>", and the periods they hold, by start.
+    "activity",
+    "periods",
+    "recent",
+)
+_RECORD_FIGURES = 3
 
 # Helpers shared by the index scripts: forget an entry (returns whether it was indexed) and append a key to
 # the invalidation feed ("" for a purge of many).
@@ -116,6 +143,7 @@ local function forget(key)
   redis.call('HDEL', KEYS[5], key)
   redis.call('HDEL', KEYS[6], key)
   redis.call('HDEL', KEYS[7], key)
+  redis.call('ZREM', KEYS[13], key)
   redis.call('HINCRBY', KEYS[8], 'entries', -1)
   redis.call('HINCRBY', KEYS[8], 'bytes', -tonumber(size))
   return true
@@ -185,8 +213,10 @@ return #expired
 """
 )
 
-# ARGV: kept, hits, misses, stale, entry count, then key, hits, at for each, then provider, model and the
-# SAVING_FIGURES of each saving (stored as fields "provider\\x1fmodel\\x1f<figure number>").
+# ARGV: kept, hits, misses, stale, the oldest activity period to keep, recent requests kept, then the number
+# of entry hits, savings, activity periods and recent requests, then each group: key, hits, at for each
+# entry; provider, model and the SAVING_FIGURES of each saving (stored as fields "provider\\x1fmodel\\x1f<figure
+# number>"); step, start and requests, hits, misses of each period; each request's JSON record.
 _RECORD_SCRIPT = (
     _INDEX_FUNCTIONS
     + f"local FIGURES = {len(SAVING_FIGURES)}\n"
@@ -194,25 +224,44 @@ _RECORD_SCRIPT = (
 redis.call('HINCRBY', KEYS[9], 'hits', ARGV[2])
 redis.call('HINCRBY', KEYS[9], 'misses', ARGV[3])
 redis.call('HINCRBY', KEYS[9], 'stale', ARGV[4])
-local count = tonumber(ARGV[5])
-local at = 6
-for _ = 1, count do
+local oldest, recent_kept = ARGV[5], tonumber(ARGV[6])
+local entries, savings, periods, requests = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local at = 11
+for _ = 1, entries do
   local key, hits, last = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   if redis.call('HEXISTS', KEYS[1], key) == 1 then
     redis.call('HINCRBY', KEYS[6], key, hits)
+    redis.call('ZINCRBY', KEYS[13], hits, key)
     local previous = tonumber(redis.call('HGET', KEYS[7], key) or '0')
     if tonumber(last) > previous then redis.call('HSET', KEYS[7], key, last) end
     redis.call('ZADD', KEYS[3], 'XX', 'GT', last, key)
   end
   at = at + 3
 end
-while at <= #ARGV do
+for _ = 1, savings do
   local group = ARGV[at] .. '\\31' .. ARGV[at + 1] .. '\\31'
   for index = 1, FIGURES do
     redis.call('HINCRBY', KEYS[12], group .. index, ARGV[at + 1 + index])
   end
   at = at + 2 + FIGURES
 end
+for _ = 1, periods do
+  local period = ARGV[at] .. ':' .. ARGV[at + 1]
+  for index = 1, 3 do
+    redis.call('HINCRBY', KEYS[14], period .. ':' .. index, ARGV[at + 1 + index])
+  end
+  redis.call('ZADD', KEYS[15], ARGV[at + 1], period)
+  at = at + 5
+end
+for _, period in ipairs(redis.call('ZRANGEBYSCORE', KEYS[15], '-inf', '(' .. oldest)) do
+  redis.call('HDEL', KEYS[14], period .. ':1', period .. ':2', period .. ':3')
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', '(' .. oldest)
+for _ = 1, requests do
+  redis.call('LPUSH', KEYS[16], ARGV[at])
+  at = at + 1
+end
+if requests > 0 then redis.call('LTRIM', KEYS[16], 0, recent_kept - 1) end
 return 1
 """
 )
@@ -251,7 +300,7 @@ class RedisBackend:
         self.max_bytes = max_bytes
         self.redis: RedisClient = connect(url, cluster=cluster, timeout=timeout)
         index = f"{{{prefix}}}"
-        self._index_keys = [f"{index}:{name}" for name in _INDEX_KEYS] + [f"{index}:savings"]
+        self._index_keys = [f"{index}:{name}" for name in _INDEX_KEYS]
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(source)
             for name, source in (
@@ -324,7 +373,9 @@ class RedisBackend:
             return
         ttl = entry.ttl if entry.ttl is not None else self.default_ttl
         lifetime = ttl + EXPIRED_KEPT_FOR if ttl > 0 else 0.0
-        meta = orjson.dumps([entry.provider, entry.endpoint, entry.model, entry.namespace, entry.created_at, size])
+        meta = orjson.dumps(
+            [entry.provider, entry.endpoint, entry.model, entry.namespace, entry.created_at, size, entry.prompt_preview]
+        )
         # The index first: if the entry write then fails, the index names an entry that is not there, which
         # lists and purges tolerate; the other order could leave an entry no purge can find.
         evicted: list[bytes] = await self._script(
@@ -421,26 +472,53 @@ class RedisBackend:
                 metas, hit_counts, last_hits = await pipe.execute()
             return list(zip(keys, metas, hit_counts, last_hits, strict=True))
 
-        rows = await self.run("cache read", read)
-        page = []
-        for key, raw, hit_count, last_hit in rows:
-            if raw is None:
-                continue  # forgotten since the range was read
-            provider, endpoint, model, namespace, created_at, size = orjson.loads(raw)
-            page.append(
-                EntryInfo(
-                    key=key.decode(),
-                    provider=provider,
-                    endpoint=endpoint,
-                    model=model,
-                    namespace=namespace,
-                    size=size,
-                    created_at=created_at,
-                    last_hit_at=float(last_hit) if last_hit is not None else None,
-                    hits=int(hit_count) if hit_count is not None else 0,
-                )
-            )
-        return page
+        # Without the metadata: forgotten since the range was read.
+        return [_info(*row) for row in await self.run("cache read", read) if row[1] is not None]
+
+    async def most_hit(self, limit: int) -> list[EntryInfo]:
+        ranking, meta, lasthit = self._index_keys[12], self._index_keys[4], self._index_keys[6]
+
+        async def read() -> list[Any]:
+            ranked = cast(list[tuple[bytes, float]], await self.redis.zrevrange(ranking, 0, limit - 1, withscores=True))
+            if not ranked:
+                return []
+            keys = [key for key, _ in ranked]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(meta, keys)
+                pipe.hmget(lasthit, keys)
+                metas, last_hits = await pipe.execute()
+            return list(zip(keys, metas, [int(hits) for _, hits in ranked], last_hits, strict=True))
+
+        return [_info(*row) for row in await self.run("cache read", read) if row[1] is not None]
+
+    async def activity(self, step: int, since: int) -> list[ActivityPoint]:
+        now = int(time.time())
+        since = max(since, now - ACTIVITY_KEPT_SECONDS)  # nothing older is kept
+        first = since + -since % step  # the first period that starts at `since` or after it
+        starts = range(first, now + 1, step)
+        if not starts:
+            return []
+        fields = [f"{step}:{start}:{figure}" for start in starts for figure in range(1, _RECORD_FIGURES + 1)]
+
+        async def read() -> list[bytes | None]:
+            return cast(list[bytes | None], await self.redis.hmget(self._index_keys[13], fields))
+
+        values = await self.run("cache read", read)
+        points = []
+        for index, start in enumerate(starts):
+            counts = values[index * _RECORD_FIGURES : (index + 1) * _RECORD_FIGURES]
+            if any(count is not None for count in counts):
+                points.append(ActivityPoint(start, *(int(count or 0) for count in counts)))
+        return points
+
+    async def recent_requests(self) -> list[RequestRecord]:
+        recent = self._index_keys[15]
+
+        async def read() -> list[bytes]:
+            return cast(list[bytes], await self.redis.lrange(recent, 0, RECENT_REQUESTS_KEPT - 1))
+
+        records = await self.run("cache read", read)
+        return [RequestRecord(*orjson.loads(record)) for record in records]
 
     async def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]:
         async for page in self._index_pages("cache read"):
@@ -499,11 +577,26 @@ class RedisBackend:
         return last, keys
 
     async def record(self, tally: Tally) -> None:
-        args: list[Any] = [tally.hits, tally.misses, tally.stale, len(tally.entry_hits)]
+        periods = activity_buckets(tally.activity)
+        recent = tally.recent[-RECENT_REQUESTS_KEPT:]
+        args: list[Any] = [
+            tally.hits,
+            tally.misses,
+            tally.stale,
+            int(time.time()) - ACTIVITY_KEPT_SECONDS,
+            RECENT_REQUESTS_KEPT,
+            len(tally.entry_hits),
+            len(tally.savings),
+            len(periods),
+            len(recent),
+        ]
         for key, (count, at) in tally.entry_hits.items():
             args += [key, count, repr(at)]
         for (provider, model), figures in tally.savings.items():
             args += [provider, model, *padded(figures)]
+        for (step, start), counts in periods.items():
+            args += [step, start, *counts]
+        args += [orjson.dumps(astuple(record)) for record in recent]
         await self._script("record", args)
 
     async def statistics(self) -> CacheStatistics:
@@ -573,6 +666,7 @@ def _fields(entry: CachedResponse) -> list[Any]:
         ("cached_input_tokens", entry.cached_input_tokens),
         ("cache_write_tokens", entry.cache_write_tokens),
         ("upstream_seconds", entry.upstream_seconds),
+        ("prompt_preview", entry.prompt_preview),
     ):
         if value is not None:
             fields += [name, repr(value) if isinstance(value, float) else value]
@@ -607,11 +701,29 @@ def _entry(fields: dict[bytes, bytes]) -> CachedResponse:
         cached_input_tokens=integer(b"cached_input_tokens"),
         cache_write_tokens=integer(b"cache_write_tokens"),
         upstream_seconds=number(b"upstream_seconds"),
+        prompt_preview=text(b"prompt_preview"),
+    )
+
+
+def _info(key: bytes, raw: bytes, hits: bytes | int | None, last_hit: bytes | None) -> EntryInfo:
+    """An entry's listing from its index metadata, hit count and last hit."""
+    provider, endpoint, model, namespace, created_at, size, *more = orjson.loads(raw)
+    return EntryInfo(
+        key=key.decode(),
+        provider=provider,
+        endpoint=endpoint,
+        model=model,
+        namespace=namespace,
+        size=size,
+        created_at=created_at,
+        last_hit_at=float(last_hit) if last_hit is not None else None,
+        hits=int(hits) if hits is not None else 0,
+        prompt_preview=more[0] if more else None,  # older versions kept six fields
     )
 
 
 def _meta(raw: bytes) -> tuple[str, str, str | None, str, float]:
-    provider, endpoint, model, namespace, created_at, _ = orjson.loads(raw)
+    provider, endpoint, model, namespace, created_at, *_ = orjson.loads(raw)
     return provider, endpoint, model, namespace, created_at
 
 

@@ -9,22 +9,29 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import anyio
+import orjson
 
 from cache.base import (
+    ACTIVITY_KEPT_SECONDS,
+    ACTIVITY_STEPS,
+    RECENT_REQUESTS_KEPT,
     SAVING_FIGURES,
+    ActivityPoint,
     CachedResponse,
     CacheError,
     CacheStatistics,
     EntryFilter,
     EntryInfo,
+    RequestRecord,
     Saving,
     Tally,
+    activity_buckets,
     padded,
 )
 
@@ -116,15 +123,31 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE savings ADD COLUMN upstream_ms INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE savings ADD COLUMN unpriced_hits INTEGER NOT NULL DEFAULT 0",
     ),
+    (
+        # What the dashboard shows: each entry's prompt line, the most-hit entries, activity over time and the
+        # latest requests.
+        "ALTER TABLE entries ADD COLUMN prompt_preview TEXT",
+        "CREATE INDEX entry_hits_by_count ON entry_hits (hits)",
+        """CREATE TABLE activity (
+            step INTEGER NOT NULL,
+            start INTEGER NOT NULL,
+            requests INTEGER NOT NULL,
+            hits INTEGER NOT NULL,
+            misses INTEGER NOT NULL,
+            PRIMARY KEY (step, start)
+        ) WITHOUT ROWID""",
+        "CREATE TABLE recent_requests (seq INTEGER PRIMARY KEY AUTOINCREMENT, record TEXT NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _ENTRY_COLUMNS = (
     "status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, input_tokens, output_tokens,"
-    " cached_input_tokens, cache_write_tokens, upstream_seconds"
+    " cached_input_tokens, cache_write_tokens, upstream_seconds, prompt_preview"
 )
 _INFO_COLUMNS = (
-    "e.key, e.provider, e.endpoint, e.model, e.namespace, e.size, e.created_at, h.last_hit_at, coalesce(h.hits, 0)"
+    "e.key, e.provider, e.endpoint, e.model, e.namespace, e.size, e.created_at, h.last_hit_at, coalesce(h.hits, 0),"
+    " e.prompt_preview"
 )
 _EXPORT_BATCH = 500
 _PURGE_BATCH = 1000
@@ -417,18 +440,12 @@ class SqliteBackend:
                     return deleted
 
     async def list_entries(self, which: EntryFilter, offset: int, limit: int) -> list[EntryInfo]:
-        db = self._reading()
         where, parameters = _where(which)
         query = (
             f"SELECT {_INFO_COLUMNS} FROM entries e LEFT JOIN entry_hits h ON h.key = e.key {where}"
             " ORDER BY e.created_at DESC LIMIT ? OFFSET ?"
         )
-        try:
-            async with db.execute(query, (*parameters, limit, offset)) as cursor:
-                rows = await cursor.fetchall()
-        except sqlite3.Error as exc:
-            raise CacheError(f"cache read failed: {exc}") from exc
-        return [EntryInfo(*row) for row in rows]
+        return [EntryInfo(*row) for row in await self._rows(query, (*parameters, limit, offset))]
 
     async def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]:
         db = self._reading()
@@ -497,6 +514,29 @@ class SqliteBackend:
                 + ", ".join(f"{name} = {name} + excluded.{name}" for name in SAVING_FIGURES),
                 [(provider, model, *padded(figures)) for (provider, model), figures in tally.savings.items()],
             )
+            await _record_activity(db, tally)
+
+    async def most_hit(self, limit: int) -> list[EntryInfo]:
+        query = (
+            f"SELECT {_INFO_COLUMNS} FROM entry_hits h JOIN entries e ON e.key = h.key"
+            " ORDER BY h.hits DESC LIMIT ?"  # walks the index by hit count, most first, and stops
+        )
+        return [EntryInfo(*row) for row in await self._rows(query, (limit,))]
+
+    async def activity(self, step: int, since: int) -> list[ActivityPoint]:
+        query = "SELECT start, requests, hits, misses FROM activity WHERE step = ? AND start >= ? ORDER BY start"
+        return [ActivityPoint(*row) for row in await self._rows(query, (step, since))]
+
+    async def recent_requests(self) -> list[RequestRecord]:
+        query = "SELECT record FROM recent_requests ORDER BY seq DESC LIMIT ?"
+        return [RequestRecord(*orjson.loads(record)) for (record,) in await self._rows(query, (RECENT_REQUESTS_KEPT,))]
+
+    async def _rows(self, query: str, parameters: tuple[Any, ...]) -> list[Any]:
+        try:
+            async with self._reading().execute(query, parameters) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as exc:
+            raise CacheError(f"cache read failed: {exc}") from exc
 
     async def statistics(self) -> CacheStatistics:
         db = self._reading()
@@ -564,7 +604,7 @@ def _logged_failure(what: str) -> Iterator[None]:
 
 def _entry(row: Any) -> CachedResponse:
     status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, inputs, outputs, *more = row
-    cached_inputs, cache_writes, upstream_seconds = more
+    cached_inputs, cache_writes, upstream_seconds, preview = more
     return CachedResponse(
         status=status,
         content_type=content_type,
@@ -580,20 +620,22 @@ def _entry(row: Any) -> CachedResponse:
         cached_input_tokens=cached_inputs,
         cache_write_tokens=cache_writes,
         upstream_seconds=upstream_seconds,
+        prompt_preview=preview,
     )
 
 
 _UPSERT = (
     "INSERT INTO entries (key, status, content_type, body, created_at, provider, endpoint, model,"
     " namespace, ttl, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, upstream_seconds,"
-    " size, used_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " prompt_preview, size, used_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
     " ON CONFLICT (key) DO UPDATE SET status = excluded.status, content_type = excluded.content_type,"
     " body = excluded.body, created_at = excluded.created_at, provider = excluded.provider,"
     " endpoint = excluded.endpoint, model = excluded.model, namespace = excluded.namespace,"
     " ttl = excluded.ttl, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,"
     " cached_input_tokens = excluded.cached_input_tokens, cache_write_tokens = excluded.cache_write_tokens,"
-    " upstream_seconds = excluded.upstream_seconds, size = excluded.size, used_at = excluded.used_at"
+    " upstream_seconds = excluded.upstream_seconds, prompt_preview = excluded.prompt_preview, size = excluded.size,"
+    " used_at = excluded.used_at"
 )
 
 
@@ -623,6 +665,7 @@ def _row(key: str, entry: CachedResponse, size: int) -> tuple[Any, ...]:
         entry.cached_input_tokens,
         entry.cache_write_tokens,
         entry.upstream_seconds,
+        entry.prompt_preview,
         size,
         entry.created_at,
     )
@@ -640,6 +683,31 @@ def _where(which: EntryFilter) -> tuple[str, tuple[Any, ...]]:
             clauses.append(clause)
             parameters.append(value)
     return ("WHERE " + " AND ".join(clauses) if clauses else ""), tuple(parameters)
+
+
+async def _record_activity(db: aiosqlite.Connection, tally: Tally) -> None:
+    """Add the tally's activity to the series and its requests to the recent ones; drop what is too old."""
+    buckets = activity_buckets(tally.activity)
+    if buckets:
+        await db.executemany(
+            "INSERT INTO activity VALUES (?, ?, ?, ?, ?) ON CONFLICT (step, start) DO UPDATE SET"
+            " requests = requests + excluded.requests, hits = hits + excluded.hits, misses = misses + excluded.misses",
+            [(step, start, *figures) for (step, start), figures in buckets.items()],
+        )
+        oldest = int(time.time()) - ACTIVITY_KEPT_SECONDS
+        # By step, so the primary key finds the rows rather than a scan of the table.
+        await db.executemany(
+            "DELETE FROM activity WHERE step = ? AND start < ?", [(step, oldest) for step in ACTIVITY_STEPS]
+        )
+    if tally.recent:
+        await db.executemany(
+            "INSERT INTO recent_requests (record) VALUES (?)",
+            [(orjson.dumps(astuple(record)),) for record in tally.recent[-RECENT_REQUESTS_KEPT:]],
+        )
+        await db.execute(
+            "DELETE FROM recent_requests WHERE seq <= (SELECT max(seq) FROM recent_requests) - ?",
+            (RECENT_REQUESTS_KEPT,),
+        )
 
 
 async def _add_counter(db: aiosqlite.Connection, name: str, amount: int) -> None:

@@ -27,6 +27,7 @@ _OPTIONAL: dict[str, type | tuple[type, ...]] = {
     "cached_input_tokens": int,
     "cache_write_tokens": int,
     "upstream_seconds": (int, float),
+    "prompt_preview": str,
 }
 
 
@@ -91,5 +92,6 @@ def line_to_entry(line: str) -> tuple[str, CachedResponse]:
         cached_input_tokens=record.get("cached_input_tokens"),
         cache_write_tokens=record.get("cache_write_tokens"),
         upstream_seconds=record.get("upstream_seconds"),
+        prompt_preview=record.get("prompt_preview"),
     )
     return record["key"], entry

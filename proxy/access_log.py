@@ -15,19 +15,23 @@ from collections.abc import Callable
 from typing import Literal, TextIO
 
 import anyio
+import orjson
 
-from proxy.exchange import Exchange
+from proxy.exchange import KEY_PREFIX_LENGTH, RECORDED_TEXT_LIMIT, Exchange
 
 LogFormat = Literal["text", "json"]
 FLUSH_INTERVAL = 0.2
 # Written at once when this many lines wait, whatever the interval.
 _BATCH = 512
-KEY_PREFIX_LENGTH = 12
-_MAX_FIELD = 200
 
 
 def _milliseconds(seconds: float | None) -> float | None:
     return round(seconds * 1000, 3) if seconds is not None else None
+
+
+# Fields repeat from line to line (the client, its user agent, the model, the path): their escaped forms
+# are kept, up to this length, so most lines escape nothing.
+_REMEMBERED_LENGTH = 256
 
 
 def _quoted(value: str | None) -> str:
@@ -35,12 +39,28 @@ def _quoted(value: str | None) -> str:
     client cannot forge a line."""
     if not value:
         return '"-"'
-    escaped = json.dumps(value[:_MAX_FIELD], ensure_ascii=True)[1:-1]
+    return _remembered_quote(value) if len(value) <= _REMEMBERED_LENGTH else _quote(value)
+
+
+def _quote(value: str) -> str:
+    escaped = json.dumps(value[:RECORDED_TEXT_LIMIT], ensure_ascii=True)[1:-1]
     return f'"{escaped}"'
 
 
+_remembered_quote = functools.lru_cache(maxsize=1024)(_quote)
+
+
 def _bare(value: str | None) -> str:
-    return _quoted(value)[1:-1].replace(" ", "%20") if value else "-"
+    if not value:
+        return "-"
+    return _remembered_bare(value) if len(value) <= _REMEMBERED_LENGTH else _bare_form(value)
+
+
+def _bare_form(value: str) -> str:
+    return _quote(value)[1:-1].replace(" ", "%20")
+
+
+_remembered_bare = functools.lru_cache(maxsize=1024)(_bare_form)
 
 
 @functools.lru_cache(maxsize=4)
@@ -75,8 +95,13 @@ def text_line(exchange: Exchange) -> str:
     return " ".join(fields)
 
 
+@functools.lru_cache(maxsize=4)
+def _iso_second(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
 def json_line(exchange: Exchange) -> str:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(exchange.at)) + f".{int(exchange.at * 1000) % 1000:03d}Z"
+    stamp = f"{_iso_second(int(exchange.at))}.{int(exchange.at * 1000) % 1000:03d}Z"
     record = {
         "time": stamp,
         "client": exchange.client,
@@ -88,13 +113,13 @@ def json_line(exchange: Exchange) -> str:
         "coalesced": exchange.coalesced,
         "provider": exchange.provider,
         "endpoint": exchange.endpoint,
-        "model": exchange.model[:_MAX_FIELD] if exchange.model else None,
+        "model": exchange.model[:RECORDED_TEXT_LIMIT] if exchange.model else None,
         "duration_ms": _milliseconds(exchange.duration),
         "ttfb_ms": _milliseconds(exchange.time_to_first_byte) if exchange.streamed else None,
         "key": exchange.key[:KEY_PREFIX_LENGTH] if exchange.key else None,
-        "user_agent": exchange.user_agent[:_MAX_FIELD] or None,
+        "user_agent": exchange.user_agent[:RECORDED_TEXT_LIMIT] or None,
     }
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    return orjson.dumps(record).decode()
 
 
 FORMATTERS: dict[str, Callable[[Exchange], str]] = {"text": text_line, "json": json_line}

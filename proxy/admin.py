@@ -6,7 +6,7 @@ The CLI (`openai-proxy stats|purge`) uses the same functions on the same store.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cache import CacheBackend, CacheError
-from cache.base import CacheStatistics, EntryFilter, Saving
+from cache.base import CacheStatistics, EntryFilter, EntryInfo, Saving
 from cache.control import ControlError, parse_duration
 from proxy.access import is_loopback, presents_key
 from proxy.errors import ProxyError, error_response
@@ -66,6 +66,15 @@ def statistics_report(statistics: CacheStatistics) -> dict[str, Any]:
     }
 
 
+def entry_view(info: EntryInfo, show_prompts: bool) -> dict[str, Any]:
+    """An entry as the admin API and the dashboard list it; its prompt line only when they may show it."""
+    view = asdict(info)
+    prompt = view.pop("prompt_preview")
+    if show_prompts:
+        view["prompt"] = prompt
+    return view
+
+
 def entry_filter(namespace: str | None, provider: str | None, older_than: str | None, now: float) -> EntryFilter:
     """The filter that `purge` options and `DELETE /cache` query parameters describe."""
     created_before = None
@@ -82,12 +91,26 @@ class AdminApi:
         admin_key: str | None,
         proxy_keys: list[str],
         clock: Callable[[], float] = time.time,
+        *,
+        show_prompts: bool = True,
+        dashboard: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
+        """`dashboard` gives what GET /cache/dashboard answers (the dashboard page's figures)."""
         self.backend = backend
         self.statistics = statistics
         self.admin_key = admin_key
         self.proxy_keys = proxy_keys
         self.clock = clock
+        self.show_prompts = show_prompts
+        self.dashboard = dashboard
+
+    def authorize_page(self, request: Request) -> None:
+        """The dashboard's static files hold no figures: with ADMIN_API_KEY set anyone may load them (the
+        page then asks for the key); otherwise, like the admin API, only loopback clients."""
+        if self.admin_key is None and not is_loopback(request.client.host if request.client else None):
+            raise ProxyError(
+                403, "The dashboard answers only loopback clients unless ADMIN_API_KEY is set.", "forbidden"
+            )
 
     def authorize(self, request: Request) -> None:
         """ADMIN_API_KEY when set; otherwise only loopback clients (and their proxy key, if one is required)."""
@@ -125,6 +148,8 @@ class AdminApi:
         path, method = request.url.path.rstrip("/"), request.method
         if path == "/cache/stats" and method == "GET":
             return JSONResponse(statistics_report(await self.backend.statistics()))
+        if path == "/cache/dashboard" and method == "GET" and self.dashboard is not None:
+            return JSONResponse(await self.dashboard())
         if path == "/cache/entries" and method == "GET":
             return await self._list(request)
         if path.startswith("/cache/entries/") and method == "DELETE":
@@ -144,7 +169,7 @@ class AdminApi:
         offset = _bounded_int(query.get("offset"), "offset", default=0, low=0, high=2**62)
         which = EntryFilter(namespace=query.get("namespace"), provider=query.get("provider"))
         entries = await self.backend.list_entries(which, offset, limit + 1)
-        page = [asdict(entry) for entry in entries[:limit]]
+        page = [entry_view(entry, self.show_prompts) for entry in entries[:limit]]
         next_offset = offset + limit if len(entries) > limit else None
         return JSONResponse({"entries": page, "offset": offset, "limit": limit, "next_offset": next_offset})
 

@@ -8,11 +8,17 @@ from typing import Any
 
 from starlette.types import Message, Scope, Send
 
+from cache.base import RequestRecord
+
+# Client-chosen text kept for the access log and the dashboard is cut to this many characters.
+RECORDED_TEXT_LIMIT = 200
+KEY_PREFIX_LENGTH = 12
+
 # Where the proxy's handler finds the exchange of the request it serves, to say what it was.
 SCOPE_KEY = "openai_proxy.exchange"
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     method: str
     path: str
@@ -94,3 +100,22 @@ def _note_headers(exchange: Exchange, headers: Any) -> None:
             exchange.coalesced = True
         elif name == b"content-type" and value.startswith(b"text/event-stream"):
             exchange.streamed = True
+
+
+def request_record(exchange: Exchange) -> RequestRecord:
+    """What the dashboard keeps of a proxied request: never a credential, a body or the query string."""
+    return RequestRecord(
+        at=exchange.at,
+        method=exchange.method[:RECORDED_TEXT_LIMIT],
+        path=exchange.path[:RECORDED_TEXT_LIMIT],
+        provider=exchange.provider,
+        endpoint=exchange.endpoint,
+        model=exchange.model[:RECORDED_TEXT_LIMIT] if exchange.model is not None else None,
+        status=exchange.status,
+        cache_status=exchange.cache_status,
+        coalesced=exchange.coalesced,
+        streamed=exchange.streamed,
+        duration_ms=round(exchange.duration * 1000, 3),
+        bytes=exchange.sent_bytes,
+        key=exchange.key[:KEY_PREFIX_LENGTH] if exchange.key is not None else None,
+    )

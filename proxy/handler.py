@@ -21,6 +21,7 @@ from cache import CacheBackend, CachedResponse, CacheError, CacheHealth, cache_k
 from cache.control import ControlError, RequestControl, is_fresh, request_control
 from cache.health import Operation
 from cache.keys import credential_scope, is_storable
+from cache.preview import prompt_preview
 from cache.replay import Replay, is_event_stream, replay
 from cache.usage import reported_usage
 from providers import Provider
@@ -53,6 +54,7 @@ class PendingEntry(NamedTuple):
     model: str | None
     namespace: str
     ttl: int | None
+    request: dict[str, Any]  # the parsed body, for the entry's prompt line
 
 
 class Stale(NamedTuple):
@@ -216,6 +218,7 @@ class Proxy:
             model=model if isinstance(model, str) else None,
             namespace=control.namespace,
             ttl=control.ttl,
+            request=payload,
         )
         return await self._cacheable(upstream, body, payload, pending, control)
 
@@ -445,6 +448,7 @@ class Proxy:
             cached_input_tokens=usage.cached_input_tokens,
             cache_write_tokens=usage.cache_write_tokens,
             upstream_seconds=upstream_seconds,
+            prompt_preview=prompt_preview(pending.request),
         )
         try:
             await self.backend.set(pending.key, entry)

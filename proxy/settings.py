@@ -93,7 +93,9 @@ class Settings(BaseSettings):
     cache_stale_if_error: bool = False
     proxy_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = ()
     admin_api_key: SecretStr | None = None
+    metrics: bool = True
     metrics_public: bool = False
+    dashboard_show_prompts: bool = True
     # Prices for models the price table does not know: JSON, or the path of a JSON file (cache/prices.py).
     price_overrides: str | None = None
 

@@ -1,16 +1,20 @@
-"""Hit and miss counts, gathered in memory and written to the store every second, off the request path."""
+"""Hit and miss counts, activity over time and the latest requests, gathered in memory and written to the
+store every second, off the request path."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 
 import anyio
 
 from cache import CacheBackend, CachedResponse, CacheError, CacheHealth
-from cache.base import Tally, padded
+from cache.base import RECENT_REQUESTS_KEPT, Tally, padded
 from cache.health import Operation
+from proxy.exchange import Exchange, request_record
 
 FLUSH_INTERVAL = 1.0
 
@@ -25,14 +29,21 @@ Pricer = Callable[[CachedResponse], Decimal | None]
 
 class Statistics:
     def __init__(
-        self, backend: CacheBackend, health: CacheHealth, pricer: Callable[[], Awaitable[Pricer]] | None = None
+        self,
+        backend: CacheBackend,
+        health: CacheHealth,
+        pricer: Callable[[], Awaitable[Pricer]] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """`pricer`: gives, once ready, what an entry's usage cost in USD (None: unknown). Hits are priced
         when they are written to the store, off the request path."""
         self.backend = backend
         self.health = health
         self.pricer = pricer
+        self.clock = clock
         self._tally = Tally()
+        # The last proxied requests that ended since the last flush.
+        self._ended: deque[Exchange] = deque(maxlen=RECENT_REQUESTS_KEPT)
         # Entries hit since the last flush, to price then: key -> (entry, hits)
         self._unpriced: dict[str, tuple[CachedResponse, int]] = {}
         # One flush at a time: a flush asked for while another writes (GET /cache/stats during the
@@ -42,6 +53,7 @@ class Statistics:
     def hit(self, key: str, entry: CachedResponse, at: float) -> None:
         tally = self._tally
         tally.hits += 1
+        tally.count_activity(at, 1)
         count, _ = tally.entry_hits.get(key, (0, 0.0))
         tally.entry_hits[key] = (count + 1, at)
         saved = tally.savings.setdefault((entry.provider, entry.model or ""), padded([]))
@@ -72,6 +84,13 @@ class Statistics:
 
     def miss(self) -> None:
         self._tally.misses += 1
+        self._tally.count_activity(self.clock(), 2)
+
+    def requested(self, exchange: Exchange) -> None:
+        """A proxied request ended (whatever its cache status): for the activity series and recent requests.
+        Its record is made at the next flush, and only for the last few: nothing more per request."""
+        self._tally.count_activity(exchange.at, 0)
+        self._ended.append(exchange)
 
     def stale(self) -> None:
         self._tally.stale += 1
@@ -80,6 +99,9 @@ class Statistics:
         """Write what was gathered; on failure keep it for the next flush, so no count is lost."""
         async with self._flushing:
             await self._price_hits()
+            if self._ended:
+                self._tally.merge(Tally(recent=[request_record(exchange) for exchange in self._ended]))
+                self._ended.clear()
             if not self._tally:
                 return
             tally, self._tally = self._tally, Tally()

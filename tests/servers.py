@@ -47,7 +47,11 @@ class ServerThread:
     """Serves an ASGI app with uvicorn on a free loopback port, in a thread of its own."""
 
     def __init__(self, app: ASGIApp, http: type[asyncio.Protocol] | Literal["auto"] = "auto") -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=http)
+        # Idle connections stay open for the whole run: with uvicorn's 5 s, a client reusing one just as the
+        # server closes it sees a failure that belongs to the timing, not to the code under test.
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=http, timeout_keep_alive=600
+        )
         self.server = PromptServer(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

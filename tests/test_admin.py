@@ -78,10 +78,20 @@ class TestEntries:
         assert len(first["entries"]) == 2 and first["next_offset"] == 2
         assert first["entries"][0]["created_at"] > first["entries"][1]["created_at"]
         assert set(first["entries"][0]) == {
-            "key", "provider", "endpoint", "model", "namespace", "size", "created_at", "last_hit_at", "hits",
+            "key", "provider", "endpoint", "model", "namespace", "size", "created_at", "last_hit_at", "hits", "prompt",
         }  # fmt: skip
+        assert [entry["prompt"] for entry in first["entries"]] == ["4", "3"]
         last = httpx.get(f"{base}/cache/entries", params={"limit": 2, "offset": 4}).json()
         assert len(last["entries"]) == 1 and last["next_offset"] is None
+
+    def test_never_shows_prompts_when_dashboard_show_prompts_is_false(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        base = start_proxy(dashboard_show_prompts=False)
+        secret = "The launch code is 0451"
+        httpx.post(f"{base}/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": secret}]})
+        (listed,) = httpx.get(f"{base}/cache/entries").json()["entries"]
+        assert "prompt" not in listed and "0451" not in json.dumps(listed)
 
     def test_filters_by_namespace_and_provider(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
         base = start_proxy()

@@ -14,7 +14,15 @@ import aiosqlite
 import pytest
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
-from cache.base import EntryFilter, EntryInfo, Tally
+from cache.base import (
+    ACTIVITY_KEPT_SECONDS,
+    RECENT_REQUESTS_KEPT,
+    ActivityPoint,
+    EntryFilter,
+    EntryInfo,
+    RequestRecord,
+    Tally,
+)
 from cache.redis_backend import RedisBackend
 from cache.sqlite import SCHEMA_VERSION
 
@@ -132,6 +140,7 @@ async def test_a_stored_entry_comes_back_unchanged(open_backend: Opener) -> None
                 cached_input_tokens=1024,
                 cache_write_tokens=7,
                 upstream_seconds=2.375,
+                prompt_preview="Say “bonjour” …",
             ),
             id="every-field-set-model-none",
         ),
@@ -334,6 +343,90 @@ async def test_list_entries_show_the_hits_recorded_for_each_entry(open_backend: 
     infos = {info.key: info for info in await backend.list_entries(EntryFilter(), 0, 10)}
     assert (infos["hit"].hits, infos["hit"].last_hit_at) == (5, 50.0)
     assert (infos["missed"].hits, infos["missed"].last_hit_at) == (0, None)
+
+
+async def test_most_hit_lists_entries_with_hits_most_first_with_their_prompt(open_backend: Opener) -> None:
+    backend = await open_backend()
+    for index, key in enumerate(["once", "thrice", "twice", "never", "gone"]):
+        await backend.set(key, dataclasses.replace(entry(float(index)), prompt_preview=f"prompt of {key}"))
+    await backend.record(Tally(hits=9, entry_hits={"once": (1, 5.0), "thrice": (2, 6.0), "gone": (9, 7.0)}))
+    await backend.record(Tally(hits=3, entry_hits={"thrice": (1, 8.0), "twice": (2, 9.0)}))
+    await backend.delete("gone")
+
+    top = await backend.most_hit(10)
+    assert [(info.key, info.hits, info.prompt_preview) for info in top] == [
+        ("thrice", 3, "prompt of thrice"),
+        ("twice", 2, "prompt of twice"),
+        ("once", 1, "prompt of once"),
+    ]
+    assert top[0].last_hit_at == 8.0 and top[0].size == len(b"{}")
+    assert [info.key for info in await backend.most_hit(2)] == ["thrice", "twice"]
+
+
+async def test_most_hit_of_an_empty_store_is_empty(open_backend: Opener) -> None:
+    backend = await open_backend()
+    assert await backend.most_hit(10) == []
+
+
+async def test_activity_adds_up_per_minute_and_per_hour(open_backend: Opener) -> None:
+    backend = await open_backend()
+    hour = (int(time.time()) // 3600 - 1) * 3600  # the last whole hour, so every minute of it is kept
+    await backend.record(Tally(activity={hour + 60: [3, 2, 1], hour + 120: [1, 0, 1]}))
+    await backend.record(Tally(activity={hour + 60: [2, 2, 0], hour + 3540: [5, 1, 4]}))
+
+    minutes = await backend.activity(60, hour)
+    assert minutes == [
+        ActivityPoint(hour + 60, 5, 4, 1),
+        ActivityPoint(hour + 120, 1, 0, 1),
+        ActivityPoint(hour + 3540, 5, 1, 4),
+    ]
+    assert await backend.activity(60, hour + 121) == minutes[2:]
+    assert await backend.activity(3600, hour) == [ActivityPoint(hour, 11, 5, 6)]
+
+
+async def test_activity_older_than_its_retention_is_dropped(open_backend: Opener) -> None:
+    backend = await open_backend()
+    now = int(time.time())
+    old = now - ACTIVITY_KEPT_SECONDS - 7200
+    old -= old % 3600
+    recent = now - now % 60
+    await backend.record(Tally(activity={old: [1, 1, 0]}))
+    await backend.record(Tally(activity={recent: [1, 0, 1]}))
+
+    assert await backend.activity(60, 0) == [ActivityPoint(recent, 1, 0, 1)]
+    assert await backend.activity(3600, 0) == [ActivityPoint(recent - recent % 3600, 1, 0, 1)]
+
+
+def request_record(at: float, path: str = "/v1/chat/completions") -> RequestRecord:
+    return RequestRecord(
+        at=at,
+        method="POST",
+        path=path,
+        provider="openai",
+        endpoint="chat/completions",
+        model="gpt-4o-mini",
+        status=200,
+        cache_status="HIT",
+        coalesced=False,
+        streamed=True,
+        duration_ms=1.25,
+        bytes=812,
+        key="0123456789ab",
+    )
+
+
+async def test_recent_requests_keep_the_newest_first_up_to_their_bound(open_backend: Opener) -> None:
+    backend = await open_backend()
+    assert await backend.recent_requests() == []
+    first = [request_record(float(at)) for at in range(30)]
+    then = [request_record(float(at), path="/anthropic/v1/messages") for at in range(30, 60)]
+    await backend.record(Tally(recent=first))
+    await backend.record(Tally(recent=then))
+
+    kept = await backend.recent_requests()
+    assert kept == list(reversed(first + then))[:RECENT_REQUESTS_KEPT]
+    reopened = await open_backend()
+    assert await reopened.recent_requests() == kept
 
 
 # export_entries

@@ -164,9 +164,13 @@ class TestBrokenStore:
         assert health.status_code == 200
         assert health.json()["status"] == "degraded"
         assert cause in health.json()["cache"]["reason"]
-        failures = [r for r in caplog.records if r.name == "openai_proxy.cache" and r.levelno == logging.ERROR]
-        assert len(failures) == 1, [r.getMessage() for r in failures]
-        assert cause in failures[0].getMessage()
+        failures = [
+            r.getMessage() for r in caplog.records if r.name == "openai_proxy.cache" and r.levelno == logging.ERROR
+        ]
+        # One line per outage: reads and writes of SQLite fail apart, so at most one for each.
+        failing = [message.split(") ", 1)[1].split(",")[0] for message in failures]
+        assert 1 <= len(failures) == len(set(failing)) <= 2, failures
+        assert all(cause in message for message in failures), failures
 
     def test_unwritable_path(
         self,
@@ -179,6 +183,7 @@ class TestBrokenStore:
         base = start_proxy(cache_db=tmp_path / "a-file" / "cache.db")
         self.assert_served_and_degraded(base, caplog, "cannot open")
         assert upstream.calls == 3
+        start_proxy.stop(base)  # its last statistics flush fails too: logged here, not in the next test
 
     def test_locked_database(
         self,
@@ -287,7 +292,11 @@ class TestDamagedStore:
         path = tmp_path / "followed.db"
         base = start_proxy(cache_db=path, memory_cache_bytes=0)
         post_chat(base)
-        assert post_chat(base).headers["x-cache-status"] == "HIT"
+        deadline = time.monotonic() + 5
+        # Stored just after it was answered: with no memory tier, a hit once the file has it.
+        while post_chat(base).headers["x-cache-status"] != "HIT":
+            assert time.monotonic() < deadline, "the first answer was never stored"
+            time.sleep(0.02)
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").rename(tmp_path / f"old{suffix}")
         sqlite3.connect(path).close()  # what another worker's quarantine leaves: a new, empty file
