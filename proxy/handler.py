@@ -307,6 +307,7 @@ class Proxy:
                 response = await self.http.open(upstream.provider, "POST", upstream.url, upstream.headers, body)
                 answer_body = await read_body(response, upstream.provider)
             upstream_seconds = anyio.current_time() - asked_at
+            answered_at = self.clock()
             if deadline.cancelled_caught:
                 raise self._past_total_timeout(upstream.provider)
         except ProxyError as error:
@@ -320,7 +321,7 @@ class Proxy:
 
         async def store() -> None:
             stored = storing and await self._store(
-                pending, response.status_code, response_headers, answer_body, upstream_seconds
+                pending, response.status_code, response_headers, answer_body, upstream_seconds, answered_at
             )
             if flight is not None:
                 self.flights.land(pending.key, flight, complete=True, stored=stored)
@@ -426,9 +427,16 @@ class Proxy:
             )
 
     async def _store(
-        self, pending: PendingEntry, status: int, headers: Headers, body: bytes, upstream_seconds: float
+        self,
+        pending: PendingEntry,
+        status: int,
+        headers: Headers,
+        body: bytes,
+        upstream_seconds: float,
+        answered_at: float,
     ) -> bool:
-        """Store the answer if it may be stored; True when the store has it."""
+        """Store the answer if it may be stored; True when the store has it. `answered_at` (the clock when
+        the provider answered) is the entry's age origin, so a store that runs late does not make it younger."""
         if len(body) > self.settings.max_cache_entry_bytes or not is_storable(status, headers, body, pending.endpoint):
             return False
         content_type = _content_type(headers)
@@ -437,7 +445,7 @@ class Proxy:
             status=status,
             content_type=content_type,
             body=body,
-            created_at=self.clock(),
+            created_at=answered_at,
             provider=pending.provider,
             endpoint=pending.endpoint_path,
             model=pending.model,
@@ -527,6 +535,7 @@ class Proxy:
         if stale is not None and _failed_upstream(response.status_code):
             await close_quietly(response)
             return self._serve_stale(stale, flight)
+        answered_at = self.clock()
         upstream_headers = response.headers.multi_items()
         relayed_headers = client_response_headers(upstream_headers)
         response_headers = [*relayed_headers, *self._cache_headers(status, key)]
@@ -554,7 +563,9 @@ class Proxy:
             stored = False
             if completed and store and recorded_bytes <= size_limit:
                 answer, upstream_seconds = b"".join(recorded), anyio.current_time() - asked_at
-                stored = await self._store(pending, response.status_code, upstream_headers, answer, upstream_seconds)
+                stored = await self._store(
+                    pending, response.status_code, upstream_headers, answer, upstream_seconds, answered_at
+                )
             if flight is not None:
                 self.flights.land(pending.key, flight, complete=completed, stored=stored)
 

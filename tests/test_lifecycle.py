@@ -65,6 +65,23 @@ class TestExpiry:
         clock.advance(1000)
         assert status(chat(base, content="long")) == "HIT"
 
+    def test_an_entry_ages_from_when_the_provider_answered_not_from_when_it_was_stored(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, clock: FakeClock
+    ) -> None:
+        base = start_proxy(clock=clock)
+        upstream.chunk_delay = 0.1
+        body = {**CHAT, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=10) as streamed:
+            assert status(streamed) == "MISS"
+            clock.advance(100)  # while the answer is still streaming, long before it is stored
+            streamed.read()
+        upstream.chunk_delay = 0
+        deadline = time.monotonic() + 3
+        while status(hit := chat(base, {"cache-control": "only-if-cached"}, stream=True)) != "HIT":
+            assert time.monotonic() < deadline, "the streamed answer was never stored"
+            time.sleep(0.05)
+        assert hit.headers["age"] == "100"
+
     def test_max_age_accepts_only_younger_entries(
         self, start_proxy: ProxyFactory, upstream: FakeUpstream, clock: FakeClock
     ) -> None:
