@@ -232,10 +232,7 @@ class SqliteBackend:
         """
         checked = _file_id(self.path)
         try:
-            # A connection (and thread) of its own, so hits do not queue behind the check.
-            async with aiosqlite.connect(self.path, timeout=self._busy_timeout, isolation_level=None) as checker:
-                async with checker.execute("PRAGMA quick_check") as cursor:
-                    problems = [row[0] for row in await cursor.fetchall() if row[0] != "ok"]
+            problems = await self._quick_check()
         except sqlite3.Error as exc:
             if not _is_corruption(exc):
                 raise CacheError(f"cache check failed: {exc}") from exc
@@ -244,6 +241,22 @@ class SqliteBackend:
             return True
         await self._replace(lambda: self._quarantine(problems[0], checked))
         return False
+
+    async def _quick_check(self) -> list[str]:
+        """The problems PRAGMA quick_check reports. It runs on a connection (and thread) of its own, so hits
+        do not queue behind it; cancelled (at shutdown), it is interrupted and its thread ended before this
+        returns, for a thread left running would answer into a closed event loop."""
+        with anyio.CancelScope(shield=True):
+            checker = await aiosqlite.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            async with checker.execute("PRAGMA quick_check") as cursor:
+                return [row[0] for row in await cursor.fetchall() if row[0] != "ok"]
+        except anyio.get_cancelled_exc_class():
+            await checker.interrupt()
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await checker.close()
 
     async def _replace(self, change: Any) -> None:
         """Close the file, run `change`, and open what is at the path now."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Protocol
 
 import aiosqlite
+import anyio
 import pytest
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
@@ -94,6 +96,10 @@ def entry(
     return dataclasses.replace(
         ENTRY, created_at=created_at, body=body, namespace=namespace, provider=provider, model=model
     )
+
+
+def sqlite_threads() -> set[threading.Thread]:
+    return {thread for thread in threading.enumerate() if "_connection_worker_thread" in thread.name}
 
 
 async def stored_keys(backend: CacheBackend, candidates: list[str]) -> set[str]:
@@ -721,6 +727,37 @@ class TestSqliteOpening:
             assert len(list(tmp_path.glob("cut.db.corrupt-*"))) == 1
         finally:
             await backend.close()
+
+    def test_a_check_cancelled_at_shutdown_ends_before_the_event_loop_closes(self, tmp_path: Path) -> None:
+        path = tmp_path / "large.db"
+        with sqlite3.connect(path) as db:  # about 20 MB, so the check takes tens of milliseconds
+            db.execute("CREATE TABLE filler (id INTEGER PRIMARY KEY, v TEXT)")
+            db.execute(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 300000)"
+                " INSERT INTO filler (v) SELECT printf('row %d of the filler', i) FROM n"
+            )
+            db.execute("CREATE INDEX filler_v ON filler (v)")
+        db.close()
+
+        async def start_checking_and_shut_down() -> None:
+            backend = SqliteBackend(path)
+            await backend.open()
+            try:
+                with anyio.move_on_after(0.02):  # after its connection opened, during the check
+                    await backend.verify()
+            finally:
+                await backend.close()
+
+        failures: list[threading.ExceptHookArgs] = []
+        hook, threading.excepthook = threading.excepthook, failures.append
+        ours = sqlite_threads()
+        try:
+            anyio.run(start_checking_and_shut_down)  # closes its event loop on return
+            for thread in sqlite_threads() - ours:
+                thread.join(timeout=5)
+        finally:
+            threading.excepthook = hook
+        assert [str(failure.exc_value) for failure in failures] == []
 
     async def test_a_full_disk_fails_the_write_not_the_store(self, tmp_path: Path) -> None:
         backend = TinySqlite(tmp_path / "full.db")
