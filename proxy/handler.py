@@ -246,8 +246,7 @@ class Proxy:
                 self.health.succeeded(Operation.READ)
                 if entry is not None:
                     now = self.clock()
-                    ttl = entry.ttl if entry.ttl is not None else self.settings.cache_ttl
-                    if not is_fresh(entry.created_at, ttl, now, control.max_age):
+                    if not self._is_fresh(entry, now, control.max_age):
                         status = CacheStatus.EXPIRED
                         if self.settings.cache_stale_if_error:
                             answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
@@ -273,7 +272,7 @@ class Proxy:
                 if leader is not None:
                     flight = None
             if leader is not None:
-                followed = await self._follow(leader, pending, wants_stream, wants_usage)
+                followed = await self._follow(leader, pending, wants_stream, wants_usage, control.max_age)
                 if followed is not None:
                     return followed
         if status is not CacheStatus.BYPASS:
@@ -379,9 +378,10 @@ class Proxy:
         return flight
 
     async def _follow(
-        self, flight: Flight, pending: PendingEntry, wants_stream: bool, wants_usage: bool
+        self, flight: Flight, pending: PendingEntry, wants_stream: bool, wants_usage: bool, max_age: int | None
     ) -> ASGIApp | None:
-        """The answer of an identical request already in flight, or None to go upstream after all."""
+        """The answer of an identical request already in flight, or None to go upstream after all (also when
+        the stored answer is already too old for this request)."""
         deadline = anyio.current_time() + self.settings.cache_lock_timeout
         # The leader's shape is known once it started (another instance's leader says so then).
         if not await flight.wait_until("started", deadline - anyio.current_time()):
@@ -402,12 +402,18 @@ class Proxy:
             entry = await self.backend.get(pending.key)
         except CacheError:
             return None
-        answer = replay(entry, pending.endpoint, wants_stream, wants_usage) if entry is not None else None
-        if entry is None or answer is None:
-            return None
         now = self.clock()
+        if entry is None or not self._is_fresh(entry, now, max_age):
+            return None
+        answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
+        if answer is None:
+            return None
         self.statistics.hit(pending.key, entry, now)
         return self._hit(entry, answer, pending.key, now, coalesced=True)
+
+    def _is_fresh(self, entry: CachedResponse, now: float, max_age: int | None) -> bool:
+        ttl = entry.ttl if entry.ttl is not None else self.settings.cache_ttl
+        return is_fresh(entry.created_at, ttl, now, max_age)
 
     async def _count_hit(self, key: str) -> None:
         try:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import httpx._transports.default as httpx_transports
 import pytest
 
@@ -210,6 +211,14 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def wait_until_stored(base: str, entries: int) -> None:
+    """Answers are stored just after they were sent; wait for that before moving the clock."""
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{base}/cache/stats").json()["entries"] < entries:
+        assert time.monotonic() < deadline, "the entry was never stored"
+        time.sleep(0.02)
 
 
 @pytest.fixture

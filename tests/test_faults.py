@@ -7,6 +7,7 @@ import logging
 import socket
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from cache import sqlite as sqlite_module
 from openai_proxy import create_app
 from proxy.settings import Settings
-from tests.conftest import ProxyFactory
+from tests.conftest import FakeClock, ProxyFactory
 from tests.servers import FakeUpstream, Recorded, ServerThread, chat_completion, gzip_json
 from tests.test_backends import TinySqlite
 
@@ -210,6 +211,31 @@ class TestBrokenStore:
         while httpx.get(f"{base}/healthz").json()["status"] != "ok":
             assert time.monotonic() < deadline, "the store works again, so /healthz must say so"
             time.sleep(0.05)
+
+
+def test_a_follower_is_never_served_an_answer_older_than_its_max_age(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, clock: FakeClock, tmp_path: Path
+) -> None:
+    """Identical requests follow the one in flight until its answer is stored. When that store is slow (here
+    a write lock holds it), the answer can be too old for a follower's max-age by then: it goes upstream."""
+    base = start_proxy(clock=clock, cache_db=tmp_path / "slow.db")
+    assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+    holder = sqlite3.connect(tmp_path / "slow.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # the first answer's store waits for this lock
+    try:
+        assert post_chat(base).headers["x-cache-status"] == "MISS"
+        clock.advance(100)
+        with ThreadPoolExecutor(1) as pool:
+            follower = pool.submit(post_chat, base, headers={"cache-control": "max-age=50"})
+            time.sleep(0.3)  # it follows the first request, whose answer is not stored yet
+            holder.execute("COMMIT")
+            followed = follower.result(timeout=10)
+    finally:
+        holder.close()
+    assert followed.headers["x-cache-status"] in ("MISS", "EXPIRED")
+    assert "x-cache-coalesced" not in followed.headers
+    assert upstream.calls == 2
+    assert post_chat(base, headers={"cache-control": "max-age=50"}).headers["x-cache-status"] == "HIT"
 
 
 def test_upstream_cookies_are_never_sent_for_another_client(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:

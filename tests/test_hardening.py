@@ -6,7 +6,6 @@ import asyncio
 import json
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,14 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from tests.conftest import CANARIES, PROXY_ANTHROPIC_KEY, PROXY_CLIENT_KEY, FakeClock, ProxyFactory
+from tests.conftest import (
+    CANARIES,
+    PROXY_ANTHROPIC_KEY,
+    PROXY_CLIENT_KEY,
+    FakeClock,
+    ProxyFactory,
+    wait_until_stored,
+)
 from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
 from tests.test_admin import run_cli
 
@@ -56,14 +62,6 @@ def _whole_response(received: bytes) -> bool:
 
 def port_of(base: str) -> int:
     return int(base.rsplit(":", 1)[1])
-
-
-def wait_until_stored(base: str, entries: int) -> None:
-    """Answers are stored just after they were sent; wait for that before moving the clock."""
-    deadline = time.monotonic() + 5
-    while httpx.get(f"{base}/cache/stats").json()["entries"] < entries:
-        assert time.monotonic() < deadline, "the entry was never stored"
-        time.sleep(0.02)
 
 
 class HangUpServer:
@@ -181,9 +179,7 @@ FAILURES = {
 @pytest.mark.both_backends
 class TestStaleIfError:
     def expired_entry(self, start_proxy: ProxyFactory, clock: FakeClock, body: dict[str, Any], **settings: Any) -> str:
-        # No coalescing: on Redis the first miss's flight lock outlives its store by a moment, and a request
-        # then would follow that flight to its stored answer, fresh by the real clock but not by this one.
-        base = start_proxy(clock=clock, cache_ttl=60, cache_lock_timeout=0, **settings)
+        base = start_proxy(clock=clock, cache_ttl=60, **settings)
         assert post(base, body).headers["x-cache-status"] == "MISS"
         wait_until_stored(base, 1)
         clock.advance(120)
