@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import PROXY_OPENAI_KEY, FakeClock, ProxyFactory
+from tests.conftest import PROXY_OPENAI_KEY, FakeClock, ProxyFactory, wait_until_stored
 from tests.servers import FakeUpstream
 
 pytestmark = pytest.mark.both_backends
@@ -32,6 +32,7 @@ class TestExpiry:
     ) -> None:
         base = start_proxy(clock=clock, cache_ttl=60)
         assert status(chat(base)) == "MISS"
+        wait_until_stored(base, 1)
         clock.advance(59)
         assert status(chat(base)) == "HIT"
         clock.advance(1)
@@ -48,6 +49,7 @@ class TestExpiry:
     ) -> None:
         base = start_proxy(clock=clock)
         chat(base)
+        wait_until_stored(base, 1)
         clock.advance(10 * 365 * 86400)
         hit = chat(base)
         assert status(hit) == "HIT"
@@ -59,6 +61,7 @@ class TestExpiry:
         base = start_proxy(clock=clock, cache_ttl=60)
         chat(base, {"x-cache-ttl": "3600"}, content="long")
         chat(base, {"x-cache-ttl": "5"}, content="short")
+        wait_until_stored(base, 2)
         clock.advance(30)
         assert status(chat(base, content="long")) == "HIT"
         assert status(chat(base, content="short")) == "EXPIRED"
@@ -87,6 +90,7 @@ class TestExpiry:
     ) -> None:
         base = start_proxy(clock=clock)
         chat(base)
+        wait_until_stored(base, 1)
         clock.advance(100)
         assert status(chat(base, {"cache-control": "max-age=200"})) == "HIT"
         assert status(chat(base, {"cache-control": "max-age=50"})) == "EXPIRED"
@@ -101,6 +105,7 @@ class TestSizeLimits:
         chat(base, content="a")
         clock.advance(1)
         chat(base, content="b")
+        wait_until_stored(base, 2)
         clock.advance(1)
         assert status(chat(base, content="a")) == "HIT"  # "a" is now the more recently used
         httpx.get(f"{base}/cache/stats")  # flushes the hit, which records the use
