@@ -19,12 +19,10 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import aiohttp
 import anyio
 import httpx
 import uvicorn
 from fastapi import FastAPI
-from httpx_aiohttp import AiohttpTransport
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
@@ -50,7 +48,7 @@ from proxy.metrics import MULTIPROCESS_DIRECTORY, Metrics, ModelLabels
 from proxy.server import HttpProtocol
 from proxy.settings import Settings, describe_invalid_settings
 from proxy.statistics import Pricer, Statistics
-from proxy.upstream import UpstreamClient
+from proxy.upstream import UpstreamClient, UpstreamTransport
 
 __all__ = ["Settings", "create_app", "main"]
 
@@ -58,19 +56,6 @@ logger = logging.getLogger("openai_proxy")
 T = TypeVar("T")
 
 PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-
-
-def upstream_transport() -> httpx.AsyncBaseTransport:
-    """aiohttp's connection pool under httpx: measured in bench/throughput.py, httpx's own pool serves a
-    few hundred misses a second at 32 concurrent clients, aiohttp's several times more."""
-
-    def session() -> aiohttp.ClientSession:
-        # Built on first use, inside the event loop. One session serves every client, so it must not keep
-        # one upstream answer's cookies and send them on behalf of the next client.
-        connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=30)
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
-    return AiohttpTransport(client=session)
 
 
 class LoadedLater(Generic[T]):
@@ -143,7 +128,7 @@ def create_app(
         assert isinstance(store, RedisBackend)
         shared_flights = RedisFlights(store, settings.cache_lock_timeout)
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
-    client = UpstreamClient(http if http is not None else upstream_transport(), timeout)
+    client = UpstreamClient(http if http is not None else UpstreamTransport(), timeout)
     prices = LoadedLater(
         lambda: PriceTable(parse_price_overrides(settings.price_overrides) if settings.price_overrides else None)
     )

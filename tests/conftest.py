@@ -98,7 +98,8 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def upstream_server() -> Iterator[FakeUpstream]:
     """One fake upstream server for the whole run; each test gets it reset (see `upstream`)."""
     fake = FakeUpstream()
-    server = ServerThread(fake.app()).start()
+    # uvicorn's default idle timeout, as behind vLLM: the proxy must not reuse a connection being closed.
+    server = ServerThread(fake.app(), keep_alive=5).start()
     fake.url = server.url
     yield fake
     server.stop()

@@ -46,11 +46,14 @@ class PromptServer(uvicorn.Server):
 class ServerThread:
     """Serves an ASGI app with uvicorn on a free loopback port, in a thread of its own."""
 
-    def __init__(self, app: ASGIApp, http: type[asyncio.Protocol] | Literal["auto"] = "auto") -> None:
-        # Idle connections stay open for the whole run: with uvicorn's 5 s, a client reusing one just as the
-        # server closes it sees a failure that belongs to the timing, not to the code under test.
+    def __init__(
+        self, app: ASGIApp, http: type[asyncio.Protocol] | Literal["auto"] = "auto", keep_alive: int = 600
+    ) -> None:
+        """`keep_alive`: seconds an idle connection stays open. By default for the whole run: the tests'
+        clients keep theirs 5 s, as uvicorn's default does, and one reusing a connection just as the server
+        closes it sees a failure that belongs to the timing, not to the code under test."""
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=http, timeout_keep_alive=600
+            app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=http, timeout_keep_alive=keep_alive
         )
         self.server = PromptServer(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
