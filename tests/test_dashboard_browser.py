@@ -60,9 +60,9 @@ def screenshot(page: Page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
 
 
-def chat(base: str, content: str) -> str:
+def chat(base: str, content: str, **headers: str) -> str:
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": content}]}
-    return httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"]
+    return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers).headers["x-cache-status"]
 
 
 def counted(base: str, requests: int, **headers: str) -> dict[str, Any]:
@@ -162,24 +162,37 @@ def test_the_page_refreshes_itself(
     assert problems == []
 
 
-def test_with_an_admin_key_the_page_asks_for_it_once_per_browser_session(
-    start_proxy: ProxyFactory, upstream: FakeUpstream, page: tuple[Page, Problems]
+@pytest.mark.parametrize(
+    ("settings", "key", "named"),
+    [
+        pytest.param({"admin_api_key": "admin-secret"}, "admin-secret", "ADMIN_API_KEY", id="admin-key"),
+        # Without ADMIN_API_KEY, loopback clients use a proxy key when the proxy requires one.
+        pytest.param({"proxy_api_keys": "team-key"}, "team-key", "proxy API key", id="proxy-key"),
+    ],
+)
+def test_a_page_that_needs_a_key_asks_for_it_once_per_browser_session(
+    start_proxy: ProxyFactory,
+    upstream: FakeUpstream,
+    page: tuple[Page, Problems],
+    settings: dict[str, str],
+    key: str,
+    named: str,
 ) -> None:
-    base = start_proxy(admin_api_key="admin-secret")
-    chat(base, "hello")
-    counted(base, 1, authorization="Bearer admin-secret")
+    base = start_proxy(**settings)
+    chat(base, "hello", authorization=f"Bearer {key}")
+    counted(base, 1, authorization=f"Bearer {key}")
     tab, problems = page
     tab.goto(f"{base}/dashboard")
     tab.wait_for_selector("#key-form", state="visible")
     tab.fill("#admin-key", "wrong-key")
     tab.press("#admin-key", "Enter")
     tab.wait_for_selector("#auth-error", state="visible")
-    assert "ADMIN_API_KEY" in tab.inner_text("#auth-error")
+    assert named in tab.inner_text("#auth-error")
 
-    tab.fill("#admin-key", "admin-secret")
+    tab.fill("#admin-key", key)
     tab.press("#admin-key", "Enter")
     tab.wait_for_selector('#misses[data-value="1"]')
-    assert tab.evaluate("sessionStorage.getItem('openai-proxy-admin-key')") == "admin-secret"
+    assert tab.evaluate("sessionStorage.getItem('openai-proxy-admin-key')") == key
     assert tab.evaluate("localStorage.length") == 0
     tab.reload()
     tab.wait_for_selector('#misses[data-value="1"]')
