@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gzip
 import json
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -324,3 +325,36 @@ class FakeUpstream:
 def gzip_json(value: Any, **headers: str) -> Response:
     body = gzip.compress(json.dumps(value).encode())
     return Response(body, headers={"content-type": "application/json", "content-encoding": "gzip", **headers})
+
+
+class SocketServer:
+    """An upstream on a loopback port that speaks raw HTTP/1.1, for behaviour uvicorn cannot be made to
+    show. Each connection is handed to `serve` in a thread of its own; `connections` counts them."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def serve(self, connection: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            self.serve(connection)

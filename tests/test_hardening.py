@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from tests.conftest import (
     ProxyFactory,
     wait_until_stored,
 )
-from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
+from tests.servers import FakeUpstream, Recorded, SocketServer, chat_chunks, chat_completion
 from tests.test_admin import run_cli
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -64,34 +63,19 @@ def port_of(base: str) -> int:
     return int(base.rsplit(":", 1)[1])
 
 
-class HangUpServer:
+class HangUpServer(SocketServer):
     """An upstream that reads each request and closes the connection without answering."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        super().__init__()
         self.requests = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            with connection:
-                data = b""
-                while b"\r\n\r\n" not in data and (chunk := connection.recv(65536)):
-                    data += chunk
-                if data:
-                    self.requests += 1
-
-    def close(self) -> None:
-        self.listener.close()
+    def serve(self, connection: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := connection.recv(65536)):
+            data += chunk
+        if data:
+            self.requests += 1
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 
 import anyio
@@ -11,6 +10,7 @@ import httpx
 import pytest
 
 from proxy.upstream import UpstreamTransport, is_nearby
+from tests.servers import SocketServer
 
 
 @pytest.mark.parametrize(
@@ -45,59 +45,32 @@ def test_public_hosts_are_remote(host: str) -> None:
     assert not is_nearby(host)
 
 
-class KeepAliveServer:
-    """Answers every request with a small JSON body and keeps the connection open; counts connections."""
+class KeepAliveServer(SocketServer):
+    """Answers every request with a small JSON body and keeps the connection open."""
 
-    def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.connections = 0
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1/chat/completions"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
-
-    def _serve(self, connection: socket.socket) -> None:
-        with connection:
-            data = b""
-            while chunk := connection.recv(65536):
-                data += chunk
-                while b"\r\n\r\n" in data:
-                    head, _, rest = data.partition(b"\r\n\r\n")
-                    length = next(
-                        (
-                            int(line.split(b":")[1])
-                            for line in head.split(b"\r\n")
-                            if line.lower().startswith(b"content-length:")
-                        ),
-                        0,
-                    )
-                    if len(rest) < length:
-                        break
-                    data = rest[length:]
-                    connection.sendall(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
-                    )
+    def serve(self, connection: socket.socket) -> None:
+        data = b""
+        while chunk := connection.recv(65536):
+            data += chunk
+            while b"\r\n\r\n" in data:
+                head, _, rest = data.partition(b"\r\n\r\n")
+                fields = (line.partition(b":") for line in head.split(b"\r\n")[1:])
+                length = next((int(value) for name, _, value in fields if name.lower() == b"content-length"), 0)
+                if len(rest) < length:
+                    break
+                data = rest[length:]
+                connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
 
 
 @pytest.fixture
 def server() -> Iterator[KeepAliveServer]:
     keep_alive = KeepAliveServer()
     yield keep_alive
-    keep_alive.listener.close()
+    keep_alive.close()
 
 
-async def post(transport: UpstreamTransport, url: str) -> None:
-    request = httpx.Request("POST", url, content=b'{"model": "m"}')
+async def post(transport: UpstreamTransport, base: str) -> None:
+    request = httpx.Request("POST", f"{base}/v1/chat/completions", content=b'{"model": "m"}')
     response = await transport.handle_async_request(request)
     assert await response.aread() == b"{}"
 
