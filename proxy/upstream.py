@@ -1,4 +1,4 @@
-"""Talking to the provider: the upstream URL, and httpx failures turned into proxy errors."""
+"""Talking to the provider: the upstream URL, the connection pools, and httpx failures turned into proxy errors."""
 
 from __future__ import annotations
 
