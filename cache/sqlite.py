@@ -318,8 +318,8 @@ class SqliteBackend:
             raise
 
     @staticmethod
-    async def _scalar(db: aiosqlite.Connection, query: str, parameters: tuple[Any, ...] = ()) -> int:
-        async with db.execute(query, parameters) as cursor:
+    async def _scalar(db: aiosqlite.Connection, query: str) -> int:
+        async with db.execute(query) as cursor:
             row = await cursor.fetchone()
         return int(row[0]) if row and row[0] is not None else 0
 
@@ -334,13 +334,8 @@ class SqliteBackend:
         return self._reader
 
     async def get(self, key: str) -> CachedResponse | None:
-        db = self._reading()
-        try:
-            async with db.execute(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?", (key,)) as cursor:
-                row = await cursor.fetchone()
-        except sqlite3.Error as exc:
-            raise CacheError(f"cache read failed: {exc}") from exc
-        return None if row is None else _entry(row)
+        rows = await self._rows(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?", (key,))
+        return _entry(rows[0]) if rows else None
 
     async def set(self, key: str, entry: CachedResponse) -> None:
         size = len(entry.body)
@@ -461,17 +456,10 @@ class SqliteBackend:
         return [EntryInfo(*row) for row in await self._rows(query, (*parameters, limit, offset))]
 
     async def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]:
-        db = self._reading()
         after = ""
         while True:
-            try:
-                async with db.execute(
-                    f"SELECT key, {_ENTRY_COLUMNS} FROM entries WHERE key > ? ORDER BY key LIMIT ?",
-                    (after, _EXPORT_BATCH),
-                ) as cursor:
-                    rows = list(await cursor.fetchall())
-            except sqlite3.Error as exc:
-                raise CacheError(f"cache read failed: {exc}") from exc
+            query = f"SELECT key, {_ENTRY_COLUMNS} FROM entries WHERE key > ? ORDER BY key LIMIT ?"
+            rows = await self._rows(query, (after, _EXPORT_BATCH))
             for row in rows:
                 yield row[0], _entry(row[1:])
             if len(rows) < _EXPORT_BATCH:
@@ -479,24 +467,15 @@ class SqliteBackend:
             after = rows[-1][0]
 
     async def latest_invalidation(self) -> int:
-        db = self._reading()
-        try:
-            return await self._scalar(db, "SELECT max(seq) FROM invalidations")
-        except sqlite3.Error as exc:
-            raise CacheError(f"cache read failed: {exc}") from exc
+        [(latest,)] = await self._rows("SELECT coalesce(max(seq), 0) FROM invalidations")
+        return int(latest)
 
     async def invalidations_since(self, after: int) -> tuple[int, list[str | None]]:
-        db = self._reading()
-        try:
-            async with db.execute(
-                "SELECT seq, key FROM invalidations WHERE seq > ? ORDER BY seq LIMIT ?", (after, _INVALIDATIONS_KEPT)
-            ) as cursor:
-                rows = list(await cursor.fetchall())
-            if not rows:
-                # The feed's real end: below `after` when the file was replaced by a new one.
-                return min(after, await self._scalar(db, "SELECT coalesce(max(seq), 0) FROM invalidations")), []
-        except sqlite3.Error as exc:
-            raise CacheError(f"cache read failed: {exc}") from exc
+        query = "SELECT seq, key FROM invalidations WHERE seq > ? ORDER BY seq LIMIT ?"
+        rows = await self._rows(query, (after, _INVALIDATIONS_KEPT))
+        if not rows:
+            # The feed's real end: below `after` when the file was replaced by a new one.
+            return min(after, await self.latest_invalidation()), []
         return rows[-1][0], [key for _, key in rows]
 
     async def record(self, tally: Tally) -> None:
@@ -544,27 +523,22 @@ class SqliteBackend:
         query = "SELECT record FROM recent_requests ORDER BY seq DESC LIMIT ?"
         return [RequestRecord(*orjson.loads(record)) for (record,) in await self._rows(query, (RECENT_REQUESTS_KEPT,))]
 
-    async def _rows(self, query: str, parameters: tuple[Any, ...]) -> list[Any]:
+    async def _rows(
+        self, query: str, parameters: tuple[Any, ...] = (), failure: str = "cache read failed"
+    ) -> list[Any]:
+        """The query's rows, read in one trip to the reader's thread. One trip, so a reopening of the file
+        (which closes the connection behind every queued trip) cannot come between a query and its rows."""
         try:
-            async with self._reading().execute(query, parameters) as cursor:
-                return list(await cursor.fetchall())
+            return list(await self._reading().execute_fetchall(query, parameters))
         except sqlite3.Error as exc:
-            raise CacheError(f"cache read failed: {exc}") from exc
+            raise CacheError(f"{failure}: {exc}") from exc
 
     async def statistics(self) -> CacheStatistics:
-        db = self._reading()
-        try:
-            async with db.execute("SELECT entries, bytes FROM totals") as cursor:
-                totals = await cursor.fetchone()
-            async with db.execute("SELECT name, value FROM counters") as cursor:
-                counters: dict[str, int] = {name: value for name, value in await cursor.fetchall()}
-            async with db.execute(
-                f"SELECT provider, model, {', '.join(SAVING_FIGURES)} FROM savings ORDER BY provider, model"
-            ) as cursor:
-                savings = [Saving(*row) for row in await cursor.fetchall()]
-        except sqlite3.Error as exc:
-            raise CacheError(f"cache read failed: {exc}") from exc
-        entries, size = totals if totals else (0, 0)
+        totals = await self._rows("SELECT entries, bytes FROM totals")
+        counters: dict[str, int] = dict(await self._rows("SELECT name, value FROM counters"))
+        query = f"SELECT provider, model, {', '.join(SAVING_FIGURES)} FROM savings ORDER BY provider, model"
+        savings = [Saving(*row) for row in await self._rows(query)]
+        entries, size = totals[0] if totals else (0, 0)
         return CacheStatistics(
             entries=entries,
             bytes=size,
@@ -576,12 +550,7 @@ class SqliteBackend:
         )
 
     async def ping(self) -> None:
-        db = self._reading()
-        try:
-            async with db.execute("SELECT 1 FROM entries LIMIT 1") as cursor:
-                await cursor.fetchone()
-        except sqlite3.Error as exc:
-            raise CacheError(f"cache unusable: {exc}") from exc
+        await self._rows("SELECT 1 FROM entries LIMIT 1", failure="cache unusable")
 
     async def close(self) -> None:
         connections = [db for db in (self._reader, self._db) if db is not None]

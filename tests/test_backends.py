@@ -7,7 +7,7 @@ import dataclasses
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -725,6 +725,40 @@ class TestSqliteOpening:
             assert not list(tmp_path.glob("cut.db.corrupt-*"))
             assert await backend.verify() is False
             assert len(list(tmp_path.glob("cut.db.corrupt-*"))) == 1
+        finally:
+            await backend.close()
+
+    async def test_reads_while_the_file_is_reopened_fail_as_cache_errors_or_succeed(self, tmp_path: Path) -> None:
+        """Another process replaced the file, so the backend reopens it: every read then in progress either
+        finishes or fails as a CacheError (the request goes upstream), never with another error (a 500)."""
+        backend = SqliteBackend(tmp_path / "reopened.db")
+        await backend.open()
+        await backend.set("k", ENTRY)
+        outcomes: list[str] = []
+        reads: list[Callable[[], Awaitable[object]]] = [
+            lambda: backend.get("k"),
+            backend.statistics,
+            backend.latest_invalidation,
+        ]
+
+        async def read(operation: int) -> None:
+            for _ in range(40):
+                try:
+                    await reads[operation]()
+                    outcomes.append("read")
+                except CacheError:
+                    outcomes.append("cache error")
+                await anyio.sleep(0)
+
+        try:
+            async with anyio.create_task_group() as readers:
+                for number in range(30):
+                    readers.start_soon(read, number % 3)
+                for _ in range(5):
+                    await anyio.sleep(0.002)
+                    await backend._replace(lambda: None)
+            assert len(outcomes) == 30 * 40
+            assert await backend.get("k") == ENTRY
         finally:
             await backend.close()
 
