@@ -16,6 +16,8 @@ from typing import Protocol
 from proxy.headers import Headers
 from proxy.responses import UpstreamBrokeOff
 
+_STORED_LANDINGS_KEPT = 1024
+
 
 class FlightMirror(Protocol):
     """Where a leader's flight is also published, for followers in other proxy instances."""
@@ -102,9 +104,17 @@ class Flights:
 
     def __init__(self) -> None:
         self._flights: dict[str, Flight] = {}
+        # Landings so far, and the latest stored landing of each key (the last few hundred keys): a request
+        # that looked in the cache just before an identical one stored its answer can tell, and look again.
+        self.landings = 0
+        self._stored: dict[str, int] = {}
 
     def get(self, key: str) -> Flight | None:
         return self._flights.get(key)
+
+    def stored_since(self, key: str, landings: int) -> bool:
+        """Whether a flight for `key` landed with its answer stored after `landings` was read."""
+        return self._stored.get(key, -1) >= landings
 
     def lead(self, key: str, streamed: bool, with_usage: bool) -> Flight:
         flight = Flight(streamed, with_usage)
@@ -115,3 +125,9 @@ class Flights:
         flight.finish(complete, stored)
         if self._flights.get(key) is flight:
             del self._flights[key]
+        if stored:
+            self._stored.pop(key, None)
+            self._stored[key] = self.landings
+            if len(self._stored) > _STORED_LANDINGS_KEPT:
+                del self._stored[next(iter(self._stored))]
+        self.landings += 1

@@ -234,26 +234,10 @@ class Proxy:
         stream_options = payload.get("stream_options")
         wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
 
-        status = CacheStatus.REFRESH if control.no_cache else CacheStatus.MISS
-        stale: Stale | None = None
-        if self.settings.respond_with_cache and not control.no_cache:
-            try:
-                entry = await self.backend.get(pending.key)
-            except CacheError as exc:
-                self.health.failed(Operation.READ, exc)
-                status = CacheStatus.BYPASS
-            else:
-                self.health.succeeded(Operation.READ)
-                if entry is not None:
-                    now = self.clock()
-                    if not self._is_fresh(entry, now, control.max_age):
-                        status = CacheStatus.EXPIRED
-                        if self.settings.cache_stale_if_error:
-                            answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
-                            stale = Stale(entry, answer, pending) if answer is not None else None
-                    elif (answer := replay(entry, pending.endpoint, wants_stream, wants_usage)) is not None:
-                        self.statistics.hit(pending.key, entry, now)
-                        return self._hit(entry, answer, pending.key, now)
+        landings = self.flights.landings
+        status, stale, hit = await self._look_up(pending, control, wants_stream, wants_usage)
+        if hit is not None:
+            return hit
         if control.only_if_cached:
             why = "offline (CACHE_OFFLINE=true)" if self.settings.cache_offline else "asked for only-if-cached"
             error = ProxyError(
@@ -266,6 +250,12 @@ class Proxy:
         looked_up = self.settings.respond_with_cache and status in (CacheStatus.MISS, CacheStatus.EXPIRED)
         if looked_up and self.settings.cache_lock_timeout > 0:
             leader = self.flights.get(pending.key)
+            if leader is None and self.flights.stored_since(pending.key, landings):
+                # The identical request that was in flight when this one looked stored its answer meanwhile.
+                status, stale, hit = await self._look_up(pending, control, wants_stream, wants_usage)
+                if hit is not None:
+                    return hit
+                leader = self.flights.get(pending.key)
             if leader is None:
                 flight = self.flights.lead(pending.key, wants_stream, wants_usage)
                 leader = await self._share(pending.key, flight)
@@ -288,6 +278,31 @@ class Proxy:
             if flight is not None:
                 self.flights.land(pending.key, flight, complete=False, stored=False)
             raise
+
+    async def _look_up(
+        self, pending: PendingEntry, control: RequestControl, wants_stream: bool, wants_usage: bool
+    ) -> tuple[CacheStatus, Stale | None, ASGIApp | None]:
+        """The request's cache status, the expired entry to serve if the upstream fails (stale-if-error),
+        and the answer when it is a hit."""
+        if not self.settings.respond_with_cache or control.no_cache:
+            return (CacheStatus.REFRESH if control.no_cache else CacheStatus.MISS), None, None
+        try:
+            entry = await self.backend.get(pending.key)
+        except CacheError as exc:
+            self.health.failed(Operation.READ, exc)
+            return CacheStatus.BYPASS, None, None
+        self.health.succeeded(Operation.READ)
+        if entry is None:
+            return CacheStatus.MISS, None, None
+        now = self.clock()
+        answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
+        if not self._is_fresh(entry, now, control.max_age):
+            stale = Stale(entry, answer, pending) if answer is not None and self.settings.cache_stale_if_error else None
+            return CacheStatus.EXPIRED, stale, None
+        if answer is None:
+            return CacheStatus.MISS, None, None
+        self.statistics.hit(pending.key, entry, now)
+        return CacheStatus.MISS, None, self._hit(entry, answer, pending.key, now)
 
     async def _fetch(
         self,

@@ -16,6 +16,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from cache import CachedResponse, SqliteBackend
 from cache import sqlite as sqlite_module
 from openai_proxy import create_app
 from proxy.settings import Settings
@@ -236,6 +237,50 @@ def test_a_follower_is_never_served_an_answer_older_than_its_max_age(
     assert "x-cache-coalesced" not in followed.headers
     assert upstream.calls == 2
     assert post_chat(base, headers={"cache-control": "max-age=50"}).headers["x-cache-status"] == "HIT"
+
+
+class LateSecondLookup(SqliteBackend):
+    """The second read answers late: what it read, once an identical request has stored its answer."""
+
+    reads = 0
+
+    async def get(self, key: str) -> CachedResponse | None:
+        self.reads += 1
+        entry = await super().get(key)
+        if self.reads == 2:
+            await asyncio.sleep(0.5)
+        return entry
+
+
+def test_a_request_whose_lookup_missed_an_answer_stored_meanwhile_is_a_hit(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """Looked up just before an identical request in flight stored its answer, found no flight after:
+    the answer is in the cache by then, so it must not go upstream a second time."""
+    settings = Settings(_env_file=None, openai_base_url=upstream.url, openai_api_key="sk-test", memory_cache_bytes=0)  # type: ignore[call-arg]
+    server = ServerThread(create_app(settings, backend=LateSecondLookup(tmp_path / "late.db"))).start()
+
+    async def slow(request: Request, recorded: Recorded) -> Response:
+        await asyncio.sleep(0.2)
+        return JSONResponse(chat_completion(upstream.calls, "m"))
+
+    upstream.handler = slow
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post_chat, server.url)
+            deadline = time.monotonic() + 5
+            while upstream.calls == 0:  # the first now waits for the upstream, and has stored nothing
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            second = pool.submit(post_chat, server.url)
+            statuses = [
+                first.result(timeout=10).headers["x-cache-status"],
+                second.result(timeout=10).headers["x-cache-status"],
+            ]
+    finally:
+        server.stop()
+    assert statuses == ["MISS", "HIT"]
+    assert upstream.calls == 1
 
 
 def test_upstream_cookies_are_never_sent_for_another_client(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
