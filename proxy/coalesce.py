@@ -10,6 +10,7 @@ nothing yet go upstream themselves at once (never forming a new queue).
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
@@ -107,7 +108,7 @@ class Flights:
         # Landings so far, and the latest stored landing of each key (the last few hundred keys): a request
         # that looked in the cache just before an identical one stored its answer can tell, and look again.
         self.landings = 0
-        self._stored: dict[str, int] = {}
+        self._stored: OrderedDict[str, int] = OrderedDict()
 
     def get(self, key: str) -> Flight | None:
         return self._flights.get(key)
@@ -126,8 +127,8 @@ class Flights:
         if self._flights.get(key) is flight:
             del self._flights[key]
         if stored:
-            self._stored.pop(key, None)
             self._stored[key] = self.landings
+            self._stored.move_to_end(key)
             if len(self._stored) > _STORED_LANDINGS_KEPT:
-                del self._stored[next(iter(self._stored))]
+                self._stored.popitem(last=False)
         self.landings += 1

@@ -10,6 +10,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from proxy.coalesce import Flights
 from tests.conftest import ProxyFactory
 from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
 
@@ -110,3 +111,16 @@ def test_coalescing_can_be_turned_off(start_proxy: ProxyFactory, upstream: FakeU
     slow_json(upstream, 0.3) if not stream else setattr(upstream, "chunk_delay", 0.05)
     asyncio.run(many(start_proxy(cache_lock_timeout=0), 5, {**CHAT, "stream": stream}))
     assert upstream.calls == 5
+
+
+def test_flights_remember_recent_stored_landings_only() -> None:
+    flights = Flights()
+    before = flights.landings
+    flights.land("unstored", flights.lead("unstored", False, False), complete=False, stored=False)
+    assert not flights.stored_since("unstored", before)
+    for number in range(1100):
+        key = f"k{number}"
+        flights.land(key, flights.lead(key, False, False), complete=True, stored=True)
+    assert flights.stored_since("k1099", before)
+    assert not flights.stored_since("k1099", flights.landings), "landed before that count was read"
+    assert not flights.stored_since("k0", before), "forgotten: only the latest landings are kept"
