@@ -256,7 +256,7 @@ class Proxy:
                 if hit is not None:
                     return hit
                 leader = self.flights.get(pending.key)
-            if leader is None:
+            if leader is None and status is not CacheStatus.BYPASS:
                 flight = self.flights.lead(pending.key, wants_stream, wants_usage)
                 leader = await self._share(pending.key, flight)
                 if leader is not None:
@@ -295,10 +295,12 @@ class Proxy:
         if entry is None:
             return CacheStatus.MISS, None, None
         now = self.clock()
-        answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
         if not self._is_fresh(entry, now, control.max_age):
-            stale = Stale(entry, answer, pending) if answer is not None and self.settings.cache_stale_if_error else None
-            return CacheStatus.EXPIRED, stale, None
+            if not self.settings.cache_stale_if_error:
+                return CacheStatus.EXPIRED, None, None
+            answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
+            return CacheStatus.EXPIRED, (Stale(entry, answer, pending) if answer is not None else None), None
+        answer = replay(entry, pending.endpoint, wants_stream, wants_usage)
         if answer is None:
             return CacheStatus.MISS, None, None
         self.statistics.hit(pending.key, entry, now)
