@@ -177,6 +177,8 @@ class SqliteBackend:
         self._transaction = asyncio.Lock()
         self._batch: _Batch | None = None
         self._file_id: tuple[int, int] | None = None
+        # Set while the file is closed and opened again: reads wait for that rather than fail.
+        self._reopening: asyncio.Event | None = None
 
     async def open(self) -> None:
         """Open the file, or, when it is not a usable database, move it aside and begin an empty one."""
@@ -261,9 +263,14 @@ class SqliteBackend:
     async def _replace(self, change: Any) -> None:
         """Close the file, run `change`, and open what is at the path now."""
         async with self._transaction:
-            await self.close()
-            change()
-            await self._connect()
+            self._reopening = reopened = asyncio.Event()
+            try:
+                await self.close()
+                change()
+                await self._connect()
+            finally:
+                self._reopening = None
+                reopened.set()
 
     async def checkpoint(self) -> None:
         """Copy the WAL into the database file and truncate it, so the WAL cannot grow without bound."""
@@ -528,6 +535,8 @@ class SqliteBackend:
     ) -> list[Any]:
         """The query's rows, read in one trip to the reader's thread. One trip, so a reopening of the file
         (which closes the connection behind every queued trip) cannot come between a query and its rows."""
+        if self._reopening is not None:
+            await self._reopening.wait()
         try:
             return list(await self._reading().execute_fetchall(query, parameters))
         except sqlite3.Error as exc:

@@ -728,9 +728,9 @@ class TestSqliteOpening:
         finally:
             await backend.close()
 
-    async def test_reads_while_the_file_is_reopened_fail_as_cache_errors_or_succeed(self, tmp_path: Path) -> None:
-        """Another process replaced the file, so the backend reopens it: every read then in progress either
-        finishes or fails as a CacheError (the request goes upstream), never with another error (a 500)."""
+    async def test_reads_while_the_file_is_reopened_all_succeed(self, tmp_path: Path) -> None:
+        """Another process replaced the file, so the backend reopens it: a read already on its way finishes,
+        one that comes meanwhile waits for the new file; none fails (its request would go upstream)."""
         backend = SqliteBackend(tmp_path / "reopened.db")
         await backend.open()
         await backend.set("k", ENTRY)
@@ -757,7 +757,7 @@ class TestSqliteOpening:
                 for _ in range(5):
                     await anyio.sleep(0.002)
                     await backend._replace(lambda: None)
-            assert len(outcomes) == 30 * 40
+            assert outcomes == ["read"] * (30 * 40)
             assert await backend.get("k") == ENTRY
         finally:
             await backend.close()
