@@ -39,6 +39,7 @@ logger = logging.getLogger("openai_proxy.cache")
 
 # How often the maintenance loop looks for a replaced file, and how often it checkpoints the WAL.
 FILE_CHECK_INTERVAL = 1.0
+_REOPEN_WAIT_SECONDS = 1.0
 CHECKPOINT_INTERVAL = 60.0
 # The WAL is truncated to this after a checkpoint, so a burst of writes cannot leave it large for good.
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -536,7 +537,8 @@ class SqliteBackend:
         """The query's rows, read in one trip to the reader's thread. One trip, so a reopening of the file
         (which closes the connection behind every queued trip) cannot come between a query and its rows."""
         if self._reopening is not None:
-            await self._reopening.wait()
+            with anyio.move_on_after(_REOPEN_WAIT_SECONDS):  # beyond it, the request goes upstream
+                await self._reopening.wait()
         try:
             return list(await self._reading().execute_fetchall(query, parameters))
         except sqlite3.Error as exc:
