@@ -39,8 +39,9 @@ logger = logging.getLogger("openai_proxy.cache")
 
 # How often the maintenance loop looks for a replaced file, and how often it checkpoints the WAL.
 FILE_CHECK_INTERVAL = 1.0
-_REOPEN_WAIT_SECONDS = 1.0
 CHECKPOINT_INTERVAL = 60.0
+# How long a read waits for the file to be opened again (after another process replaced it).
+_REOPEN_WAIT_SECONDS = 1.0
 # The WAL is truncated to this after a checkpoint, so a burst of writes cannot leave it large for good.
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 _CORRUPTION_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
