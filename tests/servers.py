@@ -238,6 +238,19 @@ class FakeUpstream:
         """Forget every request and go back to the default answers."""
         self.requests, self.handler, self.chunk_delay, self.calls, self.sent_at = [], None, 0.0, 0, []
 
+    def answer_slowly(self, delay: float, first_fails: bool = False) -> None:
+        """Answer each request with a chat completion after `delay`; with `first_fails`, the first one
+        with a 529 (overloaded) after `delay`, and the others at once."""
+
+        async def answer(request: Request, recorded: Recorded) -> Response:
+            if not first_fails or self.calls == 1:
+                await asyncio.sleep(delay)
+            if first_fails and self.calls == 1:
+                return JSONResponse({"error": {"message": "overloaded"}}, status_code=529)
+            return JSONResponse(chat_completion(self.calls, "m"))
+
+        self.handler = answer
+
     def app(self) -> Starlette:
         return Starlette(routes=[Route("/{path:path}", self._serve, methods=["GET", "POST", "PUT", "DELETE"])])
 

@@ -7,12 +7,10 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 from proxy.coalesce import Flights
 from tests.conftest import ProxyFactory
-from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
+from tests.servers import FakeUpstream, chat_chunks
 
 pytestmark = pytest.mark.both_backends
 
@@ -30,16 +28,8 @@ async def many(base: str, count: int, body: dict[str, Any]) -> list[tuple[httpx.
         return await asyncio.gather(*(one() for _ in range(count)))
 
 
-def slow_json(upstream: FakeUpstream, delay: float) -> None:
-    async def answer(request: Request, recorded: Recorded) -> Response:
-        await asyncio.sleep(delay)
-        return JSONResponse(chat_completion(upstream.calls, "m"))
-
-    upstream.handler = answer
-
-
 def test_100_identical_misses_make_one_upstream_request(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
-    slow_json(upstream, 1.0)  # long enough for all 100 to arrive while the first is in flight
+    upstream.answer_slowly(1.0)  # long enough for all 100 to arrive while the first is in flight
     results = asyncio.run(many(start_proxy(), 100, CHAT))
     assert upstream.calls == 1
     statuses = sorted(response.headers["x-cache-status"] for response, _ in results)
@@ -81,13 +71,7 @@ def test_followers_of_another_shape_are_answered_from_the_stored_answer(
 
 
 def test_when_the_leader_fails_followers_go_upstream_at_once(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
-    async def fails_first(request: Request, recorded: Recorded) -> Response:
-        if upstream.calls == 1:
-            await asyncio.sleep(1.0)
-            return JSONResponse({"error": {"message": "overloaded"}}, status_code=529)
-        return JSONResponse(chat_completion(upstream.calls, "m"))
-
-    upstream.handler = fails_first
+    upstream.answer_slowly(1.0, first_fails=True)
     base = start_proxy()
     started = asyncio.get_event_loop_policy().new_event_loop()
     try:
@@ -100,7 +84,7 @@ def test_when_the_leader_fails_followers_go_upstream_at_once(start_proxy: ProxyF
 
 
 def test_followers_stop_waiting_after_the_lock_timeout(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
-    slow_json(upstream, 0.8)
+    upstream.answer_slowly(0.8)
     results = asyncio.run(many(start_proxy(cache_lock_timeout=0.2), 5, CHAT))
     assert upstream.calls == 5
     assert all(response.status_code == 200 for response, _ in results)
@@ -108,7 +92,7 @@ def test_followers_stop_waiting_after_the_lock_timeout(start_proxy: ProxyFactory
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_coalescing_can_be_turned_off(start_proxy: ProxyFactory, upstream: FakeUpstream, stream: bool) -> None:
-    slow_json(upstream, 0.3) if not stream else setattr(upstream, "chunk_delay", 0.05)
+    upstream.answer_slowly(0.3) if not stream else setattr(upstream, "chunk_delay", 0.05)
     asyncio.run(many(start_proxy(cache_lock_timeout=0), 5, {**CHAT, "stream": stream}))
     assert upstream.calls == 5
 

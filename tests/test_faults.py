@@ -260,11 +260,7 @@ def test_a_request_whose_lookup_missed_an_answer_stored_meanwhile_is_a_hit(
     settings = Settings(_env_file=None, openai_base_url=upstream.url, openai_api_key="sk-test", memory_cache_bytes=0)  # type: ignore[call-arg]
     server = ServerThread(create_app(settings, backend=LateSecondLookup(tmp_path / "late.db"))).start()
 
-    async def slow(request: Request, recorded: Recorded) -> Response:
-        await asyncio.sleep(0.2)
-        return JSONResponse(chat_completion(upstream.calls, "m"))
-
-    upstream.handler = slow
+    upstream.answer_slowly(0.2)
     try:
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(post_chat, server.url)

@@ -17,13 +17,11 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 from tests.conftest import ProxyFactory
 from tests.processes import OPENAI_PROXY, environment, running, started_together
 from tests.redis_servers import RedisCluster, RedisServer
-from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
+from tests.servers import FakeUpstream, chat_chunks
 
 Pair = tuple[str, str]
 
@@ -80,14 +78,6 @@ async def split(pair: Pair, count: int, body: dict[str, Any]) -> list[tuple[str,
         return await asyncio.gather(*(one(pair[number % 2]) for number in range(count)))
 
 
-def slow_json(upstream: FakeUpstream, delay: float) -> None:
-    async def answer(request: Request, recorded: Recorded) -> Response:
-        await asyncio.sleep(delay)
-        return JSONResponse(chat_completion(upstream.calls, "m"))
-
-    upstream.handler = answer
-
-
 @pytest.mark.parametrize("streamed", [False, True], ids=["json", "stream"])
 def test_50_identical_misses_across_two_instances_make_one_upstream_request(
     redis_pair: Pair, upstream: FakeUpstream, streamed: bool
@@ -95,7 +85,7 @@ def test_50_identical_misses_across_two_instances_make_one_upstream_request(
     if streamed:
         upstream.chunk_delay = 0.1
     else:
-        slow_json(upstream, 1.0)
+        upstream.answer_slowly(1.0)
     results = asyncio.run(split(redis_pair, 50, chat_body(stream=streamed)))
 
     assert upstream.calls == 1
@@ -186,7 +176,7 @@ def in_thread_pair(start_proxy: ProxyFactory, redis_server: RedisServer, **overr
 def test_a_waiter_on_another_instance_gives_up_after_the_lock_timeout(
     start_proxy: ProxyFactory, redis_server: RedisServer, upstream: FakeUpstream
 ) -> None:
-    slow_json(upstream, 2.0)
+    upstream.answer_slowly(2.0)
     a, b = in_thread_pair(start_proxy, redis_server, cache_lock_timeout=0.5)
     body = chat_body()
 
@@ -209,13 +199,7 @@ def test_a_waiter_on_another_instance_gives_up_after_the_lock_timeout(
 def test_when_the_leader_fails_waiters_on_another_instance_go_upstream_at_once(
     start_proxy: ProxyFactory, redis_server: RedisServer, upstream: FakeUpstream
 ) -> None:
-    async def first_fails(request: Request, recorded: Recorded) -> Response:
-        if upstream.calls == 1:
-            await asyncio.sleep(1.0)
-            return JSONResponse({"error": {"message": "overloaded"}}, status_code=529)
-        return JSONResponse(chat_completion(upstream.calls, "m"))
-
-    upstream.handler = first_fails
+    upstream.answer_slowly(1.0, first_fails=True)
     a, b = in_thread_pair(start_proxy, redis_server)
     body = chat_body()
 
