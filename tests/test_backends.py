@@ -16,6 +16,7 @@ import anyio
 import pytest
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
+from cache import sqlite as sqlite_module
 from cache.base import (
     ACTIVITY_KEPT_SECONDS,
     RECENT_REQUESTS_KEPT,
@@ -759,6 +760,34 @@ class TestSqliteOpening:
                     await backend._replace(lambda: None)
             assert outcomes == ["read"] * (30 * 40)
             assert await backend.get("k") == ENTRY
+        finally:
+            await backend.close()
+
+    async def test_a_read_waits_for_a_reopening_only_so_long(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(sqlite_module, "_REOPEN_WAIT_SECONDS", 0.1)
+
+        class SlowToOpen(SqliteBackend):
+            opening_delay = 0.0
+
+            async def _connect(self) -> None:
+                await anyio.sleep(self.opening_delay)
+                await super()._connect()
+
+        backend = SlowToOpen(tmp_path / "slow.db")
+        await backend.open()
+        await backend.set("k", ENTRY)
+        backend.opening_delay = 1.0
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(backend._replace, lambda: None)
+                await anyio.sleep(0.05)  # the file is closed now, and opening again takes a second
+                started = time.monotonic()
+                with pytest.raises(CacheError):
+                    await backend.get("k")
+                assert time.monotonic() - started < 0.5, "it waited its 0.1 s, not for the whole reopening"
+            assert await backend.get("k") == ENTRY, "reopened"
         finally:
             await backend.close()
 
