@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -144,7 +145,11 @@ def create_app(
 
     metrics = None
     if settings.metrics:
-        metrics = Metrics(set(settings.providers()), set(GENERATION_ENDPOINTS), ModelLabels(known=known_model))
+        metrics = Metrics(
+            set(settings.providers()),
+            set(GENERATION_ENDPOINTS),
+            ModelLabels(known=known_model, listed=settings.metrics_models),
+        )
 
     def count_store_failure(operation: Operation) -> None:
         if metrics is not None:
@@ -231,6 +236,8 @@ def create_app(
             except ProxyError as error:
                 return error_response(error)
             await statistics.flush()
+            with contextlib.suppress(RuntimeError):
+                await prices.get()  # a model is a label once the price table knows it
             try:
                 figures: CacheStatistics | None = await tiered.statistics()
             except CacheError:

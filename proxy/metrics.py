@@ -9,13 +9,14 @@ Two kinds of figures:
   scrape, so they are the figures /cache/stats and `openai-proxy stats` show, whichever worker answers.
 
 Label values are bounded: providers and endpoints come from the proxy's own tables, cache statuses from
-its own list, and models from `ModelLabels`, so a client cannot create new series at will.
+its own list, and models from `ModelLabels` (known or listed names only), so a client cannot create
+new series at will.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -41,22 +42,21 @@ _UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.
 
 
 class ModelLabels:
-    """Model names as label values: a name `known` for its provider, or one of the first `limit` names
-    seen per provider; any other is `other`."""
+    """Model names as label values: a name `known` for its provider (the price table's, PRICE_OVERRIDES')
+    or one the user `listed` (METRICS_MODELS); any other is `other`, so clients cannot choose series."""
 
-    def __init__(self, known: Callable[[str, str], bool] | None = None, limit: int = 50) -> None:
+    def __init__(self, known: Callable[[str, str], bool] | None = None, listed: Iterable[str] = ()) -> None:
         self._known = known
-        self._limit = limit
-        self._seen: dict[str, set[str]] = {}
+        self._listed = frozenset(listed)
+        self._seen: set[tuple[str, str]] = set()
 
     def __call__(self, provider: str, model: str | None) -> str:
         if not model:
             return NONE
-        seen = self._seen.setdefault(provider, set())
-        if model in seen:
+        if model in self._listed or (provider, model) in self._seen:
             return model
-        if (self._known is not None and self._known(provider, model)) or len(seen) < self._limit:
-            seen.add(model)
+        if self._known is not None and self._known(provider, model):
+            self._seen.add((provider, model))
             return model
         return OTHER
 

@@ -95,6 +95,8 @@ class Settings(BaseSettings):
     admin_api_key: SecretStr | None = None
     metrics: bool = True
     metrics_public: bool = False
+    # Model names that are metric labels although the price table does not know them (local models).
+    metrics_models: Annotated[tuple[str, ...], NoDecode] = ()
     dashboard_show_prompts: bool = True
     # Prices for models the price table does not know: JSON, or the path of a JSON file (cache/prices.py).
     price_overrides: str | None = None
@@ -134,7 +136,7 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_CLUSTER=true needs a redis:// or rediss:// REDIS_URL (a cluster node's address)")
         return self
 
-    @field_validator("cache_key_include", "proxy_api_keys", mode="before")
+    @field_validator("cache_key_include", "proxy_api_keys", "metrics_models", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):

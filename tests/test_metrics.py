@@ -123,19 +123,30 @@ def test_a_failing_store_shows_as_down_and_counts_its_failures(
     assert requests(samples, "BYPASS") == 1
 
 
-def test_model_labels_are_bounded() -> None:
-    labels = ModelLabels(known=lambda provider, model: model.startswith("gpt-"), limit=3)
-    assert [labels("openai", f"custom-{number}") for number in range(5)] == [
-        "custom-0",
-        "custom-1",
-        "custom-2",
-        "other",
-        "other",
-    ]
-    assert labels("openai", "gpt-4o") == "gpt-4o", "a known model always has its own label"
-    assert labels("openai", "custom-1") == "custom-1"
-    assert labels("anthropic", "custom-9") == "custom-9", "the bound is per provider"
+def test_only_known_or_listed_model_names_are_labels() -> None:
+    labels = ModelLabels(known=lambda provider, model: model.startswith("gpt-"), listed=["my-local"])
+    assert {labels("openai", f"custom-{number}") for number in range(60)} == {"other"}
+    assert labels("openai", "gpt-4o") == "gpt-4o", "a model the price table knows has its own label"
+    assert labels("groq", "my-local") == "my-local", "a listed model has its own label with every provider"
     assert labels("openai", None) == "none"
+
+
+def test_30_unknown_model_names_add_no_series(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    base = start_proxy(metrics_models="my-local,another-local")
+    models = [f"client-made-{number}" for number in range(30)] + ["my-local", "gpt-4o-mini"]
+    for model in models:
+        body = {"model": model, "messages": [{"role": "user", "content": f"label {model}"}]}
+        for _ in range(2):  # a miss, then a hit that saves tokens under the model's label
+            assert httpx.post(f"{base}/v1/chat/completions", json=body).status_code == 200
+    samples = scrape(base)
+    labelled = {
+        dict(labels)["model"] for (name, labels), _ in samples.items() if name == "openai_proxy_tokens_saved_total"
+    }
+    assert labelled == {"other", "my-local", "gpt-4o-mini"}
+    saved = {"provider": "openai", "model": "other", "kind": "input"}
+    assert value(samples, "openai_proxy_tokens_saved_total", **saved) == 30 * 9, "every unknown model's hit counted"
+    stats = httpx.get(f"{base}/cache/stats").json()
+    assert len(stats["by_model"]) == 32, "/cache/stats still names every stored model"
 
 
 def test_hits_save_the_price_genai_prices_gives_and_unknown_models_save_tokens_only(
@@ -164,10 +175,8 @@ def test_hits_save_the_price_genai_prices_gives_and_unknown_models_save_tokens_o
     assert value(samples, "openai_proxy_cost_saved_usd_total", provider="openai", model="gpt-4o-mini") == pytest.approx(
         float(2 * one_hit), rel=1e-6
     )
-    unpriced = value(
-        samples, "openai_proxy_hits_without_price_total", provider="openai", model="no-such-model-anywhere"
-    )
-    assert unpriced == 1
+    unpriced = value(samples, "openai_proxy_hits_without_price_total", provider="openai", model="other")
+    assert unpriced == 1, "an unknown model is counted under `other`, not a label of its own"
 
 
 def test_price_overrides_price_a_private_model(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
