@@ -10,11 +10,13 @@ itself after `CACHE_LOCK_TIMEOUT` if the leader dies; waiters give up after the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
+import anyio
 import orjson
 from redis.typing import EncodableT, FieldT
 
@@ -88,6 +90,15 @@ class Lease:
         self._events.put_nowait(None)
         self._end = (complete, stored)
 
+    async def followers(self) -> int:
+        """Clients of other instances reading this flight now. Raises CacheError when Redis fails."""
+        redis, key = self._flights.backend.redis, listeners_key(self._stream)
+
+        async def count() -> Any:
+            return await redis.get(key)
+
+        return int(await self._flights.backend.run("coalescing", count) or 0)
+
     async def finished(self) -> None:
         """Return once the flight's end is in Redis and its lock released (or that failed)."""
         await asyncio.shield(self._writer)
@@ -132,7 +143,28 @@ class RemoteLeader:
 
     async def relay_into(self, flight: FlightReceiver) -> tuple[bool, bool]:
         """Deliver the leader's start and chunks to `flight` as they arrive; return (complete, stored).
+        While it reads, the leader knows this instance listens (its upstream request goes on for it).
         Raises CacheError when Redis fails; the caller bounds the wait."""
+        await self._count_listener(+1)
+        try:
+            return await self._relay_into(flight)
+        finally:
+            with anyio.CancelScope(shield=True), contextlib.suppress(CacheError):
+                await self._count_listener(-1)
+
+    async def _count_listener(self, change: int) -> None:
+        redis, key = self._flights.backend.redis, listeners_key(self._stream)
+        lifetime = self._flights.lock_ms + FINISHED_KEPT_FOR_MS
+
+        async def count() -> None:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.incrby(key, change)
+                pipe.pexpire(key, lifetime)  # an instance that dies without leaving is forgotten in time
+                await pipe.execute()
+
+        await self._flights.backend.run("coalescing", count)
+
+    async def _relay_into(self, flight: FlightReceiver) -> tuple[bool, bool]:
         last = "0-0"
         while True:
 
@@ -157,6 +189,11 @@ class RemoteLeader:
                     flight.started(int(fields[b"status"]), headers)
                 elif kind == b"end":
                     return fields[b"complete"] == b"1", fields[b"stored"] == b"1"
+
+
+def listeners_key(stream: str) -> str:
+    """How many instances read a flight's stream now (each counts itself in and out)."""
+    return f"{stream}:listeners"
 
 
 class RedisFlights:

@@ -15,6 +15,7 @@ from cache.convert import (
 )
 from cache.keys import STREAM_CONVERTIBLE
 from cache.sse import EVENT_STREAM, parse_events
+from cache.stream_usage import without_usage
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,8 @@ def replay(entry: CachedResponse, endpoint: str, wants_stream: bool, wants_usage
 
 
 def _chat_stream_with_usage_as_asked(entry: CachedResponse, wants_usage: bool) -> Replay | None:
-    events = parse_events(entry.body)
-    usage_events = {index for index, event in enumerate(events) if is_usage_chunk(event.json())}
-    if bool(usage_events) == wants_usage:
+    if not wants_usage:
+        return Replay(without_usage(entry.body), entry.content_type)
+    if any(is_usage_chunk(event.json()) for event in parse_events(entry.body)):
         return Replay(entry.body, entry.content_type)
-    if wants_usage:
-        return None  # the recording has no usage to give; fetch an answer that has
-    kept = b"".join(event.raw for index, event in enumerate(events) if index not in usage_events)
-    tail = entry.body[sum(len(event.raw) for event in events) :]
-    return Replay(kept + tail, entry.content_type)
+    return None  # the recording has no usage to give; fetch an answer that has

@@ -60,11 +60,12 @@ def parse_events(stream: bytes) -> list[SseEvent]:
     for end in _EVENT_END.finditer(stream):
         raw = stream[position : end.end()]
         position = end.end()
-        events.append(_parse_event(raw))
+        events.append(parse_event(raw))
     return events
 
 
-def _parse_event(raw: bytes) -> SseEvent:
+def parse_event(raw: bytes) -> SseEvent:
+    """One event from its exact bytes."""
     name: str | None = None
     data: list[str] = []
     # Only CR, LF and CRLF end an SSE line; str.splitlines would also split on U+2028 inside JSON text.
@@ -93,7 +94,7 @@ def stream_completed(endpoint: str, stream: bytes) -> bool:
     events = parse_events(stream)
     tail = stream[sum(len(event.raw) for event in events) :]
     if tail.strip():
-        events.append(_parse_event(tail))
+        events.append(parse_event(tail))
     events = [event for event in events if event.data]
     if not events or any(_is_error(event) for event in events):
         return False

@@ -26,12 +26,18 @@ class Provider:
     api_key: str | None = field(default=None, repr=False)
     # Sent upstream only when the client did not send the header itself.
     default_headers: tuple[tuple[str, str], ...] = ()
+    # Whether chat streams are forwarded with `stream_options.include_usage` (STREAM_USAGE_PROVIDERS), so
+    # their recording can answer a non-streamed request too; some compatible servers reject the option.
+    stream_usage: bool = False
 
-    def configured(self, *, base_url: str | None = None, api_key: str | None = None) -> Provider:
+    def configured(
+        self, *, base_url: str | None = None, api_key: str | None = None, stream_usage: bool | None = None
+    ) -> Provider:
         return replace(
             self,
             base_url=normalize_base_url(base_url) if base_url else self.base_url,
             api_key=api_key or self.api_key,
+            stream_usage=self.stream_usage if stream_usage is None else stream_usage,
         )
 
     def credential_headers(self) -> list[tuple[str, str]]:
@@ -43,15 +49,15 @@ class Provider:
 
 
 BUILTIN_PROVIDERS: tuple[Provider, ...] = (
-    Provider("openai", "https://api.openai.com"),
-    Provider("openrouter", "https://openrouter.ai/api"),
+    Provider("openai", "https://api.openai.com", stream_usage=True),
+    Provider("openrouter", "https://openrouter.ai/api", stream_usage=True),
     Provider(
         "anthropic",
         "https://api.anthropic.com",
         auth=AuthStyle.X_API_KEY,
         default_headers=(("anthropic-version", "2023-06-01"),),
     ),
-    Provider("groq", "https://api.groq.com/openai"),
+    Provider("groq", "https://api.groq.com/openai", stream_usage=True),
     Provider("mistral", "https://api.mistral.ai"),
     Provider("cohere", "https://api.cohere.com"),
     Provider("ai21", "https://api.ai21.com/studio"),

@@ -3,15 +3,19 @@
 The first request for a key (the leader) goes upstream; the others (followers) wait for it. A
 follower that asked for the same shape of streamed answer receives the leader's chunks live, as
 they arrive; any other follower waits for the leader's answer to be stored and is answered from the
-cache in its own shape. When the leader fails, or its client leaves, followers that have received
-nothing yet go upstream themselves at once (never forming a new queue).
+cache in its own shape. When the leader fails, followers that have received nothing yet go upstream
+themselves at once (never forming a new queue).
+
+The upstream request belongs to everyone listening, not to the client that happened to come first:
+each client (the leader's, every follower's) joins its flight and leaves it when it is answered or goes
+away, and the upstream request is given up only when the last one left (`on_abandoned`).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol
 
 from proxy.headers import Headers
@@ -29,6 +33,10 @@ class FlightMirror(Protocol):
 
     def finish(self, complete: bool, stored: bool) -> None: ...
 
+    async def followers(self) -> int:
+        """Clients of other instances following the flight now. Raises CacheError when that is unknown."""
+        ...
+
 
 class Flight:
     """One upstream request in progress, as its followers see it."""
@@ -43,11 +51,24 @@ class Flight:
         self.complete = False
         self.stored = False
         self.mirror: FlightMirror | None = None
+        # Clients waiting for or receiving this flight's answer; when the last leaves before it is done,
+        # `on_abandoned` gives the upstream request up.
+        self.listeners = 0
+        self.on_abandoned: Callable[[], None] | None = None
         self._changed = asyncio.Event()
 
+    def join(self) -> None:
+        self.listeners += 1
+
+    def leave(self) -> None:
+        self.listeners -= 1
+        if self.listeners <= 0 and not self.done and self.on_abandoned is not None:
+            self.on_abandoned()
+
     def can_relay_to(self, streamed: bool, with_usage: bool) -> bool:
-        """Whether a follower asking for this shape can take the leader's bytes as they are."""
-        return self.streamed and streamed and self.with_usage == with_usage
+        """Whether a follower asking for this shape can take the leader's bytes live (its usage withheld
+        when the follower did not ask for it)."""
+        return self.streamed and streamed and (self.with_usage or not with_usage)
 
     def started(self, status: int, headers: Headers) -> None:
         self.status, self.headers = status, headers

@@ -7,12 +7,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from enum import StrEnum
 from functools import cached_property
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import anyio
+import httpx
 import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -23,15 +24,16 @@ from cache.health import Operation
 from cache.keys import credential_scope, is_storable
 from cache.preview import prompt_preview
 from cache.replay import Replay, is_event_stream, replay
+from cache.stream_usage import UsageWithheld, ask_for_usage
 from cache.usage import reported_usage
 from providers import Provider
 from proxy.access import presents_key
-from proxy.coalesce import Flight, Flights
+from proxy.coalesce import Flight, FlightMirror, Flights
 from proxy.errors import ProxyError, error_response
 from proxy.exchange import of as exchange_of
 from proxy.headers import Headers, client_response_headers, scope_headers, upstream_request_headers
 from proxy.intake import declared_length, is_chunked, read_request_body, stream_request_body, too_large
-from proxy.responses import BufferedResponse, RelayResponse, upstream_chunks
+from proxy.responses import BufferedResponse, RelayResponse, UpstreamBrokeOff, upstream_chunks
 from proxy.settings import Settings
 from proxy.statistics import Statistics
 from proxy.upstream import RequestContent, UpstreamClient, close_quietly, read_body, upstream_url
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("openai_proxy")
 
 DEFAULT_PROVIDER = "openai"
+T = TypeVar("T")
 
 
 class PendingEntry(NamedTuple):
@@ -220,7 +223,7 @@ class Proxy:
             ttl=control.ttl,
             request=payload,
         )
-        return await self._cacheable(upstream, body, payload, pending, control)
+        return await self._cacheable(upstream, body, payload, pending, control, receive)
 
     async def _cacheable(
         self,
@@ -229,10 +232,21 @@ class Proxy:
         payload: dict[str, Any],
         pending: PendingEntry,
         control: RequestControl,
+        receive: Receive,
     ) -> ASGIApp:
         wants_stream = payload.get("stream") is True
         stream_options = payload.get("stream_options")
         wants_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+        # The provider is asked for usage on every chat stream, so the recording can also answer a request
+        # for JSON; the client that did not ask gets the stream without it.
+        asks_usage = (
+            wants_stream
+            and not wants_usage
+            and pending.endpoint == "chat/completions"
+            and upstream.provider.stream_usage
+        )
+        if asks_usage:
+            body = ask_for_usage(body, payload)
 
         landings = self.flights.landings
         status, stale, hit = await self._look_up(pending, control, wants_stream, wants_usage)
@@ -257,12 +271,14 @@ class Proxy:
                     return hit
                 leader = self.flights.get(pending.key)
             if leader is None and status is not CacheStatus.BYPASS:
-                flight = self.flights.lead(pending.key, wants_stream, wants_usage)
+                flight = self.flights.lead(pending.key, wants_stream, wants_usage or asks_usage)
                 leader = await self._share(pending.key, flight)
-                if leader is not None:
+                if leader is None:
+                    flight.join()
+                else:
                     flight = None
             if leader is not None:
-                followed = await self._follow(leader, pending, wants_stream, wants_usage, control.max_age)
+                followed = await self._follow(leader, pending, wants_stream, wants_usage, control.max_age, receive)
                 if followed is not None:
                     return followed
         if status is not CacheStatus.BYPASS:
@@ -271,9 +287,17 @@ class Proxy:
         try:
             if wants_stream:
                 return await self._relay(
-                    upstream, "POST", body, status, pending=pending, store=storing, flight=flight, stale=stale
+                    upstream,
+                    "POST",
+                    body,
+                    status,
+                    pending=pending,
+                    store=storing,
+                    flight=flight,
+                    stale=stale,
+                    withhold_usage=asks_usage,
                 )
-            return await self._fetch(upstream, body, status, pending, storing, flight, stale)
+            return await self._fetch(upstream, body, status, pending, storing, flight, stale, receive)
         except BaseException:
             if flight is not None:
                 self.flights.land(pending.key, flight, complete=False, stored=False)
@@ -315,17 +339,14 @@ class Proxy:
         storing: bool,
         flight: Flight | None,
         stale: Stale | None,
+        receive: Receive,
     ) -> ASGIApp:
         """A complete (not streamed) upstream answer, stored once it was sent, so storing never delays it."""
         asked_at = anyio.current_time()
         try:
-            with anyio.move_on_after(self.total_timeout) as deadline:
-                response = await self.http.open(upstream.provider, "POST", upstream.url, upstream.headers, body)
-                answer_body = await read_body(response, upstream.provider)
+            response, answer_body = await self._while_listened(self._fetched(upstream, body), flight, receive)
             upstream_seconds = anyio.current_time() - asked_at
             answered_at = self.clock()
-            if deadline.cancelled_caught:
-                raise self._past_total_timeout(upstream.provider)
         except ProxyError as error:
             if stale is not None:
                 return self._serve_stale(stale, flight)
@@ -348,6 +369,67 @@ class Proxy:
             [*client_response_headers(response_headers), *self._cache_headers(status, pending.key)],
             background=store,
         )
+
+    async def _fetched(self, upstream: Upstream, body: bytes) -> tuple[httpx.Response, bytes]:
+        with anyio.move_on_after(self.total_timeout) as deadline:
+            response = await self.http.open(upstream.provider, "POST", upstream.url, upstream.headers, body)
+            answer_body = await read_body(response, upstream.provider)
+        if deadline.cancelled_caught:
+            raise self._past_total_timeout(upstream.provider)
+        return response, answer_body
+
+    async def _while_listened(self, work: Awaitable[T], flight: Flight | None, receive: Receive) -> T:
+        """The result of `work`, given up (ClientDisconnect) once no client is left to answer: when this
+        request's client leaves, `work` goes on only for the followers of its `flight`."""
+        task = asyncio.ensure_future(work)
+        if flight is not None:
+            flight.on_abandoned = lambda: self._abandon(flight, task)
+        left = asyncio.ensure_future(client_left(receive))
+        try:
+            await asyncio.wait((task, left), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                if flight is None:
+                    task.cancel()
+                else:
+                    flight.leave()
+            try:
+                return await task
+            except asyncio.CancelledError:
+                if not left.done():
+                    raise
+                raise ClientDisconnect() from None
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            left.cancel()
+
+    def _abandon(self, flight: Flight, upstream_request: asyncio.Future[Any]) -> None:
+        """No client of this instance is left for `flight`: give its upstream request up, unless clients
+        of other instances still follow it (then once they have gone too)."""
+        if flight.mirror is None:
+            upstream_request.cancel()
+            return
+        self._spawn(self._abandon_when_unfollowed(flight, flight.mirror, upstream_request))
+
+    async def _abandon_when_unfollowed(
+        self, flight: Flight, mirror: FlightMirror, upstream_request: asyncio.Future[Any]
+    ) -> None:
+        while flight.listeners <= 0 and not upstream_request.done():
+            try:
+                followers = await mirror.followers()
+            except CacheError:
+                followers = 0  # they cannot read the flight either
+            if followers <= 0:
+                if flight.listeners <= 0:
+                    upstream_request.cancel()
+                return
+            await asyncio.sleep(_FOLLOWERS_POLL_SECONDS)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._relays.add(task)
+        task.add_done_callback(self._relays.discard)
 
     def _past_total_timeout(self, provider: Provider) -> ProxyError:
         return ProxyError(
@@ -392,29 +474,41 @@ class Proxy:
         task = asyncio.create_task(relay())
         self._relays.add(task)
         task.add_done_callback(self._relays.discard)
+
+        def stop_reading() -> None:  # the clients of this instance all left
+            task.cancel()
+
+        flight.on_abandoned = stop_reading
         return flight
 
     async def _follow(
-        self, flight: Flight, pending: PendingEntry, wants_stream: bool, wants_usage: bool, max_age: int | None
+        self,
+        flight: Flight,
+        pending: PendingEntry,
+        wants_stream: bool,
+        wants_usage: bool,
+        max_age: int | None,
+        receive: Receive,
     ) -> ASGIApp | None:
         """The answer of an identical request already in flight, or None to go upstream after all (also when
-        the stored answer is already too old for this request)."""
-        deadline = anyio.current_time() + self.settings.cache_lock_timeout
-        # The leader's shape is known once it started (another instance's leader says so then).
-        if not await flight.wait_until("started", deadline - anyio.current_time()):
-            return None
-        if flight.can_relay_to(wants_stream, wants_usage):
-            if flight.status == 200 and is_event_stream(_content_type(flight.headers)):
-                headers = [*flight.headers, *self._cache_headers(CacheStatus.HIT, pending.key), COALESCED]
-
-                async def count_hit(completed: bool) -> None:
-                    if completed:
-                        await self._count_hit(pending.key)
-
-                return RelayResponse(200, headers, flight.live_chunks(), on_end=count_hit)
-        timeout = deadline - anyio.current_time()
-        if not await flight.wait_until("done", timeout) or not flight.stored:
-            return None
+        the stored answer is already too old for this request). The client listens to the flight until it
+        is answered or leaves (ClientDisconnect)."""
+        flight.join()
+        relaying = False
+        try:
+            deadline = anyio.current_time() + self.settings.cache_lock_timeout
+            # The leader's shape is known once it started (another instance's leader says so then).
+            if not await _wait_while_listened(flight, "started", deadline, receive):
+                return None
+            if flight.can_relay_to(wants_stream, wants_usage):
+                if flight.status == 200 and is_event_stream(_content_type(flight.headers)):
+                    relaying = True
+                    return self._relay_live(flight, pending.key, withhold_usage=flight.with_usage and not wants_usage)
+            if not await _wait_while_listened(flight, "done", deadline, receive) or not flight.stored:
+                return None
+        finally:
+            if not relaying:
+                flight.leave()
         try:
             entry = await self.backend.get(pending.key)
         except CacheError:
@@ -427,6 +521,17 @@ class Proxy:
             return None
         self.statistics.hit(pending.key, entry, now)
         return self._hit(entry, answer, pending.key, now, coalesced=True)
+
+    def _relay_live(self, flight: Flight, key: str, withhold_usage: bool) -> ASGIApp:
+        """A follower's copy of the leader's stream, as it arrives."""
+        headers = [*flight.headers, *self._cache_headers(CacheStatus.HIT, key), COALESCED]
+
+        async def ended(completed: bool) -> None:
+            flight.leave()
+            if completed:
+                await self._count_hit(key)
+
+        return RelayResponse(200, headers, _as_asked(flight.live_chunks(), withhold_usage), on_end=ended)
 
     def _is_fresh(self, entry: CachedResponse, now: float, max_age: int | None) -> bool:
         ttl = entry.ttl if entry.ttl is not None else self.settings.cache_ttl
@@ -536,10 +641,12 @@ class Proxy:
         store: bool = False,
         flight: Flight | None = None,
         stale: Stale | None = None,
+        withhold_usage: bool = False,
         extra_headers: Sequence[tuple[str, str]] = (),
     ) -> ASGIApp:
         """Relay the upstream answer as it arrives. With `store`, record it and store it once it completed;
-        with a `flight`, share each chunk with the followers as it passes."""
+        with a `flight`, the upstream is read for everyone listening (see `_pump`). `withhold_usage`: the
+        proxy asked for usage the client did not, so the client's copy goes without it."""
         key = pending.key if pending is not None else None
         provider = upstream.provider
         headers = [*upstream.headers, *extra_headers]
@@ -563,37 +670,136 @@ class Proxy:
         relayed_headers = client_response_headers(upstream_headers)
         response_headers = [*relayed_headers, *self._cache_headers(status, key)]
         if pending is None or not (store or flight):
-            chunks = upstream_chunks(response, provider.name)
+            chunks = _as_asked(upstream_chunks(response, provider.name), withhold_usage)
             return RelayResponse(response.status_code, response_headers, chunks, deadline=deadline)
-
-        recorded: list[bytes] = []
-        recorded_bytes = 0
-        size_limit = self.settings.max_cache_entry_bytes
+        answer = Answer(response, upstream_headers, asked_at, answered_at)
         if flight is not None:
             flight.started(response.status_code, relayed_headers)
+            pump = asyncio.create_task(self._pump(answer, pending, store, flight, deadline, provider))
+            self._relays.add(pump)
+            pump.add_done_callback(self._relays.discard)
+            flight.on_abandoned = lambda: self._abandon(flight, pump)
 
-        def passed(chunk: bytes) -> None:
-            nonlocal recorded_bytes
-            if recorded_bytes <= size_limit:
-                recorded_bytes += len(chunk)
-                recorded.append(chunk)
-                if recorded_bytes > size_limit:
-                    recorded.clear()  # too large to store: keep relaying, stop holding it
-            if flight is not None:
-                flight.publish(chunk)
+            async def leave(completed: bool) -> None:
+                flight.leave()
+
+            chunks = _as_asked(flight.live_chunks(), withhold_usage)
+            return RelayResponse(response.status_code, response_headers, chunks, on_end=leave)
+
+        recording = Recording(self.settings.max_cache_entry_bytes)
 
         async def ended(completed: bool) -> None:
-            stored = False
-            if completed and store and recorded_bytes <= size_limit:
-                answer, upstream_seconds = b"".join(recorded), anyio.current_time() - asked_at
-                stored = await self._store(
-                    pending, response.status_code, upstream_headers, answer, upstream_seconds, answered_at
-                )
-            if flight is not None:
+            if completed and store and recording.whole:
+                await self._store_answer(pending, answer, recording.body())
+
+        chunks = upstream_chunks(response, provider.name, on_chunk=recording.add)
+        return RelayResponse(
+            response.status_code, response_headers, _as_asked(chunks, withhold_usage), on_end=ended, deadline=deadline
+        )
+
+    async def _pump(
+        self, answer: Answer, pending: PendingEntry, store: bool, flight: Flight, deadline: float, provider: Provider
+    ) -> None:
+        """Read a coalesced stream from the upstream into its flight, whoever listens and for as long as
+        anyone does (cancelled when the last client left), then store it if it completed."""
+        size = 0
+        completed = stored = False
+        try:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                async for chunk in upstream_chunks(answer.response, provider.name):
+                    flight.publish(chunk)  # the flight keeps every chunk for followers that join late
+                    size += len(chunk)
+                completed = True
+            if scope.cancelled_caught:
+                logger.warning("the upstream did not finish its answer within UPSTREAM_TOTAL_TIMEOUT; it was cut off")
+        except UpstreamBrokeOff as exc:
+            logger.warning("%s; the client's response was cut off the same way", exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                if completed and store and size <= self.settings.max_cache_entry_bytes:
+                    stored = await self._store_answer(pending, answer, b"".join(flight.chunks))
                 self.flights.land(pending.key, flight, complete=completed, stored=stored)
 
-        chunks = upstream_chunks(response, provider.name, on_chunk=passed)
-        return RelayResponse(response.status_code, response_headers, chunks, on_end=ended, deadline=deadline)
+    async def _store_answer(self, pending: PendingEntry, answer: Answer, body: bytes) -> bool:
+        upstream_seconds = anyio.current_time() - answer.asked_at
+        status = answer.response.status_code
+        return await self._store(pending, status, answer.headers, body, upstream_seconds, answer.answered_at)
+
+
+class Answer(NamedTuple):
+    """An upstream answer whose body is still arriving, and when it was asked for and answered."""
+
+    response: httpx.Response
+    headers: Headers
+    asked_at: float  # anyio's clock
+    answered_at: float  # the proxy's clock: the entry's age origin
+
+
+class Recording:
+    """A body kept as it passes, until it grows past `limit` (then it is too large to store)."""
+
+    __slots__ = ("_chunks", "_size", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def add(self, chunk: bytes) -> None:
+        if self._size <= self._limit:
+            self._size += len(chunk)
+            self._chunks.append(chunk)
+            if self._size > self._limit:
+                self._chunks.clear()  # keep relaying, stop holding it
+
+    @property
+    def whole(self) -> bool:
+        return self._size <= self._limit
+
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
+
+def _as_asked(chunks: AsyncGenerator[bytes, None], withhold_usage: bool) -> AsyncGenerator[bytes, None]:
+    """The stream in the shape the client asked for: without the usage the proxy asked for on its own."""
+    return _without_usage(chunks) if withhold_usage else chunks
+
+
+async def _without_usage(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    withheld = UsageWithheld()
+    try:
+        async for chunk in chunks:
+            passed = withheld.feed(chunk)
+            if passed:
+                yield passed
+    finally:
+        await chunks.aclose()
+    rest = withheld.end()
+    if rest:
+        yield rest
+
+
+async def _wait_while_listened(flight: Flight, ready: str, deadline: float, receive: Receive) -> bool:
+    """`flight.wait_until(ready)` until `deadline` (anyio's clock); ClientDisconnect if the client leaves."""
+    waited = asyncio.ensure_future(flight.wait_until(ready, deadline - anyio.current_time()))
+    left = asyncio.ensure_future(client_left(receive))
+    try:
+        await asyncio.wait((waited, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waited.cancel()
+        left.cancel()
+    if not waited.done() or waited.cancelled():
+        raise ClientDisconnect()
+    return waited.result()
+
+
+async def client_left(receive: Receive) -> None:
+    """Return once the client has disconnected (the request body already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+_FOLLOWERS_POLL_SECONDS = 0.25
 
 
 COALESCED = ("x-cache-coalesced", "true")

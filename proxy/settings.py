@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     cohere_base_url: str | None = None
     ai21_base_url: str | None = None
     extra_providers: dict[str, ExtraProvider] = Field(default_factory=dict)
+    # Providers whose chat streams are forwarded asking for usage; `none` for no provider.
+    stream_usage_providers: Annotated[tuple[str, ...], NoDecode] = tuple(
+        provider.name for provider in BUILTIN_PROVIDERS if provider.stream_usage
+    )
 
     respond_with_cache: bool = True
     store_cache: bool = True
@@ -136,12 +140,22 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_CLUSTER=true needs a redis:// or rediss:// REDIS_URL (a cluster node's address)")
         return self
 
-    @field_validator("cache_key_include", "proxy_api_keys", "metrics_models", mode="before")
+    @field_validator("cache_key_include", "proxy_api_keys", "metrics_models", "stream_usage_providers", mode="before")
     @classmethod
     def _split_comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @model_validator(mode="after")
+    def _stream_usage_names_providers(self) -> Settings:
+        if self.stream_usage_providers == ("none",):
+            self.stream_usage_providers = ()
+        known = {provider.name for provider in BUILTIN_PROVIDERS} | set(self.extra_providers)
+        unknown = [name for name in self.stream_usage_providers if name not in known]
+        if unknown:
+            raise ValueError(f"STREAM_USAGE_PROVIDERS names no provider {unknown[0]!r} (or write none)")
+        return self
 
     @field_validator(
         "cache_max_bytes", "memory_cache_bytes", "max_request_bytes", "max_cache_entry_bytes", mode="before"
@@ -168,12 +182,15 @@ class Settings(BaseSettings):
             base_url: str | None = getattr(self, f"{provider.name}_base_url")
             key: SecretStr | None = getattr(self, f"{provider.name}_api_key")
             providers[provider.name] = provider.configured(
-                base_url=base_url, api_key=key.get_secret_value() if key else None
+                base_url=base_url,
+                api_key=key.get_secret_value() if key else None,
+                stream_usage=provider.name in self.stream_usage_providers,
             )
         for name, extra in self.extra_providers.items():
             providers[name] = Provider(name, extra.base_url, auth=extra.auth).configured(
                 base_url=extra.base_url,
                 api_key=extra.api_key.get_secret_value() if extra.api_key else None,
+                stream_usage=name in self.stream_usage_providers,
             )
         return providers
 

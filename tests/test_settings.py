@@ -163,7 +163,26 @@ def test_repr_never_shows_key(name: str) -> None:
 def test_registry_is_not_changed_by_configuration() -> None:
     settings(openai_api_key="sk-x", openai_base_url="http://localhost:1").providers()
     openai = next(p for p in BUILTIN_PROVIDERS if p.name == "openai")
-    assert openai == Provider("openai", "https://api.openai.com")
+    assert openai == Provider("openai", "https://api.openai.com", stream_usage=True)
+
+
+@pytest.mark.parametrize(
+    ("value", "asked"),
+    [
+        pytest.param(None, {"openai", "openrouter", "groq"}, id="default"),
+        pytest.param("none", set(), id="none"),
+        pytest.param("mistral, local", {"mistral", "local"}, id="listed-with-an-extra-provider"),
+    ],
+)
+def test_stream_usage_providers_choose_who_is_asked_for_usage(value: str | None, asked: set[str]) -> None:
+    extra = {"extra_providers": {"local": {"base_url": "http://localhost:8080"}}}
+    configured = settings(**extra, **({"stream_usage_providers": value} if value else {}))
+    assert {name for name, provider in configured.providers().items() if provider.stream_usage} == asked
+
+
+def test_stream_usage_providers_must_name_providers() -> None:
+    with pytest.raises(ValidationError, match="names no provider 'nope'"):
+        settings(stream_usage_providers="openai,nope")
 
 
 # extra providers

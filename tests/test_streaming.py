@@ -145,7 +145,7 @@ class TestOpenAIChat:
     def test_a_recording_without_usage_is_refetched_for_clients_that_need_usage(
         self, start_proxy: ProxyFactory, upstream: FakeUpstream
     ) -> None:
-        base = start_proxy()
+        base = start_proxy(stream_usage_providers="none")  # a provider the proxy does not ask for usage
         raw_stream(base, "/v1/chat/completions", chat_body())
         wants_usage, replayed = raw_stream(
             base, "/v1/chat/completions", chat_body(stream_options={"include_usage": True})
@@ -292,15 +292,21 @@ def test_endpoints_without_conversion_keep_streams_apart(start_proxy: ProxyFacto
     assert json.loads(as_json.content)["echo"] == "/v1/completions"
 
 
+@pytest.mark.parametrize("asks_usage", [False, True], ids=["usage-withheld", "usage-asked"])
 def test_each_chunk_reaches_the_client_while_the_upstream_holds_the_next(
-    start_proxy: ProxyFactory, upstream: FakeUpstream
+    start_proxy: ProxyFactory, upstream: FakeUpstream, asks_usage: bool
 ) -> None:
     upstream.chunk_delay = 0.25
+    body = chat_body(stream=True, stream_options={"include_usage": True}) if asks_usage else chat_body(stream=True)
+    sent = chat_chunks(1, "gpt-4o-mini", usage=True)  # the proxy asks for usage either way
+    expected = sent if asks_usage else chat_chunks(1, "gpt-4o-mini")
+    # Which upstream chunk each client chunk is (the usage chunk is withheld from a client that did not ask).
+    sources = [index for index, chunk in enumerate(sent) if asks_usage or b'"choices": []' not in chunk]
     delays = []
-    with httpx.stream("POST", f"{start_proxy()}/v1/chat/completions", json=chat_body(stream=True)) as response:
+    with httpx.stream("POST", f"{start_proxy()}/v1/chat/completions", json=body) as response:
         for index, chunk in enumerate(response.iter_raw()):
-            delays.append(time.perf_counter() - upstream.sent_at[index])
-            assert chunk == chat_chunks(1, "gpt-4o-mini")[index], "each upstream chunk arrives on its own"
-    assert len(delays) == len(chat_chunks(1, "gpt-4o-mini"))
+            delays.append(time.perf_counter() - upstream.sent_at[sources[index]])
+            assert chunk == expected[index], "each upstream chunk arrives on its own"
+    assert len(delays) == len(expected)
     # Generous for a loaded CI machine; bench/stream_latency.py measures the real figure.
     assert max(delays) < 0.1, delays

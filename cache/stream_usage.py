@@ -1,0 +1,87 @@
+"""Pure: an OpenAI chat chunk stream without the usage a client did not ask for.
+
+The proxy asks the provider for usage on every chat stream it records (`stream_options.include_usage`),
+so one recording can also answer a non-streamed request. A client that did not ask gets the stream it
+would have had: no final usage chunk, and no `"usage": null` field in the other chunks.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+from cache.sse import encode_event, parse_event
+
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# A top-level `"usage": null` member with the comma that joins it to its neighbour. Inside a JSON string
+# a quote is escaped, so the pattern can only match a member; the result is still checked.
+_NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
+_USAGE = b'"usage"'
+
+
+def ask_for_usage(body: bytes, payload: dict[str, Any]) -> bytes:
+    """The request body with `stream_options.include_usage` set; the client's bytes kept where possible."""
+    if "stream_options" not in payload:
+        opening = body.index(b"{") + 1
+        return body[:opening] + b'"stream_options":{"include_usage":true},' + body[opening:]
+    options = payload["stream_options"] if isinstance(payload["stream_options"], dict) else {}
+    return orjson.dumps({**payload, "stream_options": {**options, "include_usage": True}})
+
+
+def without_usage(stream: bytes) -> bytes:
+    """A whole recorded chunk stream as a client that did not ask for usage receives it."""
+    if _USAGE not in stream:
+        return stream
+    withheld = UsageWithheld()
+    return withheld.feed(stream) + withheld.end()
+
+
+class UsageWithheld:
+    """The same, for a stream as it passes: `feed` each chunk, then `end`; whole events are passed on as
+    soon as they are complete, so nothing waits for more than the rest of its own event."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        pending = self._pending + chunk if self._pending else chunk
+        end = max((match.end() for match in _EVENT_END.finditer(pending)), default=0)
+        self._pending = pending[end:]
+        return _events_without_usage(pending[:end]) if end else b""
+
+    def end(self) -> bytes:
+        """What is left: bytes after the last complete event, as the upstream ended them."""
+        rest, self._pending = self._pending, b""
+        return _event_without_usage(rest) if rest.strip() else rest
+
+
+def _events_without_usage(events: bytes) -> bytes:
+    if _USAGE not in events:
+        return events
+    kept = []
+    position = 0
+    for end in _EVENT_END.finditer(events):
+        kept.append(_event_without_usage(events[position : end.end()]))
+        position = end.end()
+    return b"".join(kept)
+
+
+def _event_without_usage(raw: bytes) -> bytes:
+    if _USAGE not in raw:
+        return raw
+    event = parse_event(raw)
+    chunk = event.json()
+    if not isinstance(chunk, dict) or "usage" not in chunk:
+        return raw
+    if chunk.get("choices") == [] and chunk["usage"] is not None:
+        return b""  # the usage chunk itself
+    rest = {name: value for name, value in chunk.items() if name != "usage"}
+    if chunk["usage"] is None:
+        edited = _NULL_USAGE.sub(b"", raw, count=1)
+        if parse_event(edited).json() == rest:
+            return edited
+    return encode_event(rest, name=event.name)
