@@ -171,3 +171,23 @@ async def leave_after_first_bytes_as_follower(http: httpx.AsyncClient, url: str,
         assert response.headers["x-cache-coalesced"] == "true"
         async for _ in response.aiter_raw():
             break
+
+
+@pytest.mark.both_backends
+def test_a_follower_that_leaves_affects_no_other_client(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    slow_stream(upstream)
+    url = f"{start_proxy()}/v1/chat/completions"
+    body = {**CHAT, "stream": True}
+
+    async def one_follower_leaves() -> list[tuple[httpx.Response, bytes]]:
+        async with httpx.AsyncClient(timeout=20) as http:
+            leader = asyncio.ensure_future(follow(http, url, body))
+            await asyncio.sleep(0.15)
+            stays = [asyncio.ensure_future(follow(http, url, body)) for _ in range(3)]
+            await leave_after_first_bytes_as_follower(http, url, body)
+            return await asyncio.gather(leader, *stays)
+
+    answers = asyncio.run(one_follower_leaves())
+    assert [body for _, body in answers] == [b"".join(chat_chunks(1, "m"))] * 4
+    assert [response.headers["x-cache-status"] for response, _ in answers] == ["MISS", "HIT", "HIT", "HIT"]
+    assert upstream.calls == 1
