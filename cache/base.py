@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Protocol
+import types
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Protocol, get_args, get_type_hints
 
 
 class CacheError(Exception):
@@ -38,6 +39,61 @@ class CachedResponse:
     upstream_seconds: float | None = None
     # The first line of the prompt, shortened (cache/preview.py), for the dashboard's most-hit entries.
     prompt_preview: str | None = None
+
+
+@dataclass(frozen=True)
+class EntryField:
+    """One field of `CachedResponse`, as the stores and the export format handle it: every column, Redis
+    field and export line is derived from these, so a new field is one line above (plus its migration)."""
+
+    name: str
+    kind: type  # int, float, str or bytes
+    nullable: bool
+    default: Any  # MISSING when the field is required
+
+    @property
+    def required(self) -> bool:
+        return self.default is MISSING
+
+    def decoded(self, value: Any) -> Any:
+        """A stored value (text or bytes, as a store gives it back) as this field's type."""
+        if value is None:
+            return None
+        if self.kind is str:
+            return value.decode() if isinstance(value, bytes) else str(value)
+        return self.kind(value)
+
+
+def _describe(entry_type: type) -> tuple[EntryField, ...]:
+    hints = get_type_hints(entry_type)
+    described = []
+    for entry_field in fields(entry_type):
+        hint = hints[entry_field.name]
+        kinds = [kind for kind in get_args(hint) if kind is not type(None)] if isinstance(hint, types.UnionType) else []
+        described.append(
+            EntryField(
+                name=entry_field.name,
+                kind=kinds[0] if kinds else hint,
+                nullable=bool(kinds),
+                default=entry_field.default,
+            )
+        )
+    return tuple(described)
+
+
+ENTRY_FIELDS = _describe(CachedResponse)
+
+
+def entry_values(entry: CachedResponse) -> tuple[Any, ...]:
+    """The entry's values in the order of ENTRY_FIELDS."""
+    return tuple(getattr(entry, entry_field.name) for entry_field in ENTRY_FIELDS)
+
+
+def entry_from_values(values: Iterable[Any]) -> CachedResponse:
+    """An entry from stored values in the order of ENTRY_FIELDS, each decoded to its field's type."""
+    return CachedResponse(
+        *(entry_field.decoded(value) for entry_field, value in zip(ENTRY_FIELDS, values, strict=True))
+    )
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cache.base import (
     ACTIVITY_KEPT_SECONDS,
+    ENTRY_FIELDS,
     RECENT_REQUESTS_KEPT,
     SAVING_FIGURES,
     ActivityPoint,
@@ -48,6 +49,8 @@ from cache.base import (
     Saving,
     Tally,
     activity_buckets,
+    entry_from_values,
+    entry_values,
     padded,
 )
 
@@ -649,59 +652,23 @@ class RedisBackend:
 
 
 def _fields(entry: CachedResponse) -> list[Any]:
-    fields: list[Any] = [
-        "status", entry.status,
-        "content_type", entry.content_type,
-        "body", entry.body,
-        "created_at", repr(entry.created_at),
-        "provider", entry.provider,
-        "endpoint", entry.endpoint,
-        "namespace", entry.namespace,
-    ]  # fmt: skip
-    for name, value in (
-        ("model", entry.model),
-        ("ttl", entry.ttl),
-        ("input_tokens", entry.input_tokens),
-        ("output_tokens", entry.output_tokens),
-        ("cached_input_tokens", entry.cached_input_tokens),
-        ("cache_write_tokens", entry.cache_write_tokens),
-        ("upstream_seconds", entry.upstream_seconds),
-        ("prompt_preview", entry.prompt_preview),
-    ):
+    """The entry's hash: a field for each of ENTRY_FIELDS that has a value."""
+    fields: list[Any] = []
+    for entry_field, value in zip(ENTRY_FIELDS, entry_values(entry), strict=True):
         if value is not None:
-            fields += [name, repr(value) if isinstance(value, float) else value]
+            fields += [entry_field.name, repr(value) if isinstance(value, float) else value]
     return fields
 
 
+# Each entry field's name in a hash, and whether an older version's hash may lack it.
+_HASH_FIELDS = [(entry_field.name.encode(), entry_field) for entry_field in ENTRY_FIELDS]
+
+
 def _entry(fields: dict[bytes, bytes]) -> CachedResponse:
-    def text(name: bytes) -> str | None:
-        value = fields.get(name)
-        return value.decode() if value is not None else None
-
-    def integer(name: bytes) -> int | None:
-        value = fields.get(name)
-        return int(value) if value is not None else None
-
-    def number(name: bytes) -> float | None:
-        value = fields.get(name)
-        return float(value) if value is not None else None
-
-    return CachedResponse(
-        status=int(fields[b"status"]),
-        content_type=fields[b"content_type"].decode(),
-        body=fields[b"body"],
-        created_at=float(fields[b"created_at"]),
-        provider=fields[b"provider"].decode(),
-        endpoint=fields[b"endpoint"].decode(),
-        model=text(b"model"),
-        namespace=fields[b"namespace"].decode(),
-        ttl=number(b"ttl"),
-        input_tokens=integer(b"input_tokens"),
-        output_tokens=integer(b"output_tokens"),
-        cached_input_tokens=integer(b"cached_input_tokens"),
-        cache_write_tokens=integer(b"cache_write_tokens"),
-        upstream_seconds=number(b"upstream_seconds"),
-        prompt_preview=text(b"prompt_preview"),
+    """An entry from its hash; an optional field it lacks takes its default."""
+    return entry_from_values(
+        fields[name] if entry_field.required else fields.get(name, entry_field.default)
+        for name, entry_field in _HASH_FIELDS
     )
 
 

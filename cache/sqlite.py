@@ -20,6 +20,7 @@ import orjson
 from cache.base import (
     ACTIVITY_KEPT_SECONDS,
     ACTIVITY_STEPS,
+    ENTRY_FIELDS,
     RECENT_REQUESTS_KEPT,
     SAVING_FIGURES,
     ActivityPoint,
@@ -32,6 +33,8 @@ from cache.base import (
     Saving,
     Tally,
     activity_buckets,
+    entry_from_values,
+    entry_values,
     padded,
 )
 
@@ -143,9 +146,12 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
-_ENTRY_COLUMNS = (
-    "status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, input_tokens, output_tokens,"
-    " cached_input_tokens, cache_write_tokens, upstream_seconds, prompt_preview"
+# An entry's columns are its fields (ENTRY_FIELDS), in order; the table adds its size and last use.
+_ENTRY_COLUMNS = ", ".join(entry_field.name for entry_field in ENTRY_FIELDS)
+_ROW_COLUMNS = ("key", *(entry_field.name for entry_field in ENTRY_FIELDS), "size", "used_at")
+_UPSERT = (
+    f"INSERT INTO entries ({', '.join(_ROW_COLUMNS)}) VALUES ({', '.join('?' for _ in _ROW_COLUMNS)})"
+    " ON CONFLICT (key) DO UPDATE SET " + ", ".join(f"{column} = excluded.{column}" for column in _ROW_COLUMNS[1:])
 )
 _INFO_COLUMNS = (
     "e.key, e.provider, e.endpoint, e.model, e.namespace, e.size, e.created_at, h.last_hit_at, coalesce(h.hits, 0),"
@@ -344,7 +350,7 @@ class SqliteBackend:
 
     async def get(self, key: str) -> CachedResponse | None:
         rows = await self._rows(f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE key = ?", (key,))
-        return _entry(rows[0]) if rows else None
+        return entry_from_values(rows[0]) if rows else None
 
     async def set(self, key: str, entry: CachedResponse) -> None:
         size = len(entry.body)
@@ -470,7 +476,7 @@ class SqliteBackend:
             query = f"SELECT key, {_ENTRY_COLUMNS} FROM entries WHERE key > ? ORDER BY key LIMIT ?"
             rows = await self._rows(query, (after, _EXPORT_BATCH))
             for row in rows:
-                yield row[0], _entry(row[1:])
+                yield row[0], entry_from_values(row[1:])
             if len(rows) < _EXPORT_BATCH:
                 return
             after = rows[-1][0]
@@ -596,43 +602,6 @@ def _logged_failure(what: str) -> Iterator[None]:
         logger.warning("cache maintenance (%s) failed: %s", what, exc)
 
 
-def _entry(row: Any) -> CachedResponse:
-    status, content_type, body, created_at, provider, endpoint, model, namespace, ttl, inputs, outputs, *more = row
-    cached_inputs, cache_writes, upstream_seconds, preview = more
-    return CachedResponse(
-        status=status,
-        content_type=content_type,
-        body=bytes(body),
-        created_at=created_at,
-        provider=provider,
-        endpoint=endpoint,
-        model=model,
-        namespace=namespace,
-        ttl=ttl,
-        input_tokens=inputs,
-        output_tokens=outputs,
-        cached_input_tokens=cached_inputs,
-        cache_write_tokens=cache_writes,
-        upstream_seconds=upstream_seconds,
-        prompt_preview=preview,
-    )
-
-
-_UPSERT = (
-    "INSERT INTO entries (key, status, content_type, body, created_at, provider, endpoint, model,"
-    " namespace, ttl, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, upstream_seconds,"
-    " prompt_preview, size, used_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-    " ON CONFLICT (key) DO UPDATE SET status = excluded.status, content_type = excluded.content_type,"
-    " body = excluded.body, created_at = excluded.created_at, provider = excluded.provider,"
-    " endpoint = excluded.endpoint, model = excluded.model, namespace = excluded.namespace,"
-    " ttl = excluded.ttl, input_tokens = excluded.input_tokens, output_tokens = excluded.output_tokens,"
-    " cached_input_tokens = excluded.cached_input_tokens, cache_write_tokens = excluded.cache_write_tokens,"
-    " upstream_seconds = excluded.upstream_seconds, prompt_preview = excluded.prompt_preview, size = excluded.size,"
-    " used_at = excluded.used_at"
-)
-
-
 @dataclass
 class _Batch:
     """Writes that go into one transaction, and how it went for all of them."""
@@ -643,26 +612,7 @@ class _Batch:
 
 
 def _row(key: str, entry: CachedResponse, size: int) -> tuple[Any, ...]:
-    return (
-        key,
-        entry.status,
-        entry.content_type,
-        entry.body,
-        entry.created_at,
-        entry.provider,
-        entry.endpoint,
-        entry.model,
-        entry.namespace,
-        entry.ttl,
-        entry.input_tokens,
-        entry.output_tokens,
-        entry.cached_input_tokens,
-        entry.cache_write_tokens,
-        entry.upstream_seconds,
-        entry.prompt_preview,
-        size,
-        entry.created_at,
-    )
+    return (key, *entry_values(entry), size, entry.created_at)
 
 
 def _where(which: EntryFilter) -> tuple[str, tuple[Any, ...]]:

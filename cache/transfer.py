@@ -8,27 +8,14 @@ import math
 from dataclasses import asdict
 from typing import Any
 
-from cache.base import CachedResponse
+from cache.base import ENTRY_FIELDS, CachedResponse, EntryField
 
-_REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "key": str,
-    "status": int,
-    "content_type": str,
-    "created_at": (int, float),
-    "provider": str,
-    "endpoint": str,
-}
-_OPTIONAL: dict[str, type | tuple[type, ...]] = {
-    "model": str,
-    "namespace": str,
-    "ttl": (int, float),
-    "input_tokens": int,
-    "output_tokens": int,
-    "cached_input_tokens": int,
-    "cache_write_tokens": int,
-    "upstream_seconds": (int, float),
-    "prompt_preview": str,
-}
+# What an exported line holds besides `key` and its body: the entry's fields (ENTRY_FIELDS), with JSON's
+# types (a float field accepts an integer).
+_JSON_TYPES: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,)}
+_CHECKED = [
+    (entry_field, _JSON_TYPES[entry_field.kind]) for entry_field in ENTRY_FIELDS if entry_field.kind is not bytes
+]
 
 
 _LATEST_TIME = 1e11  # seconds since the epoch, in the year 5138
@@ -57,12 +44,15 @@ def line_to_entry(line: str) -> tuple[str, CachedResponse]:
         raise MalformedLine("not JSON (nested too deeply)") from exc
     if not isinstance(record, dict):
         raise MalformedLine("not a JSON object")
-    for name, kind in _REQUIRED.items():
-        if not isinstance(record.get(name), kind) or isinstance(record.get(name), bool):
-            raise MalformedLine(f"field {name!r} is missing or of the wrong type")
-    for name, kind in _OPTIONAL.items():
-        if record.get(name) is not None and (not isinstance(record[name], kind) or isinstance(record[name], bool)):
-            raise MalformedLine(f"field {name!r} is of the wrong type")
+    if not isinstance(record.get("key"), str):
+        raise MalformedLine("field 'key' is missing or of the wrong type")
+    for entry_field, kinds in _CHECKED:
+        value = record.get(entry_field.name)
+        if value is None and not entry_field.required:
+            continue
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            problem = "is missing or of the wrong type" if entry_field.required else "is of the wrong type"
+            raise MalformedLine(f"field {entry_field.name!r} {problem}")
     if abs(record["created_at"]) > _LATEST_TIME or not math.isfinite(record["created_at"]):
         raise MalformedLine("field 'created_at' is not a time")
     if isinstance(record.get("body"), str):
@@ -77,21 +67,16 @@ def line_to_entry(line: str) -> tuple[str, CachedResponse]:
             raise MalformedLine("field 'body_base64' is not valid base64") from exc
     else:
         raise MalformedLine("field 'body' (or 'body_base64') is missing")
-    entry = CachedResponse(
-        status=record["status"],
-        content_type=record["content_type"],
-        body=body,
-        created_at=float(record["created_at"]),
-        provider=record["provider"],
-        endpoint=record["endpoint"],
-        model=record.get("model"),
-        namespace=record.get("namespace") or "",
-        ttl=record.get("ttl"),
-        input_tokens=record.get("input_tokens"),
-        output_tokens=record.get("output_tokens"),
-        cached_input_tokens=record.get("cached_input_tokens"),
-        cache_write_tokens=record.get("cache_write_tokens"),
-        upstream_seconds=record.get("upstream_seconds"),
-        prompt_preview=record.get("prompt_preview"),
-    )
+    values = {
+        entry_field.name: _value(entry_field, record.get(entry_field.name))
+        for entry_field in ENTRY_FIELDS
+        if entry_field.kind is not bytes
+    }
+    entry = CachedResponse(body=body, **values)
     return record["key"], entry
+
+
+def _value(entry_field: EntryField, value: Any) -> Any:
+    if value is None:
+        return entry_field.default  # null where the field has no null: its default (namespace "")
+    return float(value) if entry_field.kind is float else value
