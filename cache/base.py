@@ -137,13 +137,27 @@ class Saving:
     unpriced_hits: int = 0
 
 
-# The figures of a Saving after its provider and model, in order: how a Tally and the stores hold them.
-SAVING_FIGURES = ("hits", "input_tokens", "output_tokens", "cost_nanos", "upstream_ms", "unpriced_hits")
+@dataclass(slots=True)
+class SavedFigures:
+    """What hits saved for one provider and model, as counted between flushes (a `Saving`'s figures)."""
+
+    hits: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_nanos: int = 0
+    upstream_ms: int = 0
+    unpriced_hits: int = 0
+
+    def add(self, other: SavedFigures) -> None:
+        for name in SAVING_FIGURES:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def values(self) -> tuple[int, ...]:
+        """The figures in the order of SAVING_FIGURES: how the stores hold them."""
+        return tuple(getattr(self, name) for name in SAVING_FIGURES)
 
 
-def padded(figures: list[int]) -> list[int]:
-    """`figures` with every one of SAVING_FIGURES (those missing are 0)."""
-    return [*figures, *[0] * (len(SAVING_FIGURES) - len(figures))]
+SAVING_FIGURES = tuple(figure.name for figure in fields(SavedFigures))
 
 
 @dataclass(frozen=True)
@@ -219,8 +233,8 @@ class Tally:
     stale: int = 0
     # key -> (hits, time of the last one)
     entry_hits: dict[str, tuple[int, float]] = field(default_factory=dict)
-    # (provider, model) -> figures, in the order of SAVING_FIGURES
-    savings: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    # (provider, model) -> what its hits saved
+    savings: dict[tuple[str, str], SavedFigures] = field(default_factory=dict)
     # minute start (unix seconds) -> requests, hits, misses
     activity: dict[int, list[int]] = field(default_factory=dict)
     # the newest last, at most RECENT_REQUESTS_KEPT
@@ -228,6 +242,10 @@ class Tally:
 
     def __bool__(self) -> bool:
         return bool(self.hits or self.misses or self.stale or self.activity or self.recent)
+
+    def saved(self, provider: str, model: str) -> SavedFigures:
+        """The figures of one provider and model, to add to."""
+        return self.savings.setdefault((provider, model), SavedFigures())
 
     def count_activity(self, at: float, figure: int) -> None:
         """Add one to a figure (0: requests, 1: hits, 2: misses) of the minute that holds `at`."""
@@ -242,9 +260,7 @@ class Tally:
             previous, last = self.entry_hits.get(key, (0, 0.0))
             self.entry_hits[key] = (previous + count, max(last, at))
         for group, figures in other.savings.items():
-            totals = self.savings.setdefault(group, padded([]))
-            for index, value in enumerate(figures):
-                totals[index] += value
+            self.savings.setdefault(group, SavedFigures()).add(figures)
         for minute, counts in other.activity.items():
             totals = self.activity.setdefault(minute, [0, 0, 0])
             for index, value in enumerate(counts):

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import astuple
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -46,12 +46,12 @@ from cache.base import (
     EntryFilter,
     EntryInfo,
     RequestRecord,
+    SavedFigures,
     Saving,
     Tally,
     activity_buckets,
     entry_from_values,
     entry_values,
-    padded,
 )
 
 logger = logging.getLogger("openai_proxy.cache")
@@ -105,53 +105,66 @@ def connect(url: str, *, cluster: bool, timeout: float, connect_timeout: float |
     return Redis(connection_pool=pool)
 
 
-# KEYS of every index script, in this order.
-_INDEX_KEYS = (
-    "sizes",
-    "created",
-    "used",
-    "expires",
-    "meta",
-    "hits",
-    "lasthit",
-    "totals",
-    "counters",
-    "seq",
-    "feed",
-    "savings",
-    # Entries by hit count (a sorted set beside the `hits` hash, which older versions made).
-    "ranking",
-    # Activity figures, as fields "<step>:<start>:<figure number>", and the periods they hold, by start.
-    "activity",
-    "periods",
-    "recent",
+class IndexKeys(NamedTuple):
+    """The index's keys, all in one hash slot. Every index script gets them all, as Lua locals of the same
+    names (`_LUA_INDEX_KEYS`)."""
+
+    sizes: str  # hash: key -> body size
+    created: str  # sorted set: keys by creation time (the admin API's order)
+    used: str  # sorted set: keys by last use (the LRU order)
+    expires: str  # sorted set: keys by the time Redis expires their entry
+    meta: str  # hash: key -> JSON [provider, endpoint, model, namespace, created_at, size, prompt_preview]
+    hits: str  # hash: key -> hit count
+    lasthit: str  # hash: key -> time of the last hit
+    totals: str  # hash: entries, bytes
+    counters: str  # hash: hits, misses, stale, evictions
+    seq: str  # string: the invalidation feed's latest position
+    feed: str  # sorted set: "<seq>:<key>" by seq ("<seq>:" for a purge)
+    savings: str  # hash: "provider\x1fmodel\x1f<figure number>" -> total
+    ranking: str  # sorted set: keys by hit count (beside `hits`, which older versions made)
+    activity: str  # hash: "<step>:<start>:<figure number>" -> count
+    periods: str  # sorted set: "<step>:<start>" by start
+    recent: str  # list: the latest requests' JSON records, newest first
+
+    @classmethod
+    def under(cls, prefix: str) -> IndexKeys:
+        return cls(*(f"{{{prefix}}}:{name}" for name in cls._fields))
+
+
+_LUA_INDEX_KEYS = (
+    f"local {', '.join(IndexKeys._fields)} = "
+    + ", ".join(f"KEYS[{number}]" for number in range(1, len(IndexKeys._fields) + 1))
+    + "\n"
 )
 _RECORD_FIGURES = 3
 
 # Helpers shared by the index scripts: forget an entry (returns whether it was indexed) and append a key to
 # the invalidation feed ("" for a purge of many).
-_INDEX_FUNCTIONS = """
+_INDEX_FUNCTIONS = (
+    _LUA_INDEX_KEYS
+    + """
 local function invalidate(key)
-  local seq = redis.call('INCR', KEYS[10])
-  redis.call('ZADD', KEYS[11], seq, seq .. ':' .. key)
-  redis.call('ZREMRANGEBYSCORE', KEYS[11], '-inf', seq - tonumber(ARGV[1]))
+  local position = redis.call('INCR', seq)
+  redis.call('ZADD', feed, position, position .. ':' .. key)
+  redis.call('ZREMRANGEBYSCORE', feed, '-inf', position - tonumber(ARGV[1]))
 end
 local function forget(key)
-  local size = redis.call('HGET', KEYS[1], key)
+  local size = redis.call('HGET', sizes, key)
   if not size then return false end
-  redis.call('HDEL', KEYS[1], key)
-  redis.call('ZREM', KEYS[2], key)
-  redis.call('ZREM', KEYS[3], key)
-  redis.call('ZREM', KEYS[4], key)
-  redis.call('HDEL', KEYS[5], key)
-  redis.call('HDEL', KEYS[6], key)
-  redis.call('HDEL', KEYS[7], key)
-  redis.call('ZREM', KEYS[13], key)
-  redis.call('HINCRBY', KEYS[8], 'entries', -1)
-  redis.call('HINCRBY', KEYS[8], 'bytes', -tonumber(size))
+  redis.call('HDEL', sizes, key)
+  redis.call('ZREM', created, key)
+  redis.call('ZREM', used, key)
+  redis.call('ZREM', expires, key)
+  redis.call('HDEL', meta, key)
+  redis.call('HDEL', hits, key)
+  redis.call('HDEL', lasthit, key)
+  redis.call('ZREM', ranking, key)
+  redis.call('HINCRBY', totals, 'entries', -1)
+  redis.call('HINCRBY', totals, 'bytes', -tonumber(size))
   return true
 end
 """
+)
 
 # ARGV: kept, key, size, created_at, used_at, expires_at ("" for never), meta, max_entries, max_bytes.
 # Returns the keys evicted to make room; their entries are deleted after.
@@ -160,28 +173,28 @@ _ADD_SCRIPT = (
     + """
 local key, size = ARGV[2], tonumber(ARGV[3])
 if forget(key) then invalidate(key) end
-redis.call('HSET', KEYS[1], key, size)
-redis.call('ZADD', KEYS[2], ARGV[4], key)
-redis.call('ZADD', KEYS[3], ARGV[5], key)
-if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], ARGV[6], key) end
-redis.call('HSET', KEYS[5], key, ARGV[7])
-redis.call('HINCRBY', KEYS[8], 'entries', 1)
-redis.call('HINCRBY', KEYS[8], 'bytes', size)
+redis.call('HSET', sizes, key, size)
+redis.call('ZADD', created, ARGV[4], key)
+redis.call('ZADD', used, ARGV[5], key)
+if ARGV[6] ~= '' then redis.call('ZADD', expires, ARGV[6], key) end
+redis.call('HSET', meta, key, ARGV[7])
+redis.call('HINCRBY', totals, 'entries', 1)
+redis.call('HINCRBY', totals, 'bytes', size)
 local max_entries, max_bytes = tonumber(ARGV[8]), tonumber(ARGV[9])
 local evicted = {}
 while max_entries > 0 or max_bytes > 0 do
-  local entries = tonumber(redis.call('HGET', KEYS[8], 'entries') or '0')
-  local bytes = tonumber(redis.call('HGET', KEYS[8], 'bytes') or '0')
+  local entries = tonumber(redis.call('HGET', totals, 'entries') or '0')
+  local bytes = tonumber(redis.call('HGET', totals, 'bytes') or '0')
   if entries <= 1 or not ((max_entries > 0 and entries > max_entries) or (max_bytes > 0 and bytes > max_bytes)) then
     break
   end
-  local oldest = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  local oldest = redis.call('ZRANGE', used, 0, 0)[1]
   if not oldest then break end
   forget(oldest)
   invalidate(oldest)
   evicted[#evicted + 1] = oldest
 end
-if #evicted > 0 then redis.call('HINCRBY', KEYS[9], 'evictions', #evicted) end
+if #evicted > 0 then redis.call('HINCRBY', counters, 'evictions', #evicted) end
 return evicted
 """
 )
@@ -208,7 +221,7 @@ _PURGED_SCRIPT = _INDEX_FUNCTIONS + "invalidate('')\nreturn 1\n"
 _PRUNE_SCRIPT = (
     _INDEX_FUNCTIONS
     + f"""
-local expired = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', ARGV[2], 'LIMIT', 0, {_PRUNE_BATCH})
+local expired = redis.call('ZRANGEBYSCORE', expires, '-inf', ARGV[2], 'LIMIT', 0, {_PRUNE_BATCH})
 for _, key in ipairs(expired) do
   if forget(key) then invalidate(key) end
 end
@@ -224,47 +237,48 @@ _RECORD_SCRIPT = (
     _INDEX_FUNCTIONS
     + f"local FIGURES = {len(SAVING_FIGURES)}\n"
     + """
-redis.call('HINCRBY', KEYS[9], 'hits', ARGV[2])
-redis.call('HINCRBY', KEYS[9], 'misses', ARGV[3])
-redis.call('HINCRBY', KEYS[9], 'stale', ARGV[4])
+redis.call('HINCRBY', counters, 'hits', ARGV[2])
+redis.call('HINCRBY', counters, 'misses', ARGV[3])
+redis.call('HINCRBY', counters, 'stale', ARGV[4])
 local oldest, recent_kept = ARGV[5], tonumber(ARGV[6])
-local entries, savings, periods, requests = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local entry_count, saving_count, period_count = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local request_count = tonumber(ARGV[10])
 local at = 11
-for _ = 1, entries do
-  local key, hits, last = ARGV[at], ARGV[at + 1], ARGV[at + 2]
-  if redis.call('HEXISTS', KEYS[1], key) == 1 then
-    redis.call('HINCRBY', KEYS[6], key, hits)
-    redis.call('ZINCRBY', KEYS[13], hits, key)
-    local previous = tonumber(redis.call('HGET', KEYS[7], key) or '0')
-    if tonumber(last) > previous then redis.call('HSET', KEYS[7], key, last) end
-    redis.call('ZADD', KEYS[3], 'XX', 'GT', last, key)
+for _ = 1, entry_count do
+  local key, count, last = ARGV[at], ARGV[at + 1], ARGV[at + 2]
+  if redis.call('HEXISTS', sizes, key) == 1 then
+    redis.call('HINCRBY', hits, key, count)
+    redis.call('ZINCRBY', ranking, count, key)
+    local previous = tonumber(redis.call('HGET', lasthit, key) or '0')
+    if tonumber(last) > previous then redis.call('HSET', lasthit, key, last) end
+    redis.call('ZADD', used, 'XX', 'GT', last, key)
   end
   at = at + 3
 end
-for _ = 1, savings do
+for _ = 1, saving_count do
   local group = ARGV[at] .. '\\31' .. ARGV[at + 1] .. '\\31'
   for index = 1, FIGURES do
-    redis.call('HINCRBY', KEYS[12], group .. index, ARGV[at + 1 + index])
+    redis.call('HINCRBY', savings, group .. index, ARGV[at + 1 + index])
   end
   at = at + 2 + FIGURES
 end
-for _ = 1, periods do
+for _ = 1, period_count do
   local period = ARGV[at] .. ':' .. ARGV[at + 1]
   for index = 1, 3 do
-    redis.call('HINCRBY', KEYS[14], period .. ':' .. index, ARGV[at + 1 + index])
+    redis.call('HINCRBY', activity, period .. ':' .. index, ARGV[at + 1 + index])
   end
-  redis.call('ZADD', KEYS[15], ARGV[at + 1], period)
+  redis.call('ZADD', periods, ARGV[at + 1], period)
   at = at + 5
 end
-for _, period in ipairs(redis.call('ZRANGEBYSCORE', KEYS[15], '-inf', '(' .. oldest)) do
-  redis.call('HDEL', KEYS[14], period .. ':1', period .. ':2', period .. ':3')
+for _, period in ipairs(redis.call('ZRANGEBYSCORE', periods, '-inf', '(' .. oldest)) do
+  redis.call('HDEL', activity, period .. ':1', period .. ':2', period .. ':3')
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[15], '-inf', '(' .. oldest)
-for _ = 1, requests do
-  redis.call('LPUSH', KEYS[16], ARGV[at])
+redis.call('ZREMRANGEBYSCORE', periods, '-inf', '(' .. oldest)
+for _ = 1, request_count do
+  redis.call('LPUSH', recent, ARGV[at])
   at = at + 1
 end
-if requests > 0 then redis.call('LTRIM', KEYS[16], 0, recent_kept - 1) end
+if request_count > 0 then redis.call('LTRIM', recent, 0, recent_kept - 1) end
 return 1
 """
 )
@@ -302,8 +316,7 @@ class RedisBackend:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.redis: RedisClient = connect(url, cluster=cluster, timeout=timeout)
-        index = f"{{{prefix}}}"
-        self._index_keys = [f"{index}:{name}" for name in _INDEX_KEYS]
+        self._index = IndexKeys.under(prefix)
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(source)
             for name, source in (
@@ -349,7 +362,7 @@ class RedisBackend:
     async def _script(self, name: str, args: list[Any], keys: list[str] | None = None) -> Any:
         script = self._scripts[name]
         return await self.run(
-            f"cache {name}", lambda: script(keys=keys or self._index_keys, args=[_INVALIDATIONS_KEPT, *args])
+            f"cache {name}", lambda: script(keys=keys or list(self._index), args=[_INVALIDATIONS_KEPT, *args])
         )
 
     async def open(self) -> None:
@@ -462,7 +475,7 @@ class RedisBackend:
 
     async def _index_page(self, start: int, count: int) -> list[EntryInfo]:
         """Indexed entries, newest first, from rank `start`."""
-        sizes, created, _, _, meta, hits, lasthit, *_ = self._index_keys
+        created, meta, hits, lasthit = self._index.created, self._index.meta, self._index.hits, self._index.lasthit
 
         async def read() -> list[Any]:
             keys: list[bytes] = cast(list[bytes], await self.redis.zrevrange(created, start, start + count - 1))
@@ -479,7 +492,7 @@ class RedisBackend:
         return [_info(*row) for row in await self.run("cache read", read) if row[1] is not None]
 
     async def most_hit(self, limit: int) -> list[EntryInfo]:
-        ranking, meta, lasthit = self._index_keys[12], self._index_keys[4], self._index_keys[6]
+        ranking, meta, lasthit = self._index.ranking, self._index.meta, self._index.lasthit
 
         async def read() -> list[Any]:
             ranked = cast(list[tuple[bytes, float]], await self.redis.zrevrange(ranking, 0, limit - 1, withscores=True))
@@ -504,7 +517,7 @@ class RedisBackend:
         fields = [f"{step}:{start}:{figure}" for start in starts for figure in range(1, _RECORD_FIGURES + 1)]
 
         async def read() -> list[bytes | None]:
-            return cast(list[bytes | None], await self.redis.hmget(self._index_keys[13], fields))
+            return cast(list[bytes | None], await self.redis.hmget(self._index.activity, fields))
 
         values = await self.run("cache read", read)
         points = []
@@ -515,7 +528,7 @@ class RedisBackend:
         return points
 
     async def recent_requests(self) -> list[RequestRecord]:
-        recent = self._index_keys[15]
+        recent = self._index.recent
 
         async def read() -> list[bytes]:
             return cast(list[bytes], await self.redis.lrange(recent, 0, RECENT_REQUESTS_KEPT - 1))
@@ -539,7 +552,7 @@ class RedisBackend:
 
     async def _index_pages(self, what: str) -> AsyncIterator[list[tuple[str, bytes]]]:
         """Every indexed key with its metadata, a page at a time (HSCAN: Redis is never held for long)."""
-        meta_key = self._index_keys[4]
+        meta_key = self._index.meta
         cursor = 0
         while True:
 
@@ -554,11 +567,11 @@ class RedisBackend:
                 return
 
     async def latest_invalidation(self) -> int:
-        value = await self.run("cache read", lambda: self.redis.get(self._index_keys[9]))
+        value = await self.run("cache read", lambda: self.redis.get(self._index.seq))
         return int(value) if value is not None else 0
 
     async def invalidations_since(self, after: int) -> tuple[int, list[str | None]]:
-        seq_key, feed_key = self._index_keys[9], self._index_keys[10]
+        seq_key, feed_key = self._index.seq, self._index.feed
 
         async def read() -> list[Any]:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -596,14 +609,14 @@ class RedisBackend:
         for key, (count, at) in tally.entry_hits.items():
             args += [key, count, repr(at)]
         for (provider, model), figures in tally.savings.items():
-            args += [provider, model, *padded(figures)]
+            args += [provider, model, *figures.values()]
         for (step, start), counts in periods.items():
             args += [step, start, *counts]
         args += [orjson.dumps(astuple(record)) for record in recent]
         await self._script("record", args)
 
     async def statistics(self) -> CacheStatistics:
-        totals_key, counters_key, savings_key = self._index_keys[7], self._index_keys[8], self._index_keys[11]
+        totals_key, counters_key, savings_key = self._index.totals, self._index.counters, self._index.savings
 
         async def read() -> list[Any]:
             async with self.redis.pipeline(transaction=False) as pipe:
@@ -613,10 +626,10 @@ class RedisBackend:
                 return list(await pipe.execute())
 
         totals, counters, savings = await self.run("cache read", read)
-        figures: dict[tuple[str, str], list[int]] = {}
+        figures: dict[tuple[str, str], SavedFigures] = {}
         for name, value in savings.items():
-            provider, model, figure = name.decode().split("\x1f")
-            figures.setdefault((provider, model), padded([]))[int(figure) - 1] = int(value)
+            provider, model, number = name.decode().split("\x1f")
+            setattr(figures.setdefault((provider, model), SavedFigures()), SAVING_FIGURES[int(number) - 1], int(value))
         return CacheStatistics(
             entries=int(totals.get(b"entries", 0)),
             bytes=int(totals.get(b"bytes", 0)),
@@ -624,7 +637,7 @@ class RedisBackend:
             misses=int(counters.get(b"misses", 0)),
             evictions=int(counters.get(b"evictions", 0)),
             stale=int(counters.get(b"stale", 0)),
-            savings=[Saving(provider, model, *values) for (provider, model), values in sorted(figures.items())],
+            savings=[Saving(provider, model, *saved.values()) for (provider, model), saved in sorted(figures.items())],
         )
 
     async def prune(self) -> int:

@@ -33,9 +33,11 @@ _BLOCK_MS = 1000
 # KEYS: the flight's stream, its lock. ARGV: the owner's token, complete, stored, ms the stream stays.
 # The end and the release in one step, so no instance finds the lock held by a flight that is over.
 _END_SCRIPT = """
-redis.call('XADD', KEYS[1], '*', 'e', 'end', 'complete', ARGV[2], 'stored', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+local stream, lock = KEYS[1], KEYS[2]
+local token, complete, stored, kept_ms = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+redis.call('XADD', stream, '*', 'e', 'end', 'complete', complete, 'stored', stored)
+redis.call('PEXPIRE', stream, kept_ms)
+if redis.call('GET', lock) == token then redis.call('DEL', lock) end
 return 1
 """
 

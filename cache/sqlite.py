@@ -35,7 +35,6 @@ from cache.base import (
     activity_buckets,
     entry_from_values,
     entry_values,
-    padded,
 )
 
 logger = logging.getLogger("openai_proxy.cache")
@@ -519,7 +518,7 @@ class SqliteBackend:
                 f"INSERT INTO savings (provider, model, {', '.join(SAVING_FIGURES)})"
                 f" VALUES (?, ?, {', '.join('?' for _ in SAVING_FIGURES)}) ON CONFLICT (provider, model) DO UPDATE SET "
                 + ", ".join(f"{name} = {name} + excluded.{name}" for name in SAVING_FIGURES),
-                [(provider, model, *padded(figures)) for (provider, model), figures in tally.savings.items()],
+                [(provider, model, *figures.values()) for (provider, model), figures in tally.savings.items()],
             )
             await _record_activity(db, tally)
 

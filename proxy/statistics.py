@@ -12,7 +12,7 @@ from decimal import Decimal
 import anyio
 
 from cache import CacheBackend, CachedResponse, CacheError, CacheHealth
-from cache.base import RECENT_REQUESTS_KEPT, Tally, padded
+from cache.base import RECENT_REQUESTS_KEPT, Tally
 from cache.health import Operation
 from proxy.exchange import Exchange, request_record
 
@@ -56,11 +56,11 @@ class Statistics:
         tally.count_activity(at, 1)
         count, _ = tally.entry_hits.get(key, (0, 0.0))
         tally.entry_hits[key] = (count + 1, at)
-        saved = tally.savings.setdefault((entry.provider, entry.model or ""), padded([]))
-        saved[0] += 1
-        saved[1] += entry.input_tokens or 0
-        saved[2] += entry.output_tokens or 0
-        saved[4] += round((entry.upstream_seconds or 0.0) * 1000)
+        saved = tally.saved(entry.provider, entry.model or "")
+        saved.hits += 1
+        saved.input_tokens += entry.input_tokens or 0
+        saved.output_tokens += entry.output_tokens or 0
+        saved.upstream_ms += round((entry.upstream_seconds or 0.0) * 1000)
         _, hits = self._unpriced.get(key, (entry, 0))
         self._unpriced[key] = (entry, hits + 1)
 
@@ -75,12 +75,12 @@ class Statistics:
                 logger.error("no price table: hits are counted without dollars (hits_without_price)")
                 self.pricer = None
         for entry, hits in unpriced.values():
-            saved = self._tally.savings.setdefault((entry.provider, entry.model or ""), padded([]))
+            saved = self._tally.saved(entry.provider, entry.model or "")
             cost = price(entry) if price is not None else None
             if cost is None:
-                saved[5] += hits
+                saved.unpriced_hits += hits
             else:
-                saved[3] += int(cost * NANOS_PER_DOLLAR) * hits
+                saved.cost_nanos += int(cost * NANOS_PER_DOLLAR) * hits
 
     def miss(self) -> None:
         self._tally.misses += 1

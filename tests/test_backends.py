@@ -24,6 +24,7 @@ from cache.base import (
     EntryFilter,
     EntryInfo,
     RequestRecord,
+    SavedFigures,
     Tally,
 )
 from cache.redis_backend import RedisBackend
@@ -482,7 +483,7 @@ async def test_recorded_hits_and_misses_add_up(open_backend: Opener) -> None:
 
 async def test_recorded_statistics_persist_across_reopening(open_backend: Opener) -> None:
     first = await open_backend()
-    await first.record(Tally(hits=2, misses=1, savings={("openai", "gpt-4o"): [2, 20, 10]}))
+    await first.record(Tally(hits=2, misses=1, savings={("openai", "gpt-4o"): SavedFigures(2, 20, 10)}))
     await first.close()
 
     stats = await (await open_backend()).statistics()
@@ -495,11 +496,14 @@ async def test_savings_add_up_per_provider_and_model(open_backend: Opener) -> No
     await backend.record(
         Tally(
             hits=3,
-            savings={("openai", "gpt-4o"): [2, 100, 40], ("anthropic", "claude"): [1, 7, 3]},
+            savings={("openai", "gpt-4o"): SavedFigures(2, 100, 40), ("anthropic", "claude"): SavedFigures(1, 7, 3)},
         )
     )
     await backend.record(
-        Tally(hits=2, savings={("openai", "gpt-4o"): [1, 50, 20], ("openai", "gpt-4o-mini"): [1, 5, 1]})
+        Tally(
+            hits=2,
+            savings={("openai", "gpt-4o"): SavedFigures(1, 50, 20), ("openai", "gpt-4o-mini"): SavedFigures(1, 5, 1)},
+        )
     )
 
     savings = {
