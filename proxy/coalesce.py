@@ -18,8 +18,12 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol
 
+import anyio
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
+
 from proxy.headers import Headers
-from proxy.responses import UpstreamBrokeOff
+from proxy.responses import UpstreamBrokeOff, client_left
 
 _STORED_LANDINGS_KEPT = 1024
 
@@ -153,3 +157,17 @@ class Flights:
             if len(self._stored) > _STORED_LANDINGS_KEPT:
                 self._stored.popitem(last=False)
         self.landings += 1
+
+
+async def wait_while_listened(flight: Flight, ready: str, deadline: float, receive: Receive) -> bool:
+    """`flight.wait_until(ready)` until `deadline` (anyio's clock); ClientDisconnect if the client leaves."""
+    waited = asyncio.ensure_future(flight.wait_until(ready, deadline - anyio.current_time()))
+    left = asyncio.ensure_future(client_left(receive))
+    try:
+        await asyncio.wait((waited, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waited.cancel()
+        left.cancel()
+    if not waited.done() or waited.cancelled():
+        raise ClientDisconnect()
+    return waited.result()

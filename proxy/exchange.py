@@ -93,12 +93,9 @@ def observing(send: Send, exchange: Exchange) -> Send:
 
 
 def _note_headers(exchange: Exchange, headers: Any) -> None:
+    # The handler sets what it decided (provider, key, cache status); the response's shape is seen here.
     for name, value in headers:
-        if name == b"x-cache-status":
-            exchange.cache_status = value.decode("latin-1")
-        elif name == b"x-cache-coalesced":
-            exchange.coalesced = True
-        elif name == b"content-type" and value.startswith(b"text/event-stream"):
+        if name == b"content-type" and value.startswith(b"text/event-stream"):
             exchange.streamed = True
 
 

@@ -11,6 +11,7 @@ import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from cache.stream_usage import UsageWithheld
 from proxy.headers import Headers
 from proxy.upstream import close_quietly
 
@@ -139,6 +140,55 @@ class RelayResponse(Response):
 
     @staticmethod
     async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+        await client_left(receive)
         scope.cancel()
+
+
+async def client_left(receive: Receive) -> None:
+    """Return once the client has disconnected (its request body already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Recording:
+    """A body kept as it passes, until it grows past `limit` (then it is too large to store)."""
+
+    __slots__ = ("_chunks", "_size", "_limit")
+
+    def __init__(self, limit: int) -> None:
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._limit = limit
+
+    def add(self, chunk: bytes) -> None:
+        if self._size <= self._limit:
+            self._size += len(chunk)
+            self._chunks.append(chunk)
+            if self._size > self._limit:
+                self._chunks.clear()  # keep relaying, stop holding it
+
+    @property
+    def whole(self) -> bool:
+        return self._size <= self._limit
+
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
+
+def as_asked(chunks: AsyncGenerator[bytes, None], withhold_usage: bool) -> AsyncGenerator[bytes, None]:
+    """A chat stream in the shape the client asked for: without the usage the proxy asked for on its own."""
+    return _without_usage(chunks) if withhold_usage else chunks
+
+
+async def _without_usage(chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+    withheld = UsageWithheld()
+    try:
+        async for chunk in chunks:
+            passed = withheld.feed(chunk)
+            if passed:
+                yield passed
+    finally:
+        await chunks.aclose()
+    rest = withheld.end()
+    if rest:
+        yield rest

@@ -1,0 +1,95 @@
+"""What one proxied request asks for: the provider and path it names, and for a cacheable request, its
+entry's key and description and the shape of answer it wants."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import orjson
+
+from cache.control import RequestControl
+from providers import Provider
+from proxy.errors import ProxyError
+from proxy.exchange import Exchange
+from proxy.headers import Headers, upstream_request_headers
+from proxy.upstream import upstream_url
+
+DEFAULT_PROVIDER = "openai"
+
+
+def resolve_route(raw_path: bytes, providers: Mapping[str, Provider]) -> tuple[Provider, bytes]:
+    """The provider a request path names and the path to forward below its base URL.
+
+    `/v1/...` is the default provider's `/v1/...`; `/{provider}/...` is that provider's `/...`.
+    """
+    prefix, _, rest = raw_path.lstrip(b"/").partition(b"/")
+    if prefix == b"v1":
+        return providers[DEFAULT_PROVIDER], raw_path.lstrip(b"/")
+    provider = providers.get(prefix.decode("latin-1"))
+    if provider is None:
+        known = ", ".join(f"/{name}/" for name in ["v1", *providers])
+        raise ProxyError(404, f"Unknown route. The proxy serves /healthz and these prefixes: {known}", "unknown_route")
+    return provider, rest
+
+
+def parse_json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class Upstream:
+    """Where one request goes. The URL and headers are worked out only if it does go (not on a hit)."""
+
+    def __init__(
+        self, provider: Provider, rest: bytes, query: bytes, client_headers: Headers, strip_client_credentials: bool
+    ) -> None:
+        self.provider = provider
+        self.rest = rest  # the path below the provider's base URL
+        self.query = query
+        self.client_headers = client_headers
+        self._strip = strip_client_credentials
+
+    @cached_property
+    def url(self) -> str:
+        return upstream_url(self.provider, self.rest, self.query)
+
+    @cached_property
+    def headers(self) -> Headers:
+        return upstream_request_headers(self.client_headers, self.provider, strip_client_credentials=self._strip)
+
+    @property
+    def endpoint_path(self) -> str:
+        """The path below the provider, with its query: what an entry records as its endpoint."""
+        path = self.rest.decode("latin-1")
+        return path + "?" + self.query.decode("latin-1") if self.query else path
+
+
+@dataclass(slots=True)
+class Asked:
+    """One cacheable request: its entry's key and description, its cache directives, the body to forward,
+    and the shape of answer it wants."""
+
+    key: str
+    provider: str
+    endpoint_path: str  # the path below the provider, with its query: the entry's `endpoint`
+    endpoint: str  # the generation endpoint (`chat/completions`)
+    model: str | None
+    control: RequestControl
+    request: dict[str, Any]  # the parsed body, for the entry's prompt line
+    body: bytes  # as forwarded
+    wants_stream: bool
+    wants_usage: bool
+    # The proxy asks the provider for usage this client did not ask for (withheld from its answer).
+    asks_usage: bool
+    exchange: Exchange | None  # what the access log and metrics learn of the request
+
+    @property
+    def upstream_usage(self) -> bool:
+        """Whether the upstream's answer carries usage."""
+        return self.wants_usage or self.asks_usage
