@@ -8,107 +8,45 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import logging
 import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
-import anyio
 import httpx
 import uvicorn
 from fastapi import FastAPI
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from cache import CacheBackend, CacheError, CacheHealth, SqliteBackend
-from cache.base import CacheStatistics
-from cache.health import Operation
+from cache import CacheBackend, CacheHealth
 from cache.keys import GENERATION_ENDPOINTS
 from cache.memory import TieredBackend
-from cache.prices import PriceTable, parse_price_overrides
-from cache.usage import Usage, entry_usage
 from proxy import commands
+from proxy.access import AdminAccess
 from proxy.access_log import AccessLog
 from proxy.admin import AdminApi
 from proxy.dashboard import Dashboard, DashboardPage
-from proxy.errors import ProxyError, error_response
 from proxy.exchange import begin, observing
 from proxy.handler import Proxy
-from proxy.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from proxy.lifespan import Lifespan
 from proxy.metrics import MULTIPROCESS_DIRECTORY, Metrics, ModelLabels
+from proxy.pages import DashboardFiles, HealthCheck, MetricsPage
+from proxy.pricing import Prices
+from proxy.routes import EXCEPTION_HANDLERS, OWN_PREFIXES, OwnPages, own_routes
 from proxy.server import HttpProtocol
 from proxy.settings import Settings, describe_invalid_settings
-from proxy.statistics import Pricer, Statistics
+from proxy.statistics import Statistics
+from proxy.store import build_backend, build_store, store_for
 from proxy.upstream import UpstreamClient, UpstreamTransport
 
 __all__ = ["Settings", "create_app", "main"]
-
-logger = logging.getLogger("openai_proxy")
-T = TypeVar("T")
-
-PROXIED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
-
-
-class LoadedLater(Generic[T]):
-    """A value that takes a while to build (the price table: most of a second), built in a thread after
-    start-up rather than delaying it; `get` waits for it (and builds it, if nothing has begun to)."""
-
-    def __init__(self, build: Callable[[], T]) -> None:
-        self._build = build
-        self.value: T | None = None
-        self._begun = False
-        self._loaded = asyncio.Event()
-
-    async def load(self) -> None:
-        self._begun = True
-        # Shielded: a shutdown that begins meanwhile waits for it, so `get` never waits for nothing.
-        with anyio.CancelScope(shield=True):
-            try:
-                self.value = await anyio.to_thread.run_sync(self._build)
-            except Exception:
-                logger.exception("could not build %s", self._build)
-            finally:
-                self._loaded.set()
-
-    async def get(self) -> T:
-        if not self._begun:
-            await self.load()
-        await self._loaded.wait()
-        if self.value is None:
-            raise RuntimeError("the value could not be built")
-        return self.value
-
-
-def build_backend(settings: Settings) -> CacheBackend:
-    """The cache store the settings name (CACHE_BACKEND)."""
-    if settings.cache_backend == "redis":
-        from cache.redis_backend import RedisBackend  # redis-py takes a while to import: only when used
-
-        return RedisBackend(
-            settings.redis_url.get_secret_value(),
-            cluster=settings.redis_cluster,
-            prefix=settings.redis_key_prefix,
-            timeout=settings.redis_timeout,
-            default_ttl=settings.cache_ttl,
-            max_entries=settings.cache_max_entries,
-            max_bytes=settings.cache_max_bytes,
-        )
-    return SqliteBackend(
-        settings.cache_db,
-        busy_timeout=settings.cache_busy_timeout,
-        max_entries=settings.cache_max_entries,
-        max_bytes=settings.cache_max_bytes,
-    )
 
 
 def create_app(
@@ -118,159 +56,78 @@ def create_app(
     clock: Callable[[], float] = time.time,
 ) -> ProxyApp:
     settings = settings if settings is not None else Settings()
+    store = build_store(settings) if backend is None else store_for(backend, settings)
     limited = bool(settings.cache_max_entries or settings.cache_max_bytes)
-    store = backend if backend is not None else build_backend(settings)
-    tiered = TieredBackend(store, settings.memory_cache_bytes, evicts=limited)
-    shared_flights = None
-    if store.name == "redis" and settings.cache_lock_timeout > 0:
-        from cache.redis_backend import RedisBackend
-        from cache.redis_flights import RedisFlights
-
-        assert isinstance(store, RedisBackend)
-        shared_flights = RedisFlights(store, settings.cache_lock_timeout)
+    tiered = TieredBackend(store.backend, settings.memory_cache_bytes, evicts=limited)
+    prices = Prices(settings.price_overrides)
+    metrics = _metrics(settings, prices) if settings.metrics else None
+    on_failure = metrics.count_store_failure if metrics is not None else None
+    health = CacheHealth(tiered.name, operations_fail_apart=store.operations_fail_apart, on_failure=on_failure)
+    statistics = Statistics(tiered, health, prices.pricer, clock)
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
     client = UpstreamClient(http if http is not None else UpstreamTransport(), timeout)
-    prices = LoadedLater(
-        lambda: PriceTable(parse_price_overrides(settings.price_overrides) if settings.price_overrides else None)
+    proxy = Proxy(settings, tiered, health, client, statistics, clock, store.flights)
+    access_log = AccessLog(settings.log_format) if settings.access_log else None
+    pages = _own_pages(settings, tiered, health, statistics, prices, metrics, clock)
+    lifespan = Lifespan(tiered, health, prices, statistics, client, store.flights, access_log)
+    api = FastAPI(
+        title="openai-proxy",
+        routes=own_routes(pages),
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
     )
-    known_usage = Usage(input_tokens=1, output_tokens=1)
+    return ProxyApp(proxy, api, statistics, metrics, access_log)
 
-    def known_model(provider: str, model: str) -> bool:
-        table = prices.value
-        return table is not None and table.cost(provider, model, known_usage) is not None
 
-    async def pricer() -> Pricer:
-        table = await prices.get()
-        return lambda entry: table.cost(entry.provider, entry.model, entry_usage(entry))
+def _metrics(settings: Settings, prices: Prices) -> Metrics:
+    return Metrics(
+        set(settings.providers()),
+        set(GENERATION_ENDPOINTS),
+        ModelLabels(known=prices.knows, listed=settings.metrics_models),
+        settings.prometheus_multiproc_dir,
+    )
 
-    metrics = None
-    if settings.metrics:
-        metrics = Metrics(
-            set(settings.providers()),
-            set(GENERATION_ENDPOINTS),
-            ModelLabels(known=known_model, listed=settings.metrics_models),
-        )
 
-    def count_store_failure(operation: Operation) -> None:
-        if metrics is not None:
-            metrics.store_failures.labels(operation.value).inc()
-
-    # SQLite reads go on while writes fail (a lock, a full disk); a Redis outage stops both.
-    health = CacheHealth(tiered.name, operations_fail_apart=store.name != "redis", on_failure=count_store_failure)
-    statistics = Statistics(tiered, health, pricer, clock)
-    proxy = Proxy(settings, tiered, health, client, statistics, clock, shared_flights)
-
-    async def cache_health() -> dict[str, Any]:
-        reason = health.state().reason
-        if reason is None:
-            try:
-                await tiered.ping()
-            except CacheError as exc:
-                reason = str(exc)
-        return {"backend": tiered.name, "ok": reason is None, "reason": reason}
-
+def _own_pages(
+    settings: Settings,
+    store: TieredBackend,
+    health: CacheHealth,
+    statistics: Statistics,
+    prices: Prices,
+    metrics: Metrics | None,
+    clock: Callable[[], float],
+) -> OwnPages:
+    admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
+    access = AdminAccess(admin_key, [key.get_secret_value() for key in settings.proxy_api_keys])
+    health_check = HealthCheck(store, health)
     dashboard = Dashboard(
-        tiered,
-        cache_health,
+        store,
+        health_check.cache,
         show_prompts=settings.dashboard_show_prompts,
         max_entries=settings.cache_max_entries,
         max_bytes=settings.cache_max_bytes,
         clock=clock,
     )
-    admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
-    admin = AdminApi(
-        tiered,
-        statistics,
-        admin_key,
-        proxy.proxy_keys,
-        clock,
-        show_prompts=settings.dashboard_show_prompts,
-        dashboard=dashboard.report,
-    )
-    dashboard_page = DashboardPage()
-
-    access_log = AccessLog(settings.log_format) if settings.access_log else None
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        try:
-            await tiered.open()
-        except CacheError as exc:
-            health.failed(Operation.READ, exc)
-        try:
-            async with anyio.create_task_group() as background:
-                background.start_soon(prices.load)
-                background.start_soon(statistics.flush_periodically)
-                background.start_soon(tiered.sync_periodically)
-                background.start_soon(tiered.maintain)
-                if access_log is not None:
-                    background.start_soon(access_log.flush_periodically)
-                yield
-                background.cancel_scope.cancel()
-        finally:
-            await statistics.flush()
-            if access_log is not None:
-                access_log.flush()
-            if shared_flights is not None:
-                await shared_flights.close()
-            await tiered.close()
-            await client.aclose()
-
-    app = FastAPI(title="openai-proxy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_exception_handler(Exception, _internal_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
-    async def healthz() -> JSONResponse:
-        cache = await cache_health()
-        return JSONResponse({"status": "ok" if cache["ok"] else "degraded", "cache": cache})
-
+    metrics_page = None
     if metrics is not None:
-        exposed = metrics
-
-        @app.get("/metrics")
-        async def metrics_page(request: Request) -> Response:
-            try:
-                if not settings.metrics_public:
-                    admin.authorize(request)
-            except ProxyError as error:
-                return error_response(error)
-            await statistics.flush()
-            with contextlib.suppress(RuntimeError):
-                await prices.get()  # a model is a label once the price table knows it
-            try:
-                figures: CacheStatistics | None = await tiered.statistics()
-            except CacheError:
-                figures = None
-            return Response(exposed.exposition(figures, health.state()), media_type=METRICS_CONTENT_TYPE)
-
-    @app.get("/dashboard")
-    @app.get("/dashboard/{name:path}")
-    async def dashboard_files(request: Request, name: str = "") -> Response:
-        try:
-            admin.authorize_page(request)
-        except ProxyError as error:
-            return error_response(error)
-        found = dashboard_page.response(name)
-        if found is None:
-            return error_response(ProxyError(404, "The dashboard has no such file.", "unknown_route"))
-        return found
-
-    @app.api_route("/cache", methods=PROXIED_METHODS)
-    @app.api_route("/cache/{path:path}", methods=PROXIED_METHODS)
-    async def cache_admin(request: Request) -> Response:
-        return await admin.serve(request)
-
-    return ProxyApp(proxy, app, statistics, metrics, access_log)
-
-
-# First path segments the proxy's own routes answer; every other path is proxied.
-OWN_ROUTES = frozenset({"healthz", "cache", "metrics", "dashboard"})
+        metrics_access = None if settings.metrics_public else access
+        metrics_page = MetricsPage(metrics, store, health, statistics, prices, metrics_access)
+    return OwnPages(
+        health=health_check,
+        metrics=metrics_page,
+        dashboard=DashboardFiles(DashboardPage(), access),
+        admin=AdminApi(
+            store, statistics, access, dashboard.report, clock, show_prompts=settings.dashboard_show_prompts
+        ),
+    )
 
 
 class ProxyApp:
     """The ASGI application. Proxied paths go straight to the proxy, with no framework in the way of a
-    hit; the proxy's own routes (/healthz, /cache, /metrics, /dashboard) and the lifespan go to the FastAPI app."""
+    hit; the proxy's own routes (proxy/routes.py) and the lifespan go to the FastAPI app."""
 
     def __init__(
         self,
@@ -291,7 +148,7 @@ class ProxyApp:
             await self.api(scope, receive, send)
             return
         exchange = begin(scope)
-        proxied = scope["path"].split("/", 2)[1] not in OWN_ROUTES
+        proxied = scope["path"].split("/", 2)[1] not in OWN_PREFIXES
         try:
             if proxied:
                 await self.proxy(scope, receive, observing(send, exchange))
@@ -310,17 +167,6 @@ class ProxyApp:
     def lifespan(self) -> AbstractAsyncContextManager[Any]:
         """Start-up and shutdown, for running the app without a server (tests)."""
         return self.api.router.lifespan_context(self.api)
-
-
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    logger.error("unexpected error while serving %s %s", request.method, request.url.path, exc_info=exc)
-    return error_response(ProxyError(500, "The proxy failed unexpectedly; see its log.", "internal_error"))
-
-
-async def _http_error(request: Request, exc: Exception) -> Response:
-    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
-    code = {404: "unknown_route", 405: "method_not_allowed"}.get(status, "invalid_request")
-    return error_response(ProxyError(status, f"{request.method} {request.url.path}: {exc}", code))
 
 
 def load_settings(**overrides: Any) -> Settings:

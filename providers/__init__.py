@@ -3,7 +3,6 @@
 from providers.registry import (
     BUILTIN_PROVIDERS,
     PROVIDER_NAME,
-    RESERVED_NAMES,
     AuthStyle,
     Provider,
     normalize_base_url,
@@ -12,7 +11,6 @@ from providers.registry import (
 __all__ = [
     "BUILTIN_PROVIDERS",
     "PROVIDER_NAME",
-    "RESERVED_NAMES",
     "AuthStyle",
     "Provider",
     "normalize_base_url",

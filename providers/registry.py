@@ -63,9 +63,6 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
     Provider("ai21", "https://api.ai21.com/studio"),
 )
 
-# Path prefixes the proxy serves itself (or keeps for itself), so no provider may take them.
-RESERVED_NAMES = frozenset({"v1", "healthz", "cache", "metrics", "dashboard", "admin", "docs", "openapi.json"})
-
 PROVIDER_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 

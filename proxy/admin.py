@@ -5,6 +5,7 @@ The CLI (`openai-proxy stats|purge`) uses the same functions on the same store.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -16,9 +17,8 @@ from starlette.responses import JSONResponse, Response
 from cache import CacheBackend, CacheError
 from cache.base import CacheStatistics, EntryFilter, EntryInfo, Saving
 from cache.control import ControlError, parse_duration
-from proxy.access import is_loopback, presents_key
+from proxy.access import AdminAccess
 from proxy.errors import ProxyError, error_response
-from proxy.headers import scope_headers
 from proxy.statistics import NANOS_PER_DOLLAR, Statistics
 
 MAX_PAGE = 1000
@@ -83,60 +83,20 @@ def entry_filter(namespace: str | None, provider: str | None, older_than: str | 
     return EntryFilter(namespace=namespace, provider=provider, created_before=created_before)
 
 
-class AdminApi:
-    def __init__(
-        self,
-        backend: CacheBackend,
-        statistics: Statistics,
-        admin_key: str | None,
-        proxy_keys: list[str],
-        clock: Callable[[], float] = time.time,
-        *,
-        show_prompts: bool = True,
-        dashboard: Callable[[], Awaitable[dict[str, Any]]] | None = None,
-    ) -> None:
-        """`dashboard` gives what GET /cache/dashboard answers (the dashboard page's figures)."""
-        self.backend = backend
-        self.statistics = statistics
-        self.admin_key = admin_key
-        self.proxy_keys = proxy_keys
-        self.clock = clock
-        self.show_prompts = show_prompts
-        self.dashboard = dashboard
+AdminEndpoint = Callable[["AdminApi", Request], Awaitable[Response]]
 
-    def authorize_page(self, request: Request) -> None:
-        """The dashboard's static files hold no figures: with ADMIN_API_KEY set anyone may load them (the
-        page then asks for the key); otherwise, like the admin API, only loopback clients."""
-        if self.admin_key is None and not is_loopback(request.client.host if request.client else None):
-            raise ProxyError(
-                403, "The dashboard answers only loopback clients unless ADMIN_API_KEY is set.", "forbidden"
-            )
 
-    def authorize(self, request: Request) -> None:
-        """ADMIN_API_KEY when set; otherwise only loopback clients (and their proxy key, if one is required)."""
-        headers = scope_headers(request.scope)
-        if self.admin_key is not None:
-            if not presents_key(headers, [self.admin_key]):
-                raise ProxyError(
-                    401, "The admin API needs ADMIN_API_KEY (Authorization: Bearer or x-api-key).", "invalid_api_key"
-                )
-            return
-        # The socket's peer address, never a header: a crafted Host or X-Forwarded-For changes nothing.
-        if not is_loopback(request.client.host if request.client else None):
-            raise ProxyError(
-                403, "The admin API answers only loopback clients unless ADMIN_API_KEY is set.", "forbidden"
-            )
-        if self.proxy_keys and not presents_key(headers, self.proxy_keys):
-            raise ProxyError(
-                401, "A valid proxy API key is required (Authorization: Bearer or x-api-key).", "invalid_api_key"
-            )
+def _admin_endpoint(endpoint: AdminEndpoint) -> AdminEndpoint:
+    """An endpoint that answers only whom the admin rule lets in, with the statistics flushed first, and its
+    errors in OpenAI's shape."""
 
-    async def serve(self, request: Request) -> Response:
+    @functools.wraps(endpoint)
+    async def answer(admin: AdminApi, request: Request) -> Response:
         try:
-            self.authorize(request)
+            admin.access.authorize(request)
             # Counts gathered since the last flush belong in every answer.
-            await self.statistics.flush()
-            return await self._route(request)
+            await admin.statistics.flush()
+            return await endpoint(admin, request)
         except ControlError as exc:
             return error_response(ProxyError(400, str(exc), "invalid_parameter"))
         except CacheError as exc:
@@ -144,26 +104,40 @@ class AdminApi:
         except ProxyError as error:
             return error_response(error)
 
-    async def _route(self, request: Request) -> Response:
-        path, method = request.url.path.rstrip("/"), request.method
-        if path == "/cache/stats" and method == "GET":
-            return JSONResponse(statistics_report(await self.backend.statistics()))
-        if path == "/cache/dashboard" and method == "GET" and self.dashboard is not None:
-            return JSONResponse(await self.dashboard())
-        if path == "/cache/entries" and method == "GET":
-            return await self._list(request)
-        if path.startswith("/cache/entries/") and method == "DELETE":
-            key = path.removeprefix("/cache/entries/")
-            if not await self.backend.delete(key):
-                raise ProxyError(404, f"No cache entry has the key {key[:80]!r}.", "entry_not_found")
-            return JSONResponse({"deleted": 1})
-        if path == "/cache" and method == "DELETE":
-            query = request.query_params
-            which = entry_filter(query.get("namespace"), query.get("provider"), query.get("older_than"), self.clock())
-            return JSONResponse({"deleted": await self.backend.purge(which)})
-        raise ProxyError(404, "Unknown admin route. See the README's admin API section.", "unknown_route")
+    return answer
 
-    async def _list(self, request: Request) -> Response:
+
+class AdminApi:
+    """The endpoints under /cache; proxy/routes.py says which path and method each answers."""
+
+    def __init__(
+        self,
+        backend: CacheBackend,
+        statistics: Statistics,
+        access: AdminAccess,
+        dashboard: Callable[[], Awaitable[dict[str, Any]]],
+        clock: Callable[[], float] = time.time,
+        *,
+        show_prompts: bool = True,
+    ) -> None:
+        """`dashboard` gives what GET /cache/dashboard answers (the dashboard page's figures)."""
+        self.backend = backend
+        self.statistics = statistics
+        self.access = access
+        self.dashboard = dashboard
+        self.clock = clock
+        self.show_prompts = show_prompts
+
+    @_admin_endpoint
+    async def stats(self, request: Request) -> Response:
+        return JSONResponse(statistics_report(await self.backend.statistics()))
+
+    @_admin_endpoint
+    async def dashboard_figures(self, request: Request) -> Response:
+        return JSONResponse(await self.dashboard())
+
+    @_admin_endpoint
+    async def entries(self, request: Request) -> Response:
         query = request.query_params
         limit = _bounded_int(query.get("limit"), "limit", default=100, low=1, high=MAX_PAGE)
         offset = _bounded_int(query.get("offset"), "offset", default=0, low=0, high=2**62)
@@ -172,6 +146,23 @@ class AdminApi:
         page = [entry_view(entry, self.show_prompts) for entry in entries[:limit]]
         next_offset = offset + limit if len(entries) > limit else None
         return JSONResponse({"entries": page, "offset": offset, "limit": limit, "next_offset": next_offset})
+
+    @_admin_endpoint
+    async def delete_entry(self, request: Request) -> Response:
+        key: str = request.path_params["key"]
+        if not await self.backend.delete(key):
+            raise ProxyError(404, f"No cache entry has the key {key[:80]!r}.", "entry_not_found")
+        return JSONResponse({"deleted": 1})
+
+    @_admin_endpoint
+    async def purge(self, request: Request) -> Response:
+        query = request.query_params
+        which = entry_filter(query.get("namespace"), query.get("provider"), query.get("older_than"), self.clock())
+        return JSONResponse({"deleted": await self.backend.purge(which)})
+
+    @_admin_endpoint
+    async def unknown_route(self, request: Request) -> Response:
+        raise ProxyError(404, "Unknown admin route. See the README's admin API section.", "unknown_route")
 
 
 def _bounded_int(value: str | None, name: str, *, default: int, low: int, high: int) -> int:

@@ -26,7 +26,7 @@ from cache.replay import Replay, is_event_stream, replay
 from cache.stream_usage import ask_for_usage
 from cache.usage import reported_usage
 from providers import Provider
-from proxy.access import presents_key
+from proxy.access import presents_key, proxy_key_required
 from proxy.coalesce import Flight, FlightMirror, Flights, wait_while_listened
 from proxy.errors import ProxyError, error_response
 from proxy.exchange import Exchange
@@ -158,9 +158,7 @@ class Proxy:
         if length is not None and length > self.settings.max_request_bytes:
             raise too_large(self.settings.max_request_bytes)
         if self.proxy_keys and not presents_key(client_headers, self.proxy_keys):
-            raise ProxyError(
-                401, "A valid proxy API key is required (Authorization: Bearer or x-api-key).", "invalid_api_key"
-            )
+            raise proxy_key_required()
         provider, rest = resolve_route(scope.get("raw_path") or scope["path"].encode(), self.providers)
         query: bytes = scope.get("query_string", b"")
         upstream = Upstream(provider, rest, query, client_headers, bool(self.proxy_keys))

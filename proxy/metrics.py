@@ -15,8 +15,8 @@ new series at will.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -25,10 +25,11 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from cache.base import CacheStatistics
-from cache.health import CacheState
+from cache.health import CacheState, Operation
 from proxy.exchange import Exchange
 from proxy.statistics import NANOS_PER_DOLLAR
 
+# prometheus_client's own setting, which Settings reads too (prometheus_multiproc_dir).
 MULTIPROCESS_DIRECTORY = "PROMETHEUS_MULTIPROC_DIR"
 OTHER = "other"
 NONE = "none"
@@ -62,11 +63,15 @@ class ModelLabels:
 
 
 class Metrics:
-    def __init__(self, providers: set[str], endpoints: set[str], models: ModelLabels) -> None:
+    def __init__(
+        self, providers: set[str], endpoints: set[str], models: ModelLabels, directory: Path | None = None
+    ) -> None:
+        """`directory`: where every worker process of this server keeps its request figures
+        (PROMETHEUS_MULTIPROC_DIR); None when this process is the only one."""
         self._providers = providers
         self._endpoints = endpoints
         self.models = models
-        self.directory = os.environ.get(MULTIPROCESS_DIRECTORY) or None
+        self.directory = directory
         # Multiprocess values are written to files whatever registry holds them; alone, this app's own.
         self._registry = CollectorRegistry() if self.directory is None else None
         self.requests = Counter(
@@ -105,6 +110,9 @@ class Metrics:
         self._counted: dict[tuple[str, str, str, int, bool], Any] = {}
         self._timings: dict[str, tuple[Any, Any]] = {}
 
+    def count_store_failure(self, operation: Operation) -> None:
+        self.store_failures.labels(operation.value).inc()
+
     def observe(self, exchange: Exchange) -> None:
         """Count one finished request."""
         provider = exchange.provider if exchange.provider in self._providers else NONE
@@ -136,7 +144,7 @@ class Metrics:
         registry = self._registry
         if registry is None:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self.directory)  # type: ignore[no-untyped-call]
+            MultiProcessCollector(registry, path=str(self.directory))  # type: ignore[no-untyped-call]
         scrape = CollectorRegistry()
         scrape.register(_Merged(registry, _StoreFigures(statistics, state, self.models)))
         return generate_latest(scrape)
@@ -182,6 +190,10 @@ class _StoreFigures(Collector):
             ("openai_proxy_cache_stale", "Expired entries served because the upstream failed.", statistics.stale),
         ):
             yield CounterMetricFamily(name, documentation, value=value)
+        yield from self._savings(statistics)
+
+    def _savings(self, statistics: CacheStatistics) -> tuple[Metric, ...]:
+        """What hits saved, by provider and model label."""
         tokens = CounterMetricFamily(
             "openai_proxy_tokens_saved",
             "Tokens that hits did not pay for again, as the provider reported them, by provider, model and kind.",
@@ -202,6 +214,16 @@ class _StoreFigures(Collector):
             "Seconds the upstream took for the answers that hits replayed, by provider and model.",
             labels=["provider", "model"],
         )
+        for (provider, model), (inputs, outputs, dollars, unknown, seconds) in sorted(self._totals(statistics).items()):
+            tokens.add_metric([provider, model, "input"], inputs)
+            tokens.add_metric([provider, model, "output"], outputs)
+            cost.add_metric([provider, model], dollars)
+            unpriced.add_metric([provider, model], unknown)
+            upstream.add_metric([provider, model], seconds)
+        return tokens, cost, unpriced, upstream
+
+    def _totals(self, statistics: CacheStatistics) -> dict[tuple[str, str], list[float]]:
+        # Models without a label of their own add up under `other`.
         totals: dict[tuple[str, str], list[float]] = {}
         for saving in statistics.savings:
             group = (saving.provider, self._models(saving.provider, saving.model))
@@ -215,10 +237,4 @@ class _StoreFigures(Collector):
             )
             for index, figure in enumerate(values):
                 figures[index] += figure
-        for (provider, model), (inputs, outputs, dollars, unknown, seconds) in sorted(totals.items()):
-            tokens.add_metric([provider, model, "input"], inputs)
-            tokens.add_metric([provider, model, "output"], outputs)
-            cost.add_metric([provider, model], dollars)
-            unpriced.add_metric([provider, model], unknown)
-            upstream.add_metric([provider, model], seconds)
-        yield from (tokens, cost, unpriced, upstream)
+        return totals

@@ -8,11 +8,13 @@ from typing import Annotated, Any, Literal
 
 import httpx
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cache.keys import KeyConfig, KeyMode
 from cache.prices import parse_price_overrides
-from providers import BUILTIN_PROVIDERS, PROVIDER_NAME, RESERVED_NAMES, AuthStyle, Provider
+from providers import BUILTIN_PROVIDERS, PROVIDER_NAME, AuthStyle, Provider
+from proxy.routes import RESERVED_NAMES
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
@@ -101,6 +103,23 @@ class Settings(BaseSettings):
     metrics_public: bool = False
     # Model names that are metric labels although the price table does not know them (local models).
     metrics_models: Annotated[tuple[str, ...], NoDecode] = ()
+    # prometheus_client's own setting: `openai-proxy --workers N` sets it for its workers. Read from the
+    # environment only (see `settings_customise_sources`).
+    prometheus_multiproc_dir: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # prometheus_client decides from the real environment, when it is imported, whether to write
+        # multiprocess files; a directory named only in .env would be read by no one.
+        return init_settings, env_settings, _WithoutMultiprocessDirectory(dotenv_settings), file_secret_settings
+
     dashboard_show_prompts: bool = True
     # Prices for models the price table does not know: JSON, or the path of a JSON file (cache/prices.py).
     price_overrides: str | None = None
@@ -196,6 +215,20 @@ class Settings(BaseSettings):
 
     def key_config(self) -> KeyConfig:
         return KeyConfig(mode=self.cache_key_mode, include=self.cache_key_include)
+
+
+class _WithoutMultiprocessDirectory(PydanticBaseSettingsSource):
+    def __init__(self, source: PydanticBaseSettingsSource) -> None:
+        super().__init__(source.settings_cls)
+        self._source = source
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        values = self._source()
+        values.pop("prometheus_multiproc_dir", None)
+        return values
 
 
 _BYTE_SIZE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)(?:i?b)?$")

@@ -154,6 +154,39 @@ class TestEntries:
         assert response.json()["error"]["code"] == "invalid_parameter"
 
 
+class TestRoutes:
+    def test_a_trailing_slash_changes_nothing(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+        base = start_proxy()
+        key = httpx.post(f"{base}/v1/chat/completions", json=CHAT).headers["x-cache-key"]
+        assert httpx.get(f"{base}/cache/stats/").json() == httpx.get(f"{base}/cache/stats").json()
+        assert httpx.delete(f"{base}/cache/entries/{key}/").json() == {"deleted": 1}
+
+    @pytest.mark.parametrize(
+        ("method", "path"),
+        [
+            pytest.param("POST", "/cache/stats", id="wrong-method"),
+            pytest.param("HEAD", "/cache/entries", id="head"),
+            pytest.param("GET", "/cache", id="get-the-root"),
+            pytest.param("DELETE", "/cache/entries/", id="no-key"),
+            pytest.param("GET", "/cache/nothing", id="unknown-path"),
+        ],
+    )
+    def test_any_other_path_or_method_is_the_admin_apis_404(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, method: str, path: str
+    ) -> None:
+        base = start_proxy()
+        response = httpx.request(method, f"{base}{path}")
+        assert response.status_code == 404
+        if method != "HEAD":
+            assert response.json()["error"]["message"].startswith("Unknown admin route.")
+
+    def test_an_unknown_admin_route_is_refused_before_it_is_unknown(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        base = start_proxy(admin_api_key="admin-secret")
+        assert httpx.post(f"{base}/cache/nothing").status_code == 401
+
+
 class TestAdminAccess:
     def test_admin_key_is_required_when_set(self, start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
         base = start_proxy(admin_api_key="admin-secret")

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from cache import SqliteBackend
-from openai_proxy import main
+from openai_proxy import load_settings, main
 from tests.processes import OPENAI_PROXY, UVICORN_FORM, environment, free_port, running, started
 from tests.servers import FakeUpstream
 
@@ -141,6 +141,7 @@ def test_workers_share_a_metrics_directory_of_their_server_s_own(monkeypatch: py
     def run(app: str, **options: object) -> None:
         directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
         seen.append((directory, Path(directory).is_dir(), app))
+        assert load_settings().prometheus_multiproc_dir == Path(directory), "each worker's settings read it"
 
     monkeypatch.setattr("uvicorn.run", run)
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)

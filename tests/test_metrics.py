@@ -195,7 +195,7 @@ async def test_hits_are_counted_without_dollars_when_the_price_table_cannot_load
     from cache import SqliteBackend
     from cache.base import CachedResponse
     from cache.health import CacheHealth
-    from openai_proxy import LoadedLater
+    from proxy.pricing import LoadedLater
     from proxy.statistics import Pricer, Statistics
 
     def broken() -> Pricer:

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from providers import BUILTIN_PROVIDERS
+from proxy.routes import OWN_PREFIXES, RESERVED_NAMES
 from tests.conftest import PROXY_OPENAI_KEY, ProxyFactory
 from tests.servers import FakeUpstream
 
@@ -224,6 +225,8 @@ def test_credentials_never_reach_the_logs_or_error_bodies(
     [
         pytest.param("POST", "/healthz", 405, id="wrong-method-on-own-route"),
         pytest.param("GET", "/healthz/extra", 404, id="unknown-own-route"),
+        pytest.param("POST", "/metrics", 405, id="wrong-method-on-metrics"),
+        pytest.param("TRACE", "/cache/stats", 405, id="no-admin-route-has-this-method"),
         pytest.param("GET", "/", 404, id="root"),
     ],
 )
@@ -234,3 +237,16 @@ def test_the_proxys_own_routes_answer_errors_in_openai_shape(
     assert response.status_code == status
     assert set(response.json()["error"]) >= {"message", "type", "code"}
     assert upstream.calls == 0
+
+
+def test_a_get_route_answers_head_only_where_it_says_so(start_proxy: ProxyFactory, upstream: FakeUpstream) -> None:
+    base = start_proxy()
+    assert httpx.head(f"{base}/healthz").status_code == 200
+    assert httpx.head(f"{base}/metrics").status_code == 405
+    assert httpx.head(f"{base}/dashboard").status_code == 405
+
+
+def test_no_provider_may_take_the_first_segment_of_an_own_route() -> None:
+    assert OWN_PREFIXES == {"healthz", "metrics", "dashboard", "cache"}
+    assert OWN_PREFIXES < RESERVED_NAMES
+    assert "v1" in RESERVED_NAMES

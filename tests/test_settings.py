@@ -51,6 +51,14 @@ def test_defaults_have_no_keys() -> None:
     assert all(provider.credential_headers() == [] for provider in providers.values())
 
 
+def test_the_metrics_directory_of_worker_processes_is_read_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert settings().prometheus_multiproc_dir is None
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert settings().prometheus_multiproc_dir == tmp_path
+
+
 def test_dotenv_in_working_directory_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("PORT=9001\nCACHE_KEY_MODE=full\n")
     loaded = Settings()
@@ -239,6 +247,9 @@ def test_several_extra_providers(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.param("v1", id="reserved-v1"),
         pytest.param("healthz", id="reserved-healthz"),
         pytest.param("cache", id="reserved-cache"),
+        pytest.param("metrics", id="reserved-metrics"),
+        pytest.param("dashboard", id="reserved-dashboard"),
+        pytest.param("admin", id="reserved-admin"),
         *(pytest.param(name, id=f"builtin-{name}") for name in BUILTIN_NAMES),
     ],
 )
@@ -427,3 +438,13 @@ def test_several_invalid_settings_on_one_line(monkeypatch: pytest.MonkeyPatch) -
     assert "\n" not in message
     assert "PORT" in message
     assert "CACHE_KEY_MODE" in message
+
+
+def test_the_metrics_directory_comes_from_the_environment_never_from_dotenv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text(f"PROMETHEUS_MULTIPROC_DIR={tmp_path / 'dotenv'}\nPORT=8123\n")
+    from_dotenv = Settings()
+    assert (from_dotenv.port, from_dotenv.prometheus_multiproc_dir) == (8123, None)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "environment"))
+    assert Settings().prometheus_multiproc_dir == tmp_path / "environment"
