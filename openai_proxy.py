@@ -63,7 +63,7 @@ def create_app(
     metrics = _metrics(settings, prices) if settings.metrics else None
     on_failure = metrics.count_store_failure if metrics is not None else None
     health = CacheHealth(tiered.name, operations_fail_apart=store.operations_fail_apart, on_failure=on_failure)
-    statistics = Statistics(tiered, health, prices.pricer, clock)
+    statistics = Statistics(store.backend, health, prices.pricer, clock)
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
     client = UpstreamClient(http if http is not None else UpstreamTransport(), timeout)
     proxy = Proxy(settings, tiered, health, client, statistics, clock, store.flights)
@@ -102,9 +102,9 @@ def _own_pages(
 ) -> OwnPages:
     admin_key = settings.admin_api_key.get_secret_value() if settings.admin_api_key else None
     access = AdminAccess(admin_key, [key.get_secret_value() for key in settings.proxy_api_keys])
-    health_check = HealthCheck(store, health)
+    health_check = HealthCheck(store.backend, health)
     dashboard = Dashboard(
-        store,
+        store.backend,
         health_check.cache,
         show_prompts=settings.dashboard_show_prompts,
         max_entries=settings.cache_max_entries,
@@ -114,7 +114,7 @@ def _own_pages(
     metrics_page = None
     if metrics is not None:
         metrics_access = None if settings.metrics_public else access
-        metrics_page = MetricsPage(metrics, store, health, statistics, prices, metrics_access)
+        metrics_page = MetricsPage(metrics, health, statistics, prices, metrics_access)
     return OwnPages(
         health=health_check,
         metrics=metrics_page,

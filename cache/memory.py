@@ -13,17 +13,7 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-from cache.base import (
-    ActivityPoint,
-    CacheBackend,
-    CachedResponse,
-    CacheError,
-    CacheStatistics,
-    EntryFilter,
-    EntryInfo,
-    RequestRecord,
-    Tally,
-)
+from cache.base import CacheBackend, CachedResponse, CacheError, EntryFilter, EntryInfo
 
 logger = logging.getLogger("openai_proxy.cache")
 
@@ -71,7 +61,8 @@ class HotEntries:
 
 
 class TieredBackend:
-    """A backend with `HotEntries` in front. It is itself a CacheBackend."""
+    """The entry store of a backend with `HotEntries` in front (an EntryStore; the backend's statistics are
+    used directly). It follows the backend's invalidation feed."""
 
     def __init__(self, backend: CacheBackend, max_bytes: int, *, evicts: bool = False) -> None:
         """`evicts`: the backend enforces size limits, so a write may remove other entries."""
@@ -82,6 +73,7 @@ class TieredBackend:
         self._seen_invalidation = 0
 
     async def open(self) -> None:
+        """Open the backend, and follow its invalidation feed from its current end."""
         await self.backend.open()
         self._seen_invalidation = await self.backend.latest_invalidation()
 
@@ -119,35 +111,8 @@ class TieredBackend:
     async def list_entries(self, which: EntryFilter, offset: int, limit: int) -> list[EntryInfo]:
         return await self.backend.list_entries(which, offset, limit)
 
-    async def most_hit(self, limit: int) -> list[EntryInfo]:
-        return await self.backend.most_hit(limit)
-
-    async def activity(self, step: int, since: int) -> list[ActivityPoint]:
-        return await self.backend.activity(step, since)
-
-    async def recent_requests(self) -> list[RequestRecord]:
-        return await self.backend.recent_requests()
-
     def export_entries(self) -> AsyncIterator[tuple[str, CachedResponse]]:
         return self.backend.export_entries()
-
-    async def record(self, tally: Tally) -> None:
-        await self.backend.record(tally)
-
-    async def statistics(self) -> CacheStatistics:
-        return await self.backend.statistics()
-
-    async def latest_invalidation(self) -> int:
-        return await self.backend.latest_invalidation()
-
-    async def invalidations_since(self, after: int) -> tuple[int, list[str | None]]:
-        return await self.backend.invalidations_since(after)
-
-    async def ping(self) -> None:
-        await self.backend.ping()
-
-    async def maintain(self) -> None:
-        await self.backend.maintain()
 
     async def close(self) -> None:
         self.hot.clear()

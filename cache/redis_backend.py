@@ -34,24 +34,18 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cache.base import (
+from cache.base import ENTRY_FIELDS, CachedResponse, CacheError, EntryFilter, EntryInfo, entry_from_values, entry_values
+from cache.stats import (
     ACTIVITY_KEPT_SECONDS,
-    ENTRY_FIELDS,
     RECENT_REQUESTS_KEPT,
     SAVING_FIGURES,
     ActivityPoint,
-    CachedResponse,
-    CacheError,
     CacheStatistics,
-    EntryFilter,
-    EntryInfo,
     RequestRecord,
     SavedFigures,
     Saving,
     Tally,
     activity_buckets,
-    entry_from_values,
-    entry_values,
 )
 
 logger = logging.getLogger("openai_proxy.cache")

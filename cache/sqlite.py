@@ -17,24 +17,18 @@ import aiosqlite
 import anyio
 import orjson
 
-from cache.base import (
+from cache.base import ENTRY_FIELDS, CachedResponse, CacheError, EntryFilter, EntryInfo, entry_from_values, entry_values
+from cache.stats import (
     ACTIVITY_KEPT_SECONDS,
     ACTIVITY_STEPS,
-    ENTRY_FIELDS,
     RECENT_REQUESTS_KEPT,
     SAVING_FIGURES,
     ActivityPoint,
-    CachedResponse,
-    CacheError,
     CacheStatistics,
-    EntryFilter,
-    EntryInfo,
     RequestRecord,
     Saving,
     Tally,
     activity_buckets,
-    entry_from_values,
-    entry_values,
 )
 
 logger = logging.getLogger("openai_proxy.cache")

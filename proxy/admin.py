@@ -14,9 +14,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from cache import CacheBackend, CacheError
-from cache.base import CacheStatistics, EntryFilter, EntryInfo, Saving
+from cache import CacheError
+from cache.base import EntryFilter, EntryInfo, EntryStore
 from cache.control import ControlError, parse_duration
+from cache.stats import CacheStatistics, Saving
 from proxy.access import AdminAccess
 from proxy.errors import ProxyError, error_response
 from proxy.statistics import NANOS_PER_DOLLAR, Statistics
@@ -112,7 +113,7 @@ class AdminApi:
 
     def __init__(
         self,
-        backend: CacheBackend,
+        entries: EntryStore,
         statistics: Statistics,
         access: AdminAccess,
         dashboard: Callable[[], Awaitable[dict[str, Any]]],
@@ -121,7 +122,7 @@ class AdminApi:
         show_prompts: bool = True,
     ) -> None:
         """`dashboard` gives what GET /cache/dashboard answers (the dashboard page's figures)."""
-        self.backend = backend
+        self.store = entries
         self.statistics = statistics
         self.access = access
         self.dashboard = dashboard
@@ -130,7 +131,7 @@ class AdminApi:
 
     @_admin_endpoint
     async def stats(self, request: Request) -> Response:
-        return JSONResponse(statistics_report(await self.backend.statistics()))
+        return JSONResponse(statistics_report(await self.statistics.figures()))
 
     @_admin_endpoint
     async def dashboard_figures(self, request: Request) -> Response:
@@ -142,7 +143,7 @@ class AdminApi:
         limit = _bounded_int(query.get("limit"), "limit", default=100, low=1, high=MAX_PAGE)
         offset = _bounded_int(query.get("offset"), "offset", default=0, low=0, high=2**62)
         which = EntryFilter(namespace=query.get("namespace"), provider=query.get("provider"))
-        entries = await self.backend.list_entries(which, offset, limit + 1)
+        entries = await self.store.list_entries(which, offset, limit + 1)
         page = [entry_view(entry, self.show_prompts) for entry in entries[:limit]]
         next_offset = offset + limit if len(entries) > limit else None
         return JSONResponse({"entries": page, "offset": offset, "limit": limit, "next_offset": next_offset})
@@ -150,7 +151,7 @@ class AdminApi:
     @_admin_endpoint
     async def delete_entry(self, request: Request) -> Response:
         key: str = request.path_params["key"]
-        if not await self.backend.delete(key):
+        if not await self.store.delete(key):
             raise ProxyError(404, f"No cache entry has the key {key[:80]!r}.", "entry_not_found")
         return JSONResponse({"deleted": 1})
 
@@ -158,7 +159,7 @@ class AdminApi:
     async def purge(self, request: Request) -> Response:
         query = request.query_params
         which = entry_filter(query.get("namespace"), query.get("provider"), query.get("older_than"), self.clock())
-        return JSONResponse({"deleted": await self.backend.purge(which)})
+        return JSONResponse({"deleted": await self.store.purge(which)})
 
     @_admin_endpoint
     async def unknown_route(self, request: Request) -> Response:

@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.types import Message, Scope, Send
 
-from cache.base import RequestRecord
+from cache.stats import RequestRecord
 
 # Client-chosen text kept for the access log and the dashboard is cut to this many characters.
 RECORDED_TEXT_LIMIT = 200

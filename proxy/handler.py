@@ -17,7 +17,8 @@ import httpx
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cache import CacheBackend, CachedResponse, CacheError, CacheHealth, cache_key, generation_endpoint
+from cache import CachedResponse, CacheError, CacheHealth, cache_key, generation_endpoint
+from cache.base import EntryStore
 from cache.control import ControlError, is_fresh, request_control
 from cache.health import Operation
 from cache.keys import credential_scope, is_storable
@@ -114,7 +115,7 @@ class Proxy:
     def __init__(
         self,
         settings: Settings,
-        backend: CacheBackend,
+        backend: EntryStore,
         health: CacheHealth,
         http: UpstreamClient,
         statistics: Statistics,

@@ -45,7 +45,7 @@ class Lifespan:
                 background.start_soon(self.prices.load)
                 background.start_soon(self.statistics.flush_periodically)
                 background.start_soon(self.store.sync_periodically)
-                background.start_soon(self.store.maintain)
+                background.start_soon(self.store.backend.maintain)
                 if self.access_log is not None:
                     background.start_soon(self.access_log.flush_periodically)
                 yield

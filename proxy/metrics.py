@@ -24,8 +24,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from cache.base import CacheStatistics
 from cache.health import CacheState, Operation
+from cache.stats import CacheStatistics
 from proxy.exchange import Exchange
 from proxy.statistics import NANOS_PER_DOLLAR
 

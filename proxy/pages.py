@@ -8,7 +8,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cache import CacheBackend, CacheError, CacheHealth
-from cache.base import CacheStatistics
+from cache.stats import CacheStatistics
 from proxy.access import AdminAccess
 from proxy.dashboard import DashboardPage
 from proxy.errors import ProxyError, error_response
@@ -41,7 +41,6 @@ class MetricsPage:
     def __init__(
         self,
         metrics: Metrics,
-        store: CacheBackend,
         health: CacheHealth,
         statistics: Statistics,
         prices: Prices,
@@ -49,7 +48,6 @@ class MetricsPage:
     ) -> None:
         """`access`: whom the page answers; None for anyone (METRICS_PUBLIC)."""
         self.metrics = metrics
-        self.store = store
         self.health = health
         self.statistics = statistics
         self.prices = prices
@@ -64,7 +62,7 @@ class MetricsPage:
         await self.statistics.flush()
         await self.prices.loaded()  # a model is a label once the price table knows it
         try:
-            figures: CacheStatistics | None = await self.store.statistics()
+            figures: CacheStatistics | None = await self.statistics.figures()
         except CacheError:
             figures = None
         return Response(self.metrics.exposition(figures, self.health.state()), media_type=CONTENT_TYPE)

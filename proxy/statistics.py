@@ -11,9 +11,10 @@ from decimal import Decimal
 
 import anyio
 
-from cache import CacheBackend, CachedResponse, CacheError, CacheHealth
-from cache.base import RECENT_REQUESTS_KEPT, Tally
+from cache import CachedResponse, CacheError, CacheHealth
+from cache.base import StatisticsStore
 from cache.health import Operation
+from cache.stats import RECENT_REQUESTS_KEPT, CacheStatistics, Tally
 from proxy.exchange import Exchange, request_record
 
 FLUSH_INTERVAL = 1.0
@@ -30,7 +31,7 @@ Pricer = Callable[[CachedResponse], Decimal | None]
 class Statistics:
     def __init__(
         self,
-        backend: CacheBackend,
+        backend: StatisticsStore,
         health: CacheHealth,
         pricer: Callable[[], Awaitable[Pricer]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -113,6 +114,10 @@ class Statistics:
                 self._tally = tally
             else:
                 self.health.succeeded(Operation.WRITE)
+
+    async def figures(self) -> CacheStatistics:
+        """The store's figures (what was gathered in memory is in them once flushed)."""
+        return await self.backend.statistics()
 
     async def flush_periodically(self) -> None:
         while True:

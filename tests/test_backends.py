@@ -17,18 +17,10 @@ import pytest
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
 from cache import sqlite as sqlite_module
-from cache.base import (
-    ACTIVITY_KEPT_SECONDS,
-    RECENT_REQUESTS_KEPT,
-    ActivityPoint,
-    EntryFilter,
-    EntryInfo,
-    RequestRecord,
-    SavedFigures,
-    Tally,
-)
+from cache.base import EntryFilter, EntryInfo
 from cache.redis_backend import RedisBackend
 from cache.sqlite import SCHEMA_VERSION
+from cache.stats import ACTIVITY_KEPT_SECONDS, RECENT_REQUESTS_KEPT, ActivityPoint, RequestRecord, SavedFigures, Tally
 
 pytestmark = pytest.mark.anyio
 

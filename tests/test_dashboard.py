@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cache.base import ActivityPoint
+from cache.stats import ActivityPoint
 from openai_proxy import Settings, create_app
 from proxy.dashboard import DashboardPage, activity_series
 from tests.conftest import CANARIES, ProxyFactory

@@ -8,8 +8,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
-from cache import CacheBackend
-from cache.base import ActivityPoint
+from cache.base import StatisticsStore
+from cache.stats import ActivityPoint
 from proxy.admin import entry_view, statistics_report
 
 # The chart's two ranges: the last hour by minute, the last 7 days by hour.
@@ -32,7 +32,7 @@ def activity_series(points: list[ActivityPoint], step: int, count: int, now: flo
 class Dashboard:
     def __init__(
         self,
-        backend: CacheBackend,
+        backend: StatisticsStore,
         cache_health: Callable[[], Awaitable[dict[str, Any]]],
         *,
         show_prompts: bool,
