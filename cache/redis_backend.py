@@ -291,25 +291,24 @@ class RedisBackend:
 
     def __init__(
         self,
-        url: str,
+        redis: RedisClient,
         *,
-        cluster: bool = False,
+        where: str,
         prefix: str = "openai-proxy",
-        timeout: float = 0.5,
         default_ttl: float = 0.0,
         max_entries: int = 0,
         max_bytes: int = 0,
     ) -> None:
-        """`default_ttl` (CACHE_TTL) sets when Redis may drop an entry that has no TTL of its own;
-        `max_entries` and `max_bytes` bound the store (0: unbounded); past them, LRU entries go."""
-        self.url = url
-        self.cluster = cluster
+        """`redis`: the client of its server or cluster (`connect`); `where`: that server, as messages name it
+        (no password). `default_ttl` (CACHE_TTL) sets when Redis may drop an entry that has no TTL of its
+        own; `max_entries` and `max_bytes` bound the store (0: unbounded); past them, LRU entries go."""
+        self.redis = redis
+        self.where = where
+        self.cluster = isinstance(redis, RedisCluster)
         self.prefix = prefix
-        self.timeout = timeout
         self.default_ttl = default_ttl
         self.max_entries = max_entries
         self.max_bytes = max_bytes
-        self.redis: RedisClient = connect(url, cluster=cluster, timeout=timeout)
         self._index = IndexKeys.under(prefix)
         self._scripts: dict[str, AsyncScript] = {
             name: self.redis.register_script(source)
@@ -327,8 +326,14 @@ class RedisBackend:
         self._down_reason = ""
         self._closed = False
 
+    @classmethod
+    def at(cls, url: str, *, cluster: bool = False, timeout: float = 0.5, **options: Any) -> RedisBackend:
+        """A backend on the server (or cluster node) at `url`; nothing connects before the first command."""
+        where = f"redis{' cluster' if cluster else ''} at {masked_url(url)}"
+        return cls(connect(url, cluster=cluster, timeout=timeout), where=where, **options)
+
     def describe(self) -> str:
-        return f"redis{' cluster' if self.cluster else ''} at {masked_url(self.url)}"
+        return self.where
 
     def entry_key(self, key: str) -> str:
         return f"{self.prefix}:{{{key}}}"

@@ -21,7 +21,7 @@ import orjson
 from redis.typing import EncodableT, FieldT
 
 from cache.base import CacheError
-from cache.redis_backend import RedisBackend, connect
+from cache.redis_backend import RedisBackend, RedisClient, connect
 
 logger = logging.getLogger("openai_proxy.cache")
 
@@ -94,19 +94,19 @@ class Lease:
 
     async def followers(self) -> int:
         """Clients of other instances reading this flight now. Raises CacheError when Redis fails."""
-        redis, key = self._flights.backend.redis, listeners_key(self._stream)
+        redis, key = self._flights.redis, listeners_key(self._stream)
 
         async def count() -> Any:
             return await redis.get(key)
 
-        return int(await self._flights.backend.run("coalescing", count) or 0)
+        return int(await self._flights.run("coalescing", count) or 0)
 
     async def finished(self) -> None:
         """Return once the flight's end is in Redis and its lock released (or that failed)."""
         await asyncio.shield(self._writer)
 
     async def _write(self) -> None:
-        redis = self._flights.backend.redis
+        redis = self._flights.redis
         lifetime = self._flights.lock_ms + FINISHED_KEPT_FOR_MS
         failed = False
         while True:
@@ -124,7 +124,7 @@ class Lease:
                         await pipe.execute()
 
                 try:
-                    await self._flights.backend.run("coalescing", append)
+                    await self._flights.run("coalescing", append)
                 except CacheError as exc:
                     logger.debug("could not share a flight through Redis: %s", exc)
                     failed = True  # waiters time out and go upstream themselves
@@ -155,7 +155,7 @@ class RemoteLeader:
                 await self._count_listener(-1)
 
     async def _count_listener(self, change: int) -> None:
-        redis, key = self._flights.backend.redis, listeners_key(self._stream)
+        redis, key = self._flights.redis, listeners_key(self._stream)
         lifetime = self._flights.lock_ms + FINISHED_KEPT_FOR_MS
 
         async def count() -> None:
@@ -164,7 +164,7 @@ class RemoteLeader:
                 pipe.pexpire(key, lifetime)  # an instance that dies without leaving is forgotten in time
                 await pipe.execute()
 
-        await self._flights.backend.run("coalescing", count)
+        await self._flights.run("coalescing", count)
 
     async def _relay_into(self, flight: FlightReceiver) -> tuple[bool, bool]:
         last = "0-0"
@@ -173,7 +173,7 @@ class RemoteLeader:
             async def read(last: str = last) -> Any:
                 return await self._flights.reader.xread({self._stream: last}, count=512, block=_BLOCK_MS)
 
-            answer = await self._flights.backend.run("coalescing", read)
+            answer = await self._flights.run("coalescing", read)
             messages = [message for _, stream_messages in answer or [] for message in stream_messages]
             if last == "0-0" and messages and messages[-1][1][b"e"] == b"end":
                 # The flight ended before this instance looked: its answer is stored, or it failed and this
@@ -198,20 +198,23 @@ def listeners_key(stream: str) -> str:
     return f"{stream}:listeners"
 
 
-class RedisFlights:
-    """Cross-instance coalescing on the Redis of a `RedisBackend`."""
+def connect_reader(url: str, *, cluster: bool, timeout: float) -> RedisClient:
+    """The client for a flight's blocking reads: its socket timeout is longer than a read's block, and
+    connecting is as quick as for any other command (`timeout`)."""
+    return connect(url, cluster=cluster, timeout=_BLOCK_MS / 1000 + timeout, connect_timeout=timeout)
 
-    def __init__(self, backend: RedisBackend, lock_timeout: float) -> None:
+
+class RedisFlights:
+    """Cross-instance coalescing on the Redis of a `RedisBackend`, whose client and failure handling
+    (`run`) it shares; `reader` (`connect_reader`) is its own for blocking reads."""
+
+    def __init__(self, backend: RedisBackend, reader: RedisClient, lock_timeout: float) -> None:
         self.backend = backend
+        self.redis = backend.redis
+        self.run = backend.run
+        self.reader = reader
         self.lock_ms = max(1, int(lock_timeout * 1000))
-        # Blocking reads need a socket timeout longer than the block; connecting stays quick.
-        self.reader = connect(
-            backend.url,
-            cluster=backend.cluster,
-            timeout=_BLOCK_MS / 1000 + backend.timeout,
-            connect_timeout=backend.timeout,
-        )
-        self._end = backend.redis.register_script(_END_SCRIPT)
+        self._end = self.redis.register_script(_END_SCRIPT)
         # The flights this instance leads, by key, until their end is in Redis.
         self._leases: dict[str, Lease] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -232,9 +235,9 @@ class RedisFlights:
         lock = self.lock_key(key)
 
         async def take() -> Any:
-            return await self.backend.redis.set(lock, token, nx=True, px=self.lock_ms, get=True)
+            return await self.redis.set(lock, token, nx=True, px=self.lock_ms, get=True)
 
-        holder = await self.backend.run("coalescing", take)
+        holder = await self.run("coalescing", take)
         if holder is None:
             lease = self._leases[key] = Lease(self, key, token)
             return lease
@@ -244,7 +247,7 @@ class RedisFlights:
         keys = [self.stream_key(key, token), self.lock_key(key)]
         args: list[str | int] = [token, int(complete), int(stored), FINISHED_KEPT_FOR_MS]
         try:
-            await self.backend.run("coalescing", lambda: self._end(keys=keys, args=args))
+            await self.run("coalescing", lambda: self._end(keys=keys, args=args))
         except CacheError:
             pass  # the lock expires by itself; waiters time out
         finally:

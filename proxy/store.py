@@ -26,11 +26,11 @@ def build_backend(settings: Settings) -> CacheBackend:
     if settings.cache_backend == "redis":
         from cache.redis_backend import RedisBackend  # redis-py takes a while to import: only when used
 
-        return RedisBackend(
+        return RedisBackend.at(
             settings.redis_url.get_secret_value(),
             cluster=settings.redis_cluster,
-            prefix=settings.redis_key_prefix,
             timeout=settings.redis_timeout,
+            prefix=settings.redis_key_prefix,
             default_ttl=settings.cache_ttl,
             max_entries=settings.cache_max_entries,
             max_bytes=settings.cache_max_bytes,
@@ -51,13 +51,14 @@ def store_for(backend: CacheBackend, settings: Settings) -> Store:
     """`backend`, and what its kind brings: a Redis store is shared with other proxies, a SQLite file is not."""
     if backend.name != "redis":  # checked by name, so that redis-py is imported only when used
         return Store(backend, flights=None, operations_fail_apart=True)
-    return Store(backend, _redis_flights(backend, settings.cache_lock_timeout), operations_fail_apart=False)
+    return Store(backend, _redis_flights(backend, settings), operations_fail_apart=False)
 
 
-def _redis_flights(backend: CacheBackend, lock_timeout: float) -> RedisFlights | None:
+def _redis_flights(backend: CacheBackend, settings: Settings) -> RedisFlights | None:
     from cache.redis_backend import RedisBackend
-    from cache.redis_flights import RedisFlights
+    from cache.redis_flights import RedisFlights, connect_reader
 
-    if lock_timeout <= 0 or not isinstance(backend, RedisBackend):
+    if settings.cache_lock_timeout <= 0 or not isinstance(backend, RedisBackend):
         return None
-    return RedisFlights(backend, lock_timeout)
+    url, cluster, timeout = settings.redis_url.get_secret_value(), backend.cluster, settings.redis_timeout
+    return RedisFlights(backend, connect_reader(url, cluster=cluster, timeout=timeout), settings.cache_lock_timeout)

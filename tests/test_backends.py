@@ -53,7 +53,7 @@ def build_backend(
         return SqliteBackend(tmp_path / "contract.db", max_entries=max_entries, max_bytes=max_bytes)
     cluster = name == "redis-cluster"
     server = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
-    return RedisBackend(
+    return RedisBackend.at(
         server.url, cluster=cluster, prefix=f"test-{tmp_path.name}", max_entries=max_entries, max_bytes=max_bytes
     )
 

@@ -43,7 +43,7 @@ async def test_a_redis_store_coalesces_across_proxies() -> None:
 
 
 async def test_a_redis_store_passed_in_gets_its_flights_too() -> None:
-    backend = RedisBackend("redis://127.0.0.1:1/0")
+    backend = RedisBackend.at("redis://127.0.0.1:1/0")
     store = store_for(backend, settings())
     assert isinstance(store.flights, RedisFlights) and store.flights.backend is backend
     await store.flights.close()
