@@ -65,7 +65,7 @@ def create_app(
     health = CacheHealth(tiered.name, operations_fail_apart=store.operations_fail_apart, on_failure=on_failure)
     statistics = Statistics(store.backend, health, prices.pricer, clock)
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
-    client = UpstreamClient(http if http is not None else UpstreamTransport(), timeout)
+    client = UpstreamClient(http if http is not None else UpstreamTransport(settings.upstream_max_connections), timeout)
     proxy = Proxy(settings, tiered, health, client, statistics, clock, store.flights)
     access_log = AccessLog(settings.log_format) if settings.access_log else None
     pages = _own_pages(settings, tiered, health, statistics, prices, metrics, clock)

@@ -111,7 +111,7 @@ class IndexKeys(NamedTuple):
     hits: str  # hash: key -> hit count
     lasthit: str  # hash: key -> time of the last hit
     totals: str  # hash: entries, bytes
-    counters: str  # hash: hits, misses, stale, evictions
+    counters: str  # hash: hits, misses, stale, stores_skipped, evictions
     seq: str  # string: the invalidation feed's latest position
     feed: str  # sorted set: "<seq>:<key>" by seq ("<seq>:" for a purge)
     savings: str  # hash: "provider\x1fmodel\x1f<figure number>" -> total
@@ -223,21 +223,23 @@ return #expired
 """
 )
 
-# ARGV: kept, hits, misses, stale, the oldest activity period to keep, recent requests kept, then the number
-# of entry hits, savings, activity periods and recent requests, then each group: key, hits, at for each
-# entry; provider, model and the SAVING_FIGURES of each saving (stored as fields "provider\\x1fmodel\\x1f<figure
-# number>"); step, start and requests, hits, misses of each period; each request's JSON record.
+# ARGV: kept, the oldest activity period to keep, recent requests kept, then the number of counters, entry hits,
+# savings, activity periods and recent requests, then each group: name and amount of each counter; key, hits,
+# at for each entry; provider, model and the SAVING_FIGURES of each saving (stored as fields
+# "provider\\x1fmodel\\x1f<figure number>"); step, start and requests, hits, misses of each period; each request's
+# JSON record.
 _RECORD_SCRIPT = (
     _INDEX_FUNCTIONS
     + f"local FIGURES = {len(SAVING_FIGURES)}\n"
     + """
-redis.call('HINCRBY', counters, 'hits', ARGV[2])
-redis.call('HINCRBY', counters, 'misses', ARGV[3])
-redis.call('HINCRBY', counters, 'stale', ARGV[4])
-local oldest, recent_kept = ARGV[5], tonumber(ARGV[6])
-local entry_count, saving_count, period_count = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
-local request_count = tonumber(ARGV[10])
-local at = 11
+local oldest, recent_kept = ARGV[2], tonumber(ARGV[3])
+local counter_count, entry_count, saving_count = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local period_count, request_count = tonumber(ARGV[7]), tonumber(ARGV[8])
+local at = 9
+for _ = 1, counter_count do
+  redis.call('HINCRBY', counters, ARGV[at], ARGV[at + 1])
+  at = at + 2
+end
 for _ = 1, entry_count do
   local key, count, last = ARGV[at], ARGV[at + 1], ARGV[at + 2]
   if redis.call('HEXISTS', sizes, key) == 1 then
@@ -594,17 +596,18 @@ class RedisBackend:
     async def record(self, tally: Tally) -> None:
         periods = activity_buckets(tally.activity)
         recent = tally.recent[-RECENT_REQUESTS_KEPT:]
+        counted = {name: amount for name, amount in tally.counters().items() if amount}
         args: list[Any] = [
-            tally.hits,
-            tally.misses,
-            tally.stale,
             int(time.time()) - ACTIVITY_KEPT_SECONDS,
             RECENT_REQUESTS_KEPT,
+            len(counted),
             len(tally.entry_hits),
             len(tally.savings),
             len(periods),
             len(recent),
         ]
+        for name, amount in counted.items():
+            args += [name, amount]
         for key, (count, at) in tally.entry_hits.items():
             args += [key, count, repr(at)]
         for (provider, model), figures in tally.savings.items():
@@ -636,6 +639,7 @@ class RedisBackend:
             misses=int(counters.get(b"misses", 0)),
             evictions=int(counters.get(b"evictions", 0)),
             stale=int(counters.get(b"stale", 0)),
+            stores_skipped=int(counters.get(b"stores_skipped", 0)),
             savings=[Saving(provider, model, *saved.values()) for (provider, model), saved in sorted(figures.items())],
         )
 

@@ -492,9 +492,8 @@ class SqliteBackend:
                 "DELETE FROM invalidations WHERE seq < (SELECT max(seq) FROM invalidations) - ?",
                 (_INVALIDATIONS_KEPT,),
             )
-            await _add_counter(db, "hits", tally.hits)
-            await _add_counter(db, "misses", tally.misses)
-            await _add_counter(db, "stale", tally.stale)
+            for name, amount in tally.counters().items():
+                await _add_counter(db, name, amount)
             hits = [(key, count, at, key) for key, (count, at) in tally.entry_hits.items()]
             await db.executemany(
                 "INSERT INTO entry_hits SELECT ?, ?, ? WHERE EXISTS (SELECT 1 FROM entries WHERE key = ?)"
@@ -557,6 +556,7 @@ class SqliteBackend:
             misses=counters.get("misses", 0),
             evictions=counters.get("evictions", 0),
             stale=counters.get("stale", 0),
+            stores_skipped=counters.get("stores_skipped", 0),
             savings=savings,
         )
 

@@ -55,6 +55,8 @@ class CacheStatistics:
     savings: list[Saving] = field(default_factory=list)
     # Expired entries served because the upstream failed (CACHE_STALE_IF_ERROR); not counted as hits.
     stale: int = 0
+    # Answers served but not stored because the store was falling behind (STORE_BACKLOG_BYTES).
+    stores_skipped: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -116,6 +118,7 @@ class Tally:
     hits: int = 0
     misses: int = 0
     stale: int = 0
+    stores_skipped: int = 0
     # key -> (hits, time of the last one)
     entry_hits: dict[str, tuple[int, float]] = field(default_factory=dict)
     # (provider, model) -> what its hits saved
@@ -126,7 +129,11 @@ class Tally:
     recent: list[RequestRecord] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.hits or self.misses or self.stale or self.activity or self.recent)
+        return bool(any(self.counters().values()) or self.activity or self.recent)
+
+    def counters(self) -> dict[str, int]:
+        """The plain counts, by the name the stores keep them under."""
+        return {"hits": self.hits, "misses": self.misses, "stale": self.stale, "stores_skipped": self.stores_skipped}
 
     def saved(self, provider: str, model: str) -> SavedFigures:
         """The figures of one provider and model, to add to."""
@@ -141,6 +148,7 @@ class Tally:
         self.hits += other.hits
         self.misses += other.misses
         self.stale += other.stale
+        self.stores_skipped += other.stores_skipped
         for key, (count, at) in other.entry_hits.items():
             previous, last = self.entry_hits.get(key, (0, 0.0))
             self.entry_hits[key] = (previous + count, max(last, at))

@@ -48,6 +48,7 @@ def statistics_report(statistics: CacheStatistics) -> dict[str, Any]:
         "hit_ratio": round(statistics.hit_ratio, 4),
         "evictions": statistics.evictions,
         "stale": statistics.stale,
+        "stores_skipped": statistics.stores_skipped,
         "tokens_saved": {
             "input": total["input_tokens"],
             "output": total["output_tokens"],

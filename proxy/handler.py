@@ -28,6 +28,7 @@ from cache.stream_usage import ask_for_usage
 from cache.usage import reported_usage
 from providers import Provider
 from proxy.access import presents_key, proxy_key_required
+from proxy.backlog import StoreBacklog
 from proxy.coalesce import Flight, FlightMirror, Flights, wait_while_listened
 from proxy.errors import ProxyError, error_response
 from proxy.exchange import Exchange
@@ -133,6 +134,7 @@ class Proxy:
         self.statistics = statistics
         self.clock = clock
         self.flights = Flights()
+        self.backlog = StoreBacklog(settings.store_backlog_bytes)
         self.shared_flights = shared_flights
         self._tasks: set[asyncio.Task[None]] = set()
         self.total_timeout = settings.upstream_total_timeout or math.inf
@@ -612,11 +614,16 @@ class Proxy:
             upstream_seconds=anyio.current_time() - answer.asked_at,
             prompt_preview=prompt_preview(asked.request),
         )
+        if not self.backlog.admit(len(body)):
+            self.statistics.store_skipped()
+            return False
         try:
             await self.backend.set(asked.key, entry)
         except CacheError as exc:
             self.health.failed(Operation.WRITE, exc)
             return False
+        finally:
+            self.backlog.release(len(body))
         self.health.succeeded(Operation.WRITE)
         return True
 

@@ -188,6 +188,11 @@ class _StoreFigures(Collector):
                 statistics.evictions,
             ),
             ("openai_proxy_cache_stale", "Expired entries served because the upstream failed.", statistics.stale),
+            (
+                "openai_proxy_cache_stores_skipped",
+                "Answers served but not stored because the store was falling behind (STORE_BACKLOG_BYTES).",
+                statistics.stores_skipped,
+            ),
         ):
             yield CounterMetricFamily(name, documentation, value=value)
         yield from self._savings(statistics)

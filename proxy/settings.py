@@ -87,6 +87,7 @@ class Settings(BaseSettings):
     cache_key_include: Annotated[tuple[str, ...], NoDecode] = ()
     upstream_timeout: float = Field(default=600.0, gt=0)
     upstream_total_timeout: float = Field(default=1800.0, ge=0)
+    upstream_max_connections: int = Field(default=0, ge=0)
     max_request_bytes: Annotated[int, NoDecode] = Field(default=8 * 1024 * 1024, gt=0)
     max_cache_entry_bytes: Annotated[int, NoDecode] = Field(default=16 * 1024 * 1024, gt=0)
 
@@ -94,6 +95,8 @@ class Settings(BaseSettings):
     cache_max_bytes: Annotated[int, NoDecode] = Field(default=0, ge=0)
     cache_max_entries: int = Field(default=0, ge=0)
     memory_cache_bytes: Annotated[int, NoDecode] = Field(default=32 * 1024 * 1024, ge=0)
+    # Answers waiting to be stored, at most (bodies and what each waiting store holds): past it, skipped.
+    store_backlog_bytes: Annotated[int, NoDecode] = Field(default=64 * 1024 * 1024, gt=0)
     cache_offline: bool = False
     cache_lock_timeout: float = Field(default=120.0, ge=0)
     cache_stale_if_error: bool = False
@@ -177,7 +180,12 @@ class Settings(BaseSettings):
         return self
 
     @field_validator(
-        "cache_max_bytes", "memory_cache_bytes", "max_request_bytes", "max_cache_entry_bytes", mode="before"
+        "cache_max_bytes",
+        "memory_cache_bytes",
+        "max_request_bytes",
+        "max_cache_entry_bytes",
+        "store_backlog_bytes",
+        mode="before",
     )
     @classmethod
     def _byte_size(cls, value: Any) -> Any:

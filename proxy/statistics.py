@@ -96,6 +96,9 @@ class Statistics:
     def stale(self) -> None:
         self._tally.stale += 1
 
+    def store_skipped(self) -> None:
+        self._tally.stores_skipped += 1
+
     async def flush(self) -> None:
         """Write what was gathered; on failure keep it for the next flush, so no count is lost."""
         async with self._flushing:

@@ -61,10 +61,15 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
     for upstreams nearby and one for remote ones, each keeping idle connections as long as suits them."""
 
     def __init__(
-        self, nearby_keepalive: float = NEARBY_KEEPALIVE_SECONDS, remote_keepalive: float = REMOTE_KEEPALIVE_SECONDS
+        self,
+        max_connections: int = 0,
+        nearby_keepalive: float = NEARBY_KEEPALIVE_SECONDS,
+        remote_keepalive: float = REMOTE_KEEPALIVE_SECONDS,
     ) -> None:
-        self.nearby = _pooled_transport(nearby_keepalive)
-        self.remote = _pooled_transport(remote_keepalive)
+        """`max_connections`: open upstream connections per pool, at most (0: no limit); requests beyond
+        it wait for a connection (UPSTREAM_MAX_CONNECTIONS)."""
+        self.nearby = _pooled_transport(nearby_keepalive, max_connections)
+        self.remote = _pooled_transport(remote_keepalive, max_connections)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         transport = self.nearby if is_nearby(request.url.host) else self.remote
@@ -77,11 +82,11 @@ class UpstreamTransport(httpx.AsyncBaseTransport):
             await self.remote.aclose()
 
 
-def _pooled_transport(keepalive: float) -> AiohttpTransport:
+def _pooled_transport(keepalive: float, max_connections: int) -> AiohttpTransport:
     def session() -> aiohttp.ClientSession:
         # Built on first use, inside the event loop. One session serves every client, so it must not keep
         # one upstream answer's cookies and send them on behalf of the next client.
-        connector = aiohttp.TCPConnector(limit=512, keepalive_timeout=keepalive)
+        connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=keepalive)
         return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
     return AiohttpTransport(client=session)

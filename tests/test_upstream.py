@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Iterator
 
 import anyio
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from proxy.upstream import UpstreamTransport, is_nearby
-from tests.servers import SocketServer
+from tests.conftest import ProxyFactory
+from tests.servers import FakeUpstream, Recorded, SocketServer, chat_completion
 
 
 @pytest.mark.parametrize(
@@ -90,3 +94,32 @@ async def test_a_nearby_connection_is_reused_within_its_keepalive_and_never_afte
         assert server.connections == 2, "idle past its keep-alive: a new connection, not one the server may be closing"
     finally:
         await transport.aclose()
+
+
+@pytest.mark.parametrize(
+    ("limit", "most_at_once"),
+    [pytest.param(0, 40, id="no-limit-by-default"), pytest.param(3, 3, id="UPSTREAM_MAX_CONNECTIONS")],
+)
+def test_upstream_connections_are_limited_only_by_the_setting(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, limit: int, most_at_once: int
+) -> None:
+    in_flight = {"now": 0, "most": 0}
+
+    async def slow(request: Request, recorded: Recorded) -> Response:
+        in_flight["now"] += 1
+        in_flight["most"] = max(in_flight["most"], in_flight["now"])
+        await asyncio.sleep(0.3)
+        in_flight["now"] -= 1
+        return JSONResponse(chat_completion(upstream.calls, "m"))
+
+    upstream.handler = slow
+    base = start_proxy(**({"upstream_max_connections": limit} if limit else {}))
+
+    async def forty_at_once() -> list[int]:
+        async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=50)) as http:
+            bodies = [{"model": "m", "messages": [{"role": "user", "content": f"q{n}"}]} for n in range(40)]
+            answers = await asyncio.gather(*(http.post(f"{base}/v1/chat/completions", json=b) for b in bodies))
+            return [answer.status_code for answer in answers]
+
+    assert asyncio.run(forty_at_once()) == [200] * 40
+    assert in_flight["most"] == most_at_once
