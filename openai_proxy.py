@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -185,6 +186,21 @@ def configure_logging(level: str) -> None:
     )
 
 
+def raise_open_file_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, and return it: each open stream
+    holds two sockets (the client's and the upstream's), and the usual soft limit of 1,024 would refuse
+    connections at about 500 streams."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            return soft
+        return wanted
+    return soft
+
+
 def tune_garbage_collection() -> None:
     """Fewer, cheaper collections for a server: every request allocates short-lived objects in bulk,
     and with the default threshold the collector's pauses showed as the miss path's tail latency."""
@@ -196,6 +212,7 @@ def _app_from_environment() -> ProxyApp:
     settings = load_settings()
     configure_logging(settings.log_level)
     app = create_app(settings)
+    raise_open_file_limit()
     tune_garbage_collection()
     return app
 
@@ -289,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
             uvicorn.run("openai_proxy:app", workers=settings.workers, **options)
     else:
         app = create_app(settings)
+        raise_open_file_limit()
         tune_garbage_collection()
         uvicorn.run(app, **options)
 

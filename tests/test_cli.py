@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -151,3 +152,17 @@ def test_workers_share_a_metrics_directory_of_their_server_s_own(monkeypatch: py
     assert existed and app == "openai_proxy:app"
     assert first != second, "two servers, two directories"
     assert not Path(first).exists() and not Path(second).exists(), "removed when the server exits"
+
+
+def test_the_server_raises_its_open_file_limit_so_thousands_of_streams_fit() -> None:
+    script = (
+        "import resource, openai_proxy\n"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+        "raised = openai_proxy.raise_open_file_limit()\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "assert raised == soft and (soft == hard or hard == resource.RLIM_INFINITY), (raised, soft, hard)\n"
+        "assert soft > 4096, soft\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
