@@ -46,14 +46,21 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.coalescing import measure_coalescing  # noqa: E402
-from bench.processes import free_port, stop  # noqa: E402
+from bench.processes import (  # noqa: E402
+    backend_env,
+    free_port,
+    rss_mb,
+    start_proxy,
+    start_redis,
+    stop,
+    wait_for_proxy,
+    wait_until_up,
+)
 from bench.stream_latency import measure_streaming  # noqa: E402
 from cache.keys import KeyConfig, cache_key  # noqa: E402
 from cache.sqlite import SqliteBackend  # noqa: E402
-from tests.redis_servers import RedisServer  # noqa: E402
 
 BACKENDS = ("sqlite", "redis")
-REDIS_KEY_PREFIX = "openai-proxy-bench"
 
 ANSWER = (
     '{"id":"chatcmpl-bench","object":"chat.completion","created":1700000000,"model":"gpt-4o-mini",'
@@ -163,19 +170,6 @@ class Figures:
     errors: int
 
 
-def wait_until_up(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if process is not None and process.poll() is not None:
-            raise SystemExit(f"{url} exited with status {process.returncode}")
-        try:
-            httpx.get(url, timeout=0.5)
-            return time.monotonic() - started
-        except httpx.TransportError:
-            time.sleep(0.02)
-    raise SystemExit(f"{url} did not come up")
-
-
 def _milliseconds(text: str) -> float:
     value, unit = re.fullmatch(r"([0-9.]+)(us|ms|s|m|h)", text).groups()  # type: ignore[union-attr]
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}[unit]
@@ -206,34 +200,6 @@ def median_of(runs: list[Figures]) -> Figures:
 
 def measure(url: str, script: Path, args: argparse.Namespace) -> Figures:
     return median_of([run_wrk(url, script, args.duration, args.connections) for _ in range(args.runs)])
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its children (the workers), in MB."""
-    total = 0
-    pids = [
-        pid,
-        *(int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()),
-    ]
-    for each in pids:
-        status = Path(f"/proc/{each}/status").read_text()
-        total += int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
-    return total / 1024
-
-
-def start_proxy(port: int, upstream: int, database: Path, extra: dict[str, str]) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "OPENAI_BASE_URL": f"http://127.0.0.1:{upstream}",
-        "OPENAI_API_KEY": "sk-bench",
-        "CACHE_DB": str(database),
-        "LOG_LEVEL": "warning",
-        **extra,
-    }
-    command = ["taskset", "-c", "0", sys.executable, "-c", "import openai_proxy; openai_proxy.main()"]
-    # The access log (on by default) goes to a file, as it would in production, not to this terminal.
-    with open(database.with_name(f"access-{port}.log"), "ab") as access_log:
-        return subprocess.Popen([*command, "--port", str(port)], env=env, stdout=access_log)
 
 
 def populate(database: Path, count: int) -> None:
@@ -276,23 +242,6 @@ def table(rows: list[tuple[str, Figures]]) -> str:
             f" {figures.errors:>7}"
         )
     return "\n".join(lines)
-
-
-def backend_env(backend: str, redis_url: str | None) -> dict[str, str]:
-    if backend == "redis":
-        assert redis_url is not None
-        return {"CACHE_BACKEND": "redis", "REDIS_URL": redis_url, "REDIS_KEY_PREFIX": REDIS_KEY_PREFIX}
-    return {"CACHE_BACKEND": "sqlite"}
-
-
-def wait_for_proxy(port: int, proxy: subprocess.Popen[bytes], backend: str) -> float:
-    """Until the proxy answers, checking that it runs on `backend` and its store is usable; the time taken."""
-    startup = wait_until_up(f"http://127.0.0.1:{port}/healthz", proxy)
-    health = httpx.get(f"http://127.0.0.1:{port}/healthz").json()
-    cache = health.get("cache", {})
-    if cache.get("backend") != backend or not cache.get("ok"):
-        raise SystemExit(f"the proxy should run on a usable {backend} cache: {health}")
-    return startup
 
 
 def warm_hit(url: str) -> None:
@@ -355,17 +304,6 @@ def backend_rows(
         finally:
             stop(proxy)
     return rows
-
-
-def start_redis() -> RedisServer:
-    """A redis-server of our own on a free port, every thread of it pinned to CPU 1."""
-    redis = RedisServer().start()
-    try:
-        subprocess.run(["taskset", "-a", "-p", "-c", "1", str(redis.pid)], check=True, capture_output=True)
-    except BaseException:
-        redis.remove()
-        raise
-    return redis
 
 
 def parse_backends(text: str) -> list[str]:
