@@ -120,7 +120,7 @@ class Flight:
                 yield self.chunks[sent - 1]
             if self.done:
                 if not self.complete:
-                    raise UpstreamBrokeOff("the coalesced request's upstream answer broke off")
+                    raise UpstreamBrokeOff("the coalesced request's upstream answer broke off", reported=True)
                 return
             await self._changed.wait()
 

@@ -510,7 +510,7 @@ class Proxy:
             if scope.cancelled_caught:
                 logger.warning("the upstream did not finish its answer within UPSTREAM_TOTAL_TIMEOUT; it was cut off")
         except UpstreamBrokeOff as exc:
-            logger.warning("%s; the client's response was cut off the same way", exc)
+            logger.warning("%s; its listening clients' responses were cut off the same way", exc)
         finally:
             with anyio.CancelScope(shield=True):
                 if completed and miss.storing and size <= self.settings.max_cache_entry_bytes:

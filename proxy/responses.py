@@ -54,7 +54,12 @@ class BufferedResponse:
 
 
 class UpstreamBrokeOff(Exception):
-    """The upstream body ended before it was complete."""
+    """The upstream body ended before it was complete. `reported`: whoever read the upstream logged it
+    already (a coalesced flight's reader), so each client cut off need not say it again."""
+
+    def __init__(self, message: str, reported: bool = False) -> None:
+        super().__init__(message)
+        self.reported = reported
 
 
 async def upstream_chunks(
@@ -130,7 +135,8 @@ class RelayResponse(Response):
             async for chunk in self.chunks:
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamBrokeOff as exc:
-            logger.warning("%s; the client's response was cut off the same way", exc)
+            if not exc.reported:
+                logger.warning("%s; the client's response was cut off the same way", exc)
             return False
         finally:
             with anyio.CancelScope(shield=True):
