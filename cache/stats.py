@@ -137,7 +137,11 @@ class Tally:
 
     def saved(self, provider: str, model: str) -> SavedFigures:
         """The figures of one provider and model, to add to."""
-        return self.savings.setdefault((provider, model), SavedFigures())
+        group = (provider, model)
+        figures = self.savings.get(group)
+        if figures is None:
+            figures = self.savings[group] = SavedFigures()
+        return figures
 
     def count_activity(self, at: float, figure: int) -> None:
         """Add one to a figure (0: requests, 1: hits, 2: misses) of the minute that holds `at`."""
