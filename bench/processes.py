@@ -108,3 +108,20 @@ def start_redis() -> RedisServer:
         redis.remove()
         raise
     return redis
+
+
+def start_floor(port: int) -> subprocess.Popen[bytes]:
+    """The server's floor (bench/floor.py: uvicorn as the proxy runs it, with a raw ASGI app) on CPU 0."""
+    root = Path(__file__).resolve().parent.parent
+    command = ["taskset", "-c", "0", sys.executable, "-m", "bench.floor", "--port", str(port)]
+    return subprocess.Popen(command, cwd=root)
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) used so far by a process and its children (the workers), in seconds."""
+    ticks = 0
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for each in [pid, *(int(p) for p in children)]:
+        fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15 of proc(5)
+    return ticks / os.sysconf("SC_CLK_TCK")

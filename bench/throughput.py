@@ -2,7 +2,7 @@
 practical ceiling, and cross-instance coalescing on Redis.
 
     uv run python bench/throughput.py [--duration 10] [--runs 3] [--connections 32]
-        [--backends sqlite,redis] [--scale 1000000] [--no-nginx] [--no-streaming] [--no-coalescing]
+        [--backends sqlite,redis] [--scale 1000000] [--no-floor] [--no-nginx] [--no-streaming] [--no-coalescing]
 
 Needs `wrk`, `nginx` and `redis-server` (Debian packages `wrk`, `nginx-light`, `redis-server`).
 Method: the server under test is pinned to CPU 0 and `wrk -t1` to CPU 1; a zero-delay fake upstream
@@ -18,9 +18,13 @@ Rows, for each backend in `--backends` (`sqlite`, the default store, and `redis`
   is read from the store (the SQLite file, or Redis over loopback).
 - `openai-proxy MISS (<backend>)`: a new prompt each request, default settings, zero-delay upstream.
 
-Then `nginx proxy_cache` HIT and MISS (unless `--no-nginx`). `--scale N` also measures hits on
-entries that are only in SQLite (not in the memory tier) with N entries stored, against the same
-test with 1,000 entries, plus start-up time and RSS. After the table come the streaming latency
+Then `raw ASGI app (uvicorn floor)` (unless `--no-floor`): bench/floor.py, a raw ASGI app that reads the
+body and answers ANSWER, served by uvicorn with the proxy's own options (httptools, uvloop, no access log,
+one worker), pinned and measured as the HIT rows are. It is the most the proxy's server can do, so after
+the table come, for each backend's HIT row, hits / floor in req/s (goal: 60% or more) and hit p99 / floor
+p99 (goal: within 2x). Then `nginx proxy_cache` HIT and MISS (unless `--no-nginx`). `--scale N` also
+measures hits on entries that are only in SQLite (not in the memory tier) with N entries stored, against
+the same test with 1,000 entries, plus start-up time and RSS. After the table come the streaming latency
 figures (`bench/stream_latency.py`, unless `--no-streaming`) and the cross-instance coalescing
 result (`bench/coalescing.py`, unless `--no-coalescing`): 50 identical requests at once split
 across two proxies that share one Redis, with the upstream requests they cost.
@@ -50,6 +54,7 @@ from bench.processes import (  # noqa: E402
     backend_env,
     free_port,
     rss_mb,
+    start_floor,
     start_proxy,
     start_redis,
     stop,
@@ -70,6 +75,9 @@ ANSWER = (
     '"usage":{"prompt_tokens":12,"completion_tokens":180,"total_tokens":192}}'
 )
 HIT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"What does a cache do?"}]}'
+FLOOR_ROW = "raw ASGI app (uvicorn floor)"
+GOAL_HITS_OF_FLOOR = 0.60  # a HIT row's req/s at least this share of the floor's
+GOAL_HIT_P99_OVER_FLOOR = 2.0  # a HIT row's p99 at most this many times the floor's
 
 NGINX_COMMON = """
 {user}
@@ -306,6 +314,37 @@ def backend_rows(
     return rows
 
 
+def floor_row(folder: Path, args: argparse.Namespace) -> tuple[str, Figures]:
+    port = free_port()
+    floor = start_floor(port)
+    try:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        wait_until_up(url, floor)
+        return FLOOR_ROW, measure(url, folder / "hit.lua", args)
+    finally:
+        stop(floor)
+
+
+def floor_ratios(rows: list[tuple[str, Figures]], backends: list[str]) -> list[str]:
+    """Each backend's HIT row against the floor: its share of the floor's req/s, its p99 over the floor's."""
+    measured = dict(rows)
+    floor = measured[FLOOR_ROW]
+    lines = []
+    for backend in backends:
+        name = f"openai-proxy HIT ({backend})"
+        share = measured[name].requests_per_second / floor.requests_per_second
+        p99_ratio = measured[name].p99_ms / floor.p99_ms
+        goal_share = f"goal: {GOAL_HITS_OF_FLOOR:.0%} or more, {verdict(share >= GOAL_HITS_OF_FLOOR)}"
+        goal_p99 = f"goal: within {GOAL_HIT_P99_OVER_FLOOR:.0f}x, {verdict(p99_ratio <= GOAL_HIT_P99_OVER_FLOOR)}"
+        lines.append(f"{name}: hits / floor {share:.0%} ({goal_share})")
+        lines.append(f"{name}: hit p99 / floor p99 {p99_ratio:.2f}x ({goal_p99})")
+    return lines
+
+
+def verdict(holds: bool) -> str:
+    return "met" if holds else "NOT MET"
+
+
 def parse_backends(text: str) -> list[str]:
     backends = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in backends if name not in BACKENDS]
@@ -326,6 +365,7 @@ def main() -> None:
         help="cache backends to measure, comma-separated (default sqlite,redis)",
     )
     parser.add_argument("--scale", type=int, default=0, help="also measure with this many entries stored")
+    parser.add_argument("--no-floor", action="store_true", help="skip the raw ASGI app (uvicorn floor) row")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx proxy_cache reference")
     parser.add_argument("--no-streaming", action="store_true", help="skip the streaming latency figures")
     parser.add_argument("--no-coalescing", action="store_true", help="skip the cross-instance coalescing test")
@@ -361,6 +401,8 @@ def main() -> None:
                         redis.remove()
                 else:
                     rows += backend_rows(backend, folder, upstream, None, args, notes)
+            if not args.no_floor:
+                rows.append(floor_row(folder, args))
             if not args.no_nginx:
                 server = REFERENCE_SERVER.format(dir=folder, upstream=upstream, reference=reference)
                 nginx = start_nginx(folder, "reference", 0, server)
@@ -384,6 +426,9 @@ def main() -> None:
         " wrk, fake upstream and redis-server on CPU 1\n"
     )
     out.write(table(rows) + "\n")
+    if not args.no_floor:
+        for line in floor_ratios(rows, args.backends):
+            out.write(line + "\n")
     for note in notes:
         out.write(note + "\n")
     out.flush()

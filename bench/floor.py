@@ -1,0 +1,88 @@
+"""The server's floor: a raw ASGI app (no framework) that reads the request body and answers the fixed
+~1 kB chat completion of bench/throughput.py (ANSWER), served by uvicorn exactly as the proxy is served.
+
+    uv run python -m bench.floor [--host 127.0.0.1] [--port 8000]    (or: uv run python bench/floor.py ...)
+
+Whatever the method and path, every request gets that answer. The uvicorn options are the proxy's own
+(`openai_proxy.main`, one worker): httptools through the proxy's protocol class, the event loop uvicorn
+picks for the proxy (uvloop), no access log, no server header, no proxy headers; and the process gets the
+proxy's garbage-collector tuning. So the proxy differs from this server only by its app: what a proxied
+request costs above this floor is the proxy's own work. bench/throughput.py measures it as a peer of the
+proxy's rows; `bench.processes.start_floor` starts it pinned to CPU 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.throughput import ANSWER  # noqa: E402
+from openai_proxy import tune_garbage_collection  # noqa: E402
+from proxy.server import HttpProtocol  # noqa: E402
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+BODY = ANSWER.encode()
+HEADERS = [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]
+
+
+async def app(scope: Message, receive: Receive, send: Send) -> None:
+    if scope["type"] == "lifespan":
+        await serve_lifespan(receive, send)
+    elif scope["type"] == "http":
+        await read_body(receive)
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await send({"type": "http.response.body", "body": BODY})
+
+
+async def read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def serve_lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    args = parser.parse_args()
+    tune_garbage_collection()
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        server_header=False,
+        access_log=False,
+        proxy_headers=False,
+        http=HttpProtocol,
+    )
+
+
+if __name__ == "__main__":
+    main()
