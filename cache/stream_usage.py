@@ -73,8 +73,7 @@ def _events_without_usage(events: bytes) -> bytes:
 def _event_without_usage(raw: bytes) -> bytes:
     if _USAGE not in raw:
         return raw
-    event = parse_event(raw)
-    chunk = event.json()
+    chunk = _json(_data(raw))
     if not isinstance(chunk, dict) or "usage" not in chunk:
         return raw
     if chunk.get("choices") == [] and chunk["usage"] is not None:
@@ -82,6 +81,23 @@ def _event_without_usage(raw: bytes) -> bytes:
     rest = {name: value for name, value in chunk.items() if name != "usage"}
     if chunk["usage"] is None:
         edited = _NULL_USAGE.sub(b"", raw, count=1)
-        if parse_event(edited).json() == rest:
+        if _json(_data(edited)) == rest:
             return edited
-    return encode_event(rest, name=event.name)
+    return encode_event(rest, name=parse_event(raw).name)
+
+
+def _data(raw: bytes) -> bytes:
+    """An event's data: a lone `data:` line taken as it is, any other event parsed."""
+    if raw.startswith(b"data:"):
+        data = raw[5:].strip()
+        if b"\n" not in data and b"\r" not in data:
+            return data
+    return parse_event(raw).data.encode()
+
+
+def _json(data: bytes) -> Any:
+    # orjson: this runs for every event of every stream whose usage is withheld.
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
