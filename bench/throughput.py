@@ -155,8 +155,8 @@ local run = math.random(1, 1000000000)
 request = function()
   counter = counter + 1
   local prompt = "miss " .. run .. " " .. counter
-  local body = '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"' .. prompt .. '"}}]}}'
-  return wrk.format("POST", "/v1/chat/completions", {{["Content-Type"] = "application/json"}}, body)
+  local body = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"' .. prompt .. '"}]}'
+  return wrk.format("POST", "/v1/chat/completions", {["Content-Type"] = "application/json"}, body)
 end
 """
 
