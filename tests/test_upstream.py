@@ -97,11 +97,11 @@ async def test_a_nearby_connection_is_reused_within_its_keepalive_and_never_afte
 
 
 @pytest.mark.parametrize(
-    ("limit", "most_at_once"),
-    [pytest.param(0, 40, id="no-limit-by-default"), pytest.param(3, 3, id="UPSTREAM_MAX_CONNECTIONS")],
+    ("limit", "requests", "most_at_once"),
+    [pytest.param(0, 40, 40, id="no-limit-by-default"), pytest.param(3, 9, 3, id="UPSTREAM_MAX_CONNECTIONS")],
 )
 def test_upstream_connections_are_limited_only_by_the_setting(
-    start_proxy: ProxyFactory, upstream: FakeUpstream, limit: int, most_at_once: int
+    start_proxy: ProxyFactory, upstream: FakeUpstream, limit: int, requests: int, most_at_once: int
 ) -> None:
     in_flight = {"now": 0, "most": 0}
 
@@ -115,11 +115,11 @@ def test_upstream_connections_are_limited_only_by_the_setting(
     upstream.handler = slow
     base = start_proxy(**({"upstream_max_connections": limit} if limit else {}))
 
-    async def forty_at_once() -> list[int]:
+    async def all_at_once() -> list[int]:
         async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=50)) as http:
-            bodies = [{"model": "m", "messages": [{"role": "user", "content": f"q{n}"}]} for n in range(40)]
+            bodies = [{"model": "m", "messages": [{"role": "user", "content": f"q{n}"}]} for n in range(requests)]
             answers = await asyncio.gather(*(http.post(f"{base}/v1/chat/completions", json=b) for b in bodies))
             return [answer.status_code for answer in answers]
 
-    assert asyncio.run(forty_at_once()) == [200] * 40
+    assert asyncio.run(all_at_once()) == [200] * requests
     assert in_flight["most"] == most_at_once
