@@ -55,13 +55,18 @@ class SseEvent:
 
 def parse_events(stream: bytes) -> list[SseEvent]:
     """Every complete event in `stream`; comments-only blocks are kept (as events without data)."""
+    events, _ = split_events(stream)
+    return [parse_event(raw) for raw in events]
+
+
+def split_events(stream: bytes) -> tuple[list[bytes], bytes]:
+    """The exact bytes of each complete event in `stream` (blank line included), and what follows them."""
     events = []
     position = 0
     for end in _EVENT_END.finditer(stream):
-        raw = stream[position : end.end()]
+        events.append(stream[position : end.end()])
         position = end.end()
-        events.append(parse_event(raw))
-    return events
+    return events, stream[position:]
 
 
 def parse_event(raw: bytes) -> SseEvent:

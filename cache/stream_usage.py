@@ -12,9 +12,8 @@ from typing import Any
 
 import orjson
 
-from cache.sse import encode_event, parse_event
+from cache.sse import encode_event, parse_event, split_events
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 # A top-level `"usage": null` member with the comma that joins it to its neighbour. Inside a JSON string
 # a quote is escaped, so the pattern can only match a member; the result is still checked.
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
@@ -49,25 +48,13 @@ class UsageWithheld:
 
     def feed(self, chunk: bytes) -> bytes:
         pending = self._pending + chunk if self._pending else chunk
-        end = max((match.end() for match in _EVENT_END.finditer(pending)), default=0)
-        self._pending = pending[end:]
-        return _events_without_usage(pending[:end]) if end else b""
+        events, self._pending = split_events(pending)
+        return b"".join([_event_without_usage(event) for event in events])
 
     def end(self) -> bytes:
         """What is left: bytes after the last complete event, as the upstream ended them."""
         rest, self._pending = self._pending, b""
         return _event_without_usage(rest) if rest.strip() else rest
-
-
-def _events_without_usage(events: bytes) -> bytes:
-    if _USAGE not in events:
-        return events
-    kept = []
-    position = 0
-    for end in _EVENT_END.finditer(events):
-        kept.append(_event_without_usage(events[position : end.end()]))
-        position = end.end()
-    return b"".join(kept)
 
 
 def _event_without_usage(raw: bytes) -> bytes:

@@ -191,3 +191,20 @@ def test_a_follower_that_leaves_affects_no_other_client(start_proxy: ProxyFactor
     assert [body for _, body in answers] == [b"".join(chat_chunks(1, "m"))] * 4
     assert [response.headers["x-cache-status"] for response, _ in answers] == ["MISS", "HIT", "HIT", "HIT"]
     assert upstream.calls == 1
+
+
+@pytest.mark.both_backends
+def test_without_coalescing_a_json_client_that_leaves_closes_its_upstream_request(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    watch = ClosedWatch(upstream, stream=False)
+    url = f"{start_proxy(cache_lock_timeout=0)}/v1/chat/completions"
+
+    async def leave() -> float:
+        async with httpx.AsyncClient(timeout=20) as http:
+            await leave_before_the_answer(http, url, CHAT, after=0.3)
+        return time.monotonic()
+
+    left_at = asyncio.run(leave())
+    assert watch.seconds_after(left_at) < 1.0
+    assert upstream.calls == 1
