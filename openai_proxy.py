@@ -45,6 +45,7 @@ from proxy.server import HttpProtocol
 from proxy.settings import Settings, describe_invalid_settings
 from proxy.statistics import Statistics
 from proxy.store import build_backend, build_store, store_for
+from proxy.storing import StoreQueue
 from proxy.upstream import UpstreamClient, UpstreamTransport
 
 __all__ = ["Settings", "create_app", "main"]
@@ -69,8 +70,8 @@ def create_app(
     client = UpstreamClient(http if http is not None else UpstreamTransport(settings.upstream_max_connections), timeout)
     proxy = Proxy(settings, tiered, health, client, statistics, clock, store.flights)
     access_log = AccessLog(settings.log_format) if settings.access_log else None
-    pages = _own_pages(settings, tiered, health, statistics, prices, metrics, clock)
-    lifespan = Lifespan(tiered, health, prices, statistics, client, store.flights, access_log)
+    pages = _own_pages(settings, tiered, proxy.stores, health, statistics, prices, metrics, clock)
+    lifespan = Lifespan(tiered, proxy.stores, health, prices, statistics, client, store.flights, access_log)
     api = FastAPI(
         title="openai-proxy",
         routes=own_routes(pages),
@@ -95,6 +96,7 @@ def _metrics(settings: Settings, prices: Prices) -> Metrics:
 def _own_pages(
     settings: Settings,
     store: TieredBackend,
+    waiting: StoreQueue,
     health: CacheHealth,
     statistics: Statistics,
     prices: Prices,
@@ -121,7 +123,13 @@ def _own_pages(
         metrics=metrics_page,
         dashboard=DashboardFiles(DashboardPage(), access),
         admin=AdminApi(
-            store, statistics, access, dashboard.report, clock, show_prompts=settings.dashboard_show_prompts
+            store,
+            statistics,
+            access,
+            dashboard.report,
+            clock,
+            show_prompts=settings.dashboard_show_prompts,
+            waiting=waiting,
         ),
     )
 

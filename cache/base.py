@@ -123,6 +123,13 @@ class EntryFilter:
     provider: str | None = None
     created_before: float | None = None
 
+    def matches(self, entry: CachedResponse) -> bool:
+        return (
+            (self.namespace is None or entry.namespace == self.namespace)
+            and (self.provider is None or entry.provider == self.provider)
+            and (self.created_before is None or entry.created_at < self.created_before)
+        )
+
 
 class EntryStore(Protocol):
     """Where entries are kept. Every method raises CacheError when the store fails."""

@@ -21,6 +21,7 @@ from cache.stats import CacheStatistics, Saving
 from proxy.access import AdminAccess
 from proxy.errors import ProxyError, error_response
 from proxy.statistics import NANOS_PER_DOLLAR, Statistics
+from proxy.storing import StoreQueue
 
 MAX_PAGE = 1000
 
@@ -121,9 +122,12 @@ class AdminApi:
         clock: Callable[[], float] = time.time,
         *,
         show_prompts: bool = True,
+        waiting: StoreQueue | None = None,
     ) -> None:
-        """`dashboard` gives what GET /cache/dashboard answers (the dashboard page's figures)."""
+        """`dashboard` gives what GET /cache/dashboard answers (the dashboard page's figures); `waiting`:
+        the answers waiting to be stored, of which deletions and purges cover their share too."""
         self.store = entries
+        self.waiting = waiting
         self.statistics = statistics
         self.access = access
         self.dashboard = dashboard
@@ -152,6 +156,8 @@ class AdminApi:
     @_admin_endpoint
     async def delete_entry(self, request: Request) -> Response:
         key: str = request.path_params["key"]
+        if self.waiting is not None:
+            self.waiting.forget(key=key)
         if not await self.store.delete(key):
             raise ProxyError(404, f"No cache entry has the key {key[:80]!r}.", "entry_not_found")
         return JSONResponse({"deleted": 1})
@@ -160,6 +166,8 @@ class AdminApi:
     async def purge(self, request: Request) -> Response:
         query = request.query_params
         which = entry_filter(query.get("namespace"), query.get("provider"), query.get("older_than"), self.clock())
+        if self.waiting is not None:
+            self.waiting.forget(which)
         return JSONResponse({"deleted": await self.store.purge(which)})
 
     @_admin_endpoint

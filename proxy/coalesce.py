@@ -89,6 +89,9 @@ class Flight:
     def finish(self, complete: bool, stored: bool) -> None:
         """`complete`: the whole answer arrived. `stored`: followers can be answered from the cache."""
         self.done, self.complete, self.stored = True, complete, stored
+        # Its callback refers to the flight (and to the task reading it): dropped, the flight is freed by
+        # reference counting when its last reader is done, not left for a full garbage collection.
+        self.on_abandoned = None
         if self.mirror is not None:
             self.mirror.finish(complete, stored)
         self._wake()

@@ -28,7 +28,6 @@ from cache.stream_usage import ask_for_usage
 from cache.usage import reported_usage
 from providers import Provider
 from proxy.access import presents_key, proxy_key_required
-from proxy.backlog import StoreBacklog
 from proxy.coalesce import Flight, FlightMirror, Flights, wait_while_listened
 from proxy.errors import ProxyError, error_response
 from proxy.exchange import Exchange
@@ -47,6 +46,7 @@ from proxy.responses import (
 )
 from proxy.settings import Settings
 from proxy.statistics import Statistics
+from proxy.storing import Landed, StoreQueue
 from proxy.upstream import RequestContent, UpstreamClient, close_quietly, read_body
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ class Proxy:
         self.statistics = statistics
         self.clock = clock
         self.flights = Flights()
-        self.backlog = StoreBacklog(settings.store_backlog_bytes)
+        self.stores = StoreQueue(backend, health, settings.store_backlog_bytes, statistics.store_skipped)
         self.shared_flights = shared_flights
         self._tasks: set[asyncio.Task[None]] = set()
         self.total_timeout = settings.upstream_total_timeout or math.inf
@@ -274,7 +274,7 @@ class Proxy:
         if not self.settings.respond_with_cache or control.no_cache:
             return Lookup(CacheStatus.REFRESH if control.no_cache else CacheStatus.MISS)
         try:
-            entry = await self.backend.get(asked.key)
+            entry = await self._stored_entry(asked.key)
         except CacheError as exc:
             self.health.failed(Operation.READ, exc)
             return Lookup(CacheStatus.BYPASS)
@@ -381,7 +381,7 @@ class Proxy:
     async def _stored_answer(self, asked: Asked) -> ASGIApp | None:
         """The answer a finished flight stored, if it is fresh enough for this request."""
         try:
-            entry = await self.backend.get(asked.key)
+            entry = await self._stored_entry(asked.key)
         except CacheError:
             return None
         now = self.clock()
@@ -407,11 +407,16 @@ class Proxy:
 
     async def _count_hit(self, key: str) -> None:
         try:
-            entry = await self.backend.get(key)
+            entry = await self._stored_entry(key)
         except CacheError:
             return
         if entry is not None:
             self.statistics.hit(key, entry, self.clock())
+
+    async def _stored_entry(self, key: str) -> CachedResponse | None:
+        """The entry stored under `key`, or waiting to be: a request is a hit as soon as the answer was sent."""
+        waiting = self.stores.waiting_entry(key)
+        return waiting if waiting is not None else await self.backend.get(key)
 
     def _abandon(self, flight: Flight, upstream_request: asyncio.Future[Any]) -> None:
         """No client of this instance is left for `flight`: give its upstream request up, unless clients
@@ -455,9 +460,11 @@ class Proxy:
         body = answer.body or b""
 
         async def store() -> None:
-            stored = miss.storing and await self._store(asked, answer, body)
-            if flight is not None:
-                self.flights.land(asked.key, flight, complete=True, stored=stored)
+            landed = self._lands(asked.key, flight) if flight is not None else None
+            if miss.storing:
+                self._store(asked, answer, body, landed)
+            elif landed is not None:
+                landed(False)
 
         headers = [*client_response_headers(answer.headers), *self._cache_headers(asked, miss.status)]
         return BufferedResponse(answer.response.status_code, body, headers, background=store)
@@ -491,7 +498,7 @@ class Proxy:
 
         async def ended(completed: bool) -> None:
             if completed and recording.whole:
-                await self._store(asked, answer, recording.body())
+                self._store(asked, answer, recording.body())
 
         chunks = upstream_chunks(answer.response, provider, on_chunk=recording.add)
         return RelayResponse(status, headers, as_asked(chunks, asked.asks_usage), on_end=ended, deadline=deadline)
@@ -500,7 +507,7 @@ class Proxy:
         """Read a coalesced stream from the upstream into its flight, whoever listens and for as long as
         anyone does (cancelled when the last client left), then store it if it completed."""
         size = 0
-        completed = stored = False
+        completed = False
         try:
             with anyio.CancelScope(deadline=deadline) as scope:
                 async for chunk in upstream_chunks(answer.response, miss.upstream.provider.name):
@@ -512,10 +519,11 @@ class Proxy:
         except UpstreamBrokeOff as exc:
             logger.warning("%s; its listening clients' responses were cut off the same way", exc)
         finally:
-            with anyio.CancelScope(shield=True):
-                if completed and miss.storing and size <= self.settings.max_cache_entry_bytes:
-                    stored = await self._store(miss.asked, answer, b"".join(flight.chunks))
-                self.flights.land(miss.asked.key, flight, complete=completed, stored=stored)
+            flight.on_abandoned = None  # nothing left to give up
+            if completed and miss.storing and size <= self.settings.max_cache_entry_bytes:
+                self._store(miss.asked, answer, b"".join(flight.chunks), self._lands(miss.asked.key, flight))
+            else:
+                self.flights.land(miss.asked.key, flight, complete=completed, stored=False)
 
     async def _ask_upstream(self, upstream: Upstream, method: str, content: RequestContent, whole: bool) -> Answer:
         """The upstream's answer within UPSTREAM_TOTAL_TIMEOUT: its status and headers, and with `whole` its
@@ -572,6 +580,8 @@ class Proxy:
             raise
         finally:
             left.cancel()
+            if flight is not None:
+                flight.on_abandoned = None  # nothing left to give up; the task is freed with its answer
 
     def _past_total_timeout(self, provider: Provider) -> ProxyError:
         return ProxyError(
@@ -589,12 +599,19 @@ class Proxy:
         self.statistics.stale()
         return self._answer(miss.asked, miss.stale.entry, miss.stale.answer, CacheStatus.STALE)
 
-    async def _store(self, asked: Asked, answer: Answer, body: bytes) -> bool:
-        """Store the answer if it may be stored; True when the store has it. Its age counts from when the
-        provider answered, so a store that runs late does not make it younger."""
+    def _lands(self, key: str, flight: Flight) -> Landed:
+        """What lands the flight of a complete answer once the store has it or not: its followers then read it
+        from the store, or go upstream themselves."""
+        return lambda stored: self.flights.land(key, flight, complete=True, stored=stored)
+
+    def _store(self, asked: Asked, answer: Answer, body: bytes, landed: Landed | None = None) -> None:
+        """Queue the answer to be stored if it may be stored; `landed` is told whether the store has it. Its
+        age counts from when the provider answered, so a store that runs late does not make it younger."""
         status, headers = answer.response.status_code, answer.headers
         if len(body) > self.settings.max_cache_entry_bytes or not is_storable(status, headers, body, asked.endpoint):
-            return False
+            if landed is not None:
+                landed(False)
+            return
         content_type = _content_type(headers)
         usage = reported_usage(asked.endpoint, content_type, body)
         entry = CachedResponse(
@@ -614,18 +631,7 @@ class Proxy:
             upstream_seconds=anyio.current_time() - answer.asked_at,
             prompt_preview=prompt_preview(asked.request),
         )
-        if not self.backlog.admit(len(body)):
-            self.statistics.store_skipped()
-            return False
-        try:
-            await self.backend.set(asked.key, entry)
-        except CacheError as exc:
-            self.health.failed(Operation.WRITE, exc)
-            return False
-        finally:
-            self.backlog.release(len(body))
-        self.health.succeeded(Operation.WRITE)
-        return True
+        self.stores.put(asked.key, entry, landed)
 
     # Answers
 

@@ -15,6 +15,7 @@ from cache.memory import TieredBackend
 from proxy.access_log import AccessLog
 from proxy.pricing import Prices
 from proxy.statistics import Statistics
+from proxy.storing import StoreQueue
 from proxy.upstream import UpstreamClient
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ class Lifespan:
     still held and closes every connection."""
 
     store: TieredBackend
+    stores: StoreQueue  # answers waiting to be stored
     health: CacheHealth
     prices: Prices
     statistics: Statistics
@@ -51,6 +53,7 @@ class Lifespan:
                 yield
                 background.cancel_scope.cancel()
         finally:
+            await self.stores.drain()
             await self.statistics.flush()
             if self.access_log is not None:
                 self.access_log.flush()

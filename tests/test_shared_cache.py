@@ -221,6 +221,10 @@ def test_workers_share_one_cache_and_a_purge_through_one_reaches_every_workers_m
 ) -> None:
     base, body = sqlite_workers, chat_body()
     assert httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] == "MISS"
+    # Stored after it was sent: until the file has it, the other worker would rightly miss.
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{base}/cache/entries").json()["entries"] == [] and time.monotonic() < deadline:
+        time.sleep(0.02)
     # Many requests on fresh connections, so that both workers likely hold the entry in memory. The kernel
     # picks the worker, so this cannot be forced; the feed itself is tested across two processes above.
     hits = [httpx.post(f"{base}/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(20)]

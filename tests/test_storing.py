@@ -1,0 +1,217 @@
+"""Answers waiting to be stored are bounded: a store that falls behind costs skipped stores, counted,
+never memory that grows with the requests."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cache import CachedResponse, CacheError, CacheHealth
+from cache.base import EntryFilter
+from openai_proxy import create_app
+from proxy.settings import Settings
+from proxy.storing import CONCURRENT_WRITES, WAITING_ENTRY_OVERHEAD, StoreQueue
+from tests.conftest import PROXY_OPENAI_KEY
+from tests.servers import FakeUpstream, ServerThread
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class BlockedStore:
+    """An entry store whose writes wait until `opened` (or fail with `failure`), to drive the queue."""
+
+    name = "blocked"
+
+    def __init__(self, failure: CacheError | None = None) -> None:
+        self.opened = asyncio.Event()
+        self.failure = failure
+        self.stored: list[str] = []
+
+    async def set(self, key: str, entry: CachedResponse) -> None:
+        await self.opened.wait()
+        if self.failure is not None:
+            raise self.failure
+        self.stored.append(key)
+
+
+def entry(size: int) -> CachedResponse:
+    return CachedResponse(
+        status=200, content_type="application/json", body=b"x" * size, created_at=0.0, provider="p", endpoint="e"
+    )
+
+
+def queue_for(store: BlockedStore, max_bytes: int) -> tuple[StoreQueue, list[int], CacheHealth]:
+    skipped: list[int] = []
+    health = CacheHealth("blocked")
+    queue = StoreQueue(store, health, max_bytes, on_skipped=lambda: skipped.append(1))  # type: ignore[arg-type]
+    return queue, skipped, health
+
+
+@pytest.mark.anyio
+async def test_answers_wait_to_be_stored_only_up_to_the_bound(caplog: pytest.LogCaptureFixture) -> None:
+    store = BlockedStore()
+    queue, skipped, _ = queue_for(store, max_bytes=3 * (1000 + WAITING_ENTRY_OVERHEAD))
+    landed: list[tuple[str, bool]] = []
+    accepted = [queue.put(f"k{n}", entry(1000), lambda ok, n=n: landed.append((f"k{n}", ok))) for n in range(5)]
+    assert accepted == [True, True, True, False, False]
+    assert (queue.waiting, queue.bytes) == (3, 3 * (1000 + WAITING_ENTRY_OVERHEAD))
+    assert len(skipped) == 2 and landed == [("k3", False), ("k4", False)], "skipped answers are counted and landed"
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "falling behind" in warnings[0].getMessage(), "logged once per episode"
+    store.opened.set()
+    await queue.drain()
+    assert store.stored == ["k0", "k1", "k2"], "written in the order they came"
+    assert sorted(landed) == [("k0", True), ("k1", True), ("k2", True), ("k3", False), ("k4", False)]
+    assert (queue.waiting, queue.bytes) == (0, 0)
+    assert "2 answers were not stored" in caplog.records[-1].getMessage(), "the episode's end, with its count"
+
+
+@pytest.mark.anyio
+async def test_one_answer_larger_than_the_bound_may_still_wait_alone() -> None:
+    queue, _, _ = queue_for(BlockedStore(), max_bytes=1024)
+    assert queue.put("big", entry(10_000)), "an empty queue takes any answer: the bound is on what waits"
+    assert not queue.put("small", entry(10))
+
+
+@pytest.mark.anyio
+async def test_a_failing_store_lands_its_answers_unstored_and_goes_on() -> None:
+    store = BlockedStore(failure=CacheError("disk full"))
+    queue, _, health = queue_for(store, max_bytes=1 << 20)
+    landed: list[bool] = []
+    for n in range(3):
+        queue.put(f"k{n}", entry(10), landed.append)
+    store.opened.set()
+    await queue.drain()
+    assert landed == [False, False, False] and queue.waiting == 0
+    state = health.state()
+    assert not state.ok and "disk full" in str(state.reason)
+    store.failure = None
+    queue.put("k3", entry(10), landed.append)
+    await queue.drain()
+    assert landed[-1] is True and store.stored == ["k3"], "the queue goes on after a failure"
+
+
+@pytest.mark.anyio
+async def test_a_deleted_or_purged_entry_that_waits_is_never_left_in_the_store() -> None:
+    store = BlockedStore()
+    queue, _, _ = queue_for(store, max_bytes=1 << 20)
+    deleted: list[str] = []
+
+    async def delete(key: str) -> bool:
+        deleted.append(key)
+        return True
+
+    store.delete = delete  # type: ignore[attr-defined]
+    for n in range(CONCURRENT_WRITES + 3):
+        queue.put(f"k{n}", entry(10))
+    for _ in range(2):  # the writer takes the first CONCURRENT_WRITES and begins writing them
+        await asyncio.sleep(0)
+    assert queue.waiting == CONCURRENT_WRITES + 3 and len(store.stored) == 0
+    queue.forget(key="k0")  # being written
+    queue.forget(key=f"k{CONCURRENT_WRITES}")  # still queued
+    queue.forget(EntryFilter(provider="other"))  # covers none
+    assert queue.waiting_entry("k0") is None and queue.waiting_entry(f"k{CONCURRENT_WRITES}") is None
+    assert queue.waiting_entry("k1") is not None
+    store.opened.set()
+    await queue.drain()
+    assert f"k{CONCURRENT_WRITES}" not in store.stored, "a forgotten entry still queued is not written"
+    assert deleted == ["k0"], "one forgotten while it was written is deleted again"
+    assert len(store.stored) == CONCURRENT_WRITES + 2
+
+
+def chat(number: int) -> dict[str, object]:
+    return {"model": "m", "messages": [{"role": "user", "content": f"unique prompt {number}"}]}
+
+
+def test_a_blocked_store_skips_stores_instead_of_holding_answers(upstream: FakeUpstream, tmp_path: Path) -> None:
+    bound = 4 * (2048 + WAITING_ENTRY_OVERHEAD)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        openai_base_url=upstream.url,
+        openai_api_key=PROXY_OPENAI_KEY,
+        cache_db=tmp_path / "blocked.db",
+        cache_busy_timeout=5,
+        store_backlog_bytes=bound,
+    )
+    app = create_app(settings)
+    server = ServerThread(app).start()
+    base = server.url
+    try:
+        assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
+        holder = sqlite3.connect(tmp_path / "blocked.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # every store now waits for this lock
+        try:
+            most_bytes = asyncio.run(send_misses(base, app.proxy.stores, count=60))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert most_bytes <= bound, "answers waiting to be stored stay within the bound"
+        stats = wait_for_stores(base, expected=60)
+        assert stats["stores_skipped"] >= 50
+        assert stats["entries"] + stats["stores_skipped"] == 60, "every answer stored or counted as skipped"
+        metrics = httpx.get(f"{base}/metrics").text
+        assert f"openai_proxy_cache_stores_skipped_total {float(stats['stores_skipped'])}" in metrics
+    finally:
+        server.stop()
+
+
+async def send_misses(base: str, queue: StoreQueue, count: int) -> int:
+    """Send `count` new prompts, ten at a time; every one is answered. Returns the most bytes seen waiting
+    to be stored at once."""
+    most = 0
+    async with httpx.AsyncClient(timeout=10) as http:
+        for start in range(0, count, 10):
+            answers = await asyncio.gather(
+                *(http.post(f"{base}/v1/chat/completions", json=chat(n)) for n in range(start, start + 10))
+            )
+            assert all(answer.status_code == 200 for answer in answers)
+            most = max(most, queue.bytes)
+    return most
+
+
+def wait_for_stores(base: str, expected: int) -> dict[str, int]:
+    deadline = time.monotonic() + 10
+    while True:
+        stats: dict[str, int] = httpx.get(f"{base}/cache/stats").json()
+        if stats["entries"] + stats["stores_skipped"] >= expected or time.monotonic() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+def test_an_answer_waiting_to_be_stored_already_answers_hits(upstream: FakeUpstream, tmp_path: Path) -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        openai_base_url=upstream.url,
+        openai_api_key=PROXY_OPENAI_KEY,
+        cache_db=tmp_path / "waiting.db",
+        cache_busy_timeout=5,
+        memory_cache_bytes=0,  # no memory tier: a hit can only come from the store or the queue
+    )
+    server = ServerThread(create_app(settings)).start()
+    try:
+        url = f"{server.url}/v1/chat/completions"
+        assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+        holder = sqlite3.connect(tmp_path / "waiting.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the answer cannot be written yet
+        try:
+            first = httpx.post(url, json=chat(1))
+            again = httpx.post(url, json=chat(1))
+            assert (first.headers["x-cache-status"], again.headers["x-cache-status"]) == ("MISS", "HIT")
+            assert again.content == first.content
+            assert sqlite3.connect(tmp_path / "waiting.db").execute("SELECT count(*) FROM entries").fetchone() == (0,)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert wait_for_stores(server.url, expected=1)["entries"] == 1
+        assert upstream.calls == 1
+    finally:
+        server.stop()
