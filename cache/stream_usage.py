@@ -47,6 +47,8 @@ class UsageWithheld:
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._pending and chunk.endswith(b"\n\n") and _USAGE not in chunk:
+            return chunk  # whole events, none with usage: the usual chunk, passed on as it is
         pending = self._pending + chunk if self._pending else chunk
         events, self._pending = split_events(pending)
         return b"".join([_event_without_usage(event) for event in events])
