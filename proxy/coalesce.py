@@ -18,10 +18,10 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol
 
-import anyio
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive
 
+from proxy.clock import event_loop_time
 from proxy.headers import Headers
 from proxy.responses import UpstreamBrokeOff, client_left
 
@@ -164,7 +164,7 @@ class Flights:
 
 async def wait_while_listened(flight: Flight, ready: str, deadline: float, receive: Receive) -> bool:
     """`flight.wait_until(ready)` until `deadline` (anyio's clock); ClientDisconnect if the client leaves."""
-    waited = asyncio.ensure_future(flight.wait_until(ready, deadline - anyio.current_time()))
+    waited = asyncio.ensure_future(flight.wait_until(ready, deadline - event_loop_time()))
     left = asyncio.ensure_future(client_left(receive))
     try:
         await asyncio.wait((waited, left), return_when=asyncio.FIRST_COMPLETED)

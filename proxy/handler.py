@@ -28,6 +28,7 @@ from cache.stream_usage import ask_for_usage
 from cache.usage import reported_usage
 from providers import Provider
 from proxy.access import presents_key, proxy_key_required
+from proxy.clock import event_loop_time
 from proxy.coalesce import Flight, FlightMirror, Flights, wait_while_listened
 from proxy.errors import ProxyError, error_response
 from proxy.exchange import Exchange
@@ -363,7 +364,7 @@ class Proxy:
         flight.join()
         relaying = False
         try:
-            deadline = anyio.current_time() + self.settings.cache_lock_timeout
+            deadline = event_loop_time() + self.settings.cache_lock_timeout
             # The leader's shape is known once it started (another instance's leader says so then).
             if not await wait_while_listened(flight, "started", deadline, receive):
                 return None
@@ -528,7 +529,7 @@ class Proxy:
     async def _ask_upstream(self, upstream: Upstream, method: str, content: RequestContent, whole: bool) -> Answer:
         """The upstream's answer within UPSTREAM_TOTAL_TIMEOUT: its status and headers, and with `whole` its
         body too. Raises ProxyError when the upstream fails."""
-        asked_at = anyio.current_time()
+        asked_at = event_loop_time()
         body = None
         with anyio.move_on_after(self.total_timeout) as deadline:
             response = await self.http.open(upstream.provider, method, upstream.url, upstream.headers, content)
@@ -628,7 +629,7 @@ class Proxy:
             output_tokens=usage.output_tokens,
             cached_input_tokens=usage.cached_input_tokens,
             cache_write_tokens=usage.cache_write_tokens,
-            upstream_seconds=anyio.current_time() - answer.asked_at,
+            upstream_seconds=event_loop_time() - answer.asked_at,
             prompt_preview=prompt_preview(asked.request),
         )
         self.stores.put(asked.key, entry, landed)
@@ -682,7 +683,7 @@ class Proxy:
         """Relay what the upstream answers as it arrives, storing nothing (BYPASS)."""
         _note(exchange, CacheStatus.BYPASS)
         headers = [*upstream.headers, *extra_headers]
-        deadline = anyio.current_time() + self.total_timeout
+        deadline = event_loop_time() + self.total_timeout
         try:
             with anyio.move_on_after(self.total_timeout) as waited:
                 response = await self.http.open(upstream.provider, method, upstream.url, headers, content)

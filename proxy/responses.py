@@ -12,6 +12,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from cache.stream_usage import UsageWithheld
+from proxy.clock import event_loop_time
 from proxy.headers import Headers
 from proxy.upstream import close_quietly
 
@@ -116,7 +117,7 @@ class RelayResponse(Response):
                     completed = await self._relay(send)
                 finally:
                     group.cancel_scope.cancel()
-            if not completed and anyio.current_time() >= self.deadline:
+            if not completed and event_loop_time() >= self.deadline:
                 logger.warning(
                     "the upstream did not finish its answer within UPSTREAM_TOTAL_TIMEOUT;"
                     " the client's response was cut off"
