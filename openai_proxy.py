@@ -40,6 +40,7 @@ from proxy.lifespan import Lifespan
 from proxy.metrics import MULTIPROCESS_DIRECTORY, Metrics, ModelLabels
 from proxy.pages import DashboardFiles, HealthCheck, MetricsPage
 from proxy.pricing import Prices
+from proxy.responses import quiet_deliberate_cut_offs
 from proxy.routes import EXCEPTION_HANDLERS, OWN_PREFIXES, OwnPages, own_routes
 from proxy.server import HttpProtocol
 from proxy.settings import Settings, describe_invalid_settings
@@ -58,6 +59,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
 ) -> ProxyApp:
     settings = settings if settings is not None else Settings()
+    quiet_deliberate_cut_offs()
     store = build_store(settings) if backend is None else store_for(backend, settings)
     limited = bool(settings.cache_max_entries or settings.cache_max_bytes)
     tiered = TieredBackend(store.backend, settings.memory_cache_bytes, evicts=limited)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -17,6 +18,25 @@ from proxy.headers import Headers
 from proxy.upstream import close_quietly
 
 logger = logging.getLogger("openai_proxy.relay")
+
+# Set in a request's task when its response is cut off on purpose (the upstream broke off, or ran past
+# UPSTREAM_TOTAL_TIMEOUT): the proxy logs why, and uvicorn's own complaint that the app returned without
+# completing the response is then no error (`CutOffIsNoError`).
+_CUT_OFF = contextvars.ContextVar("openai_proxy_cut_off", default=False)
+_UNCOMPLETED = "ASGI callable returned without completing response."
+
+
+class CutOffIsNoError(logging.Filter):
+    """Drops uvicorn's error for a response the proxy cut off on purpose; any other stays an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == _UNCOMPLETED and _CUT_OFF.get())
+
+
+def quiet_deliberate_cut_offs() -> None:
+    server_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(existing, CutOffIsNoError) for existing in server_log.filters):
+        server_log.addFilter(CutOffIsNoError())
 
 
 def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
@@ -117,6 +137,8 @@ class RelayResponse(Response):
                     completed = await self._relay(send)
                 finally:
                     group.cancel_scope.cancel()
+            if not completed:
+                _CUT_OFF.set(True)
             if not completed and event_loop_time() >= self.deadline:
                 logger.warning(
                     "the upstream did not finish its answer within UPSTREAM_TOTAL_TIMEOUT;"
