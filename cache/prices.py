@@ -208,6 +208,14 @@ def _counts(usage: Usage) -> _Counts | None:
 # The bundled table
 
 
+def compile_bundled_table() -> None:
+    """Import genai-prices' table module (1.6 MB of Python source). Where its bytecode is not written back
+    (PYTHONDONTWRITEBYTECODE, as in many container images), importing it compiles it, which holds the
+    interpreter for about 0.4 s: done before serving, not in the thread that builds the table, where it
+    stalled the first requests."""
+    import genai_prices.data  # noqa: F401
+
+
 @lru_cache(maxsize=1)
 def _bundled() -> tuple[list[genai.Provider], dict[str, genai.Provider]]:
     from genai_prices.data import providers

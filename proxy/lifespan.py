@@ -38,6 +38,7 @@ class Lifespan:
 
     @asynccontextmanager
     async def __call__(self, app: object) -> AsyncIterator[None]:
+        self.prices.prepare()
         try:
             await self.store.open()
         except CacheError as exc:

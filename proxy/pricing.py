@@ -10,7 +10,7 @@ from typing import Generic, TypeVar
 
 import anyio
 
-from cache.prices import PriceTable, parse_price_overrides
+from cache.prices import PriceTable, compile_bundled_table, parse_price_overrides
 from cache.usage import Usage, entry_usage
 from proxy.statistics import Pricer
 
@@ -59,6 +59,10 @@ class Prices:
 
     def _build(self) -> PriceTable:
         return PriceTable(parse_price_overrides(self.overrides) if self.overrides else None)
+
+    def prepare(self) -> None:
+        """What must happen before serving, since it would hold the event loop: compiling the table's source."""
+        compile_bundled_table()
 
     async def load(self) -> None:
         await self.table.load()
