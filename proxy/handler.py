@@ -461,11 +461,10 @@ class Proxy:
         body = answer.body or b""
 
         async def store() -> None:
-            landed = self._lands(asked.key, flight) if flight is not None else None
-            if miss.storing:
-                self._store(asked, answer, body, landed)
-            elif landed is not None:
-                landed(False)
+            if flight is not None:
+                self._store_and_land(miss, answer, body, flight)
+            elif miss.storing:
+                self._store(asked, answer, body)
 
         headers = [*client_response_headers(answer.headers), *self._cache_headers(asked, miss.status)]
         return BufferedResponse(answer.response.status_code, body, headers, background=store)
@@ -521,8 +520,8 @@ class Proxy:
             logger.warning("%s; its listening clients' responses were cut off the same way", exc)
         finally:
             flight.on_abandoned = None  # nothing left to give up
-            if completed and miss.storing and size <= self.settings.max_cache_entry_bytes:
-                self._store(miss.asked, answer, b"".join(flight.chunks), self._lands(miss.asked.key, flight))
+            if completed and size <= self.settings.max_cache_entry_bytes:
+                self._store_and_land(miss, answer, b"".join(flight.chunks), flight)
             else:
                 self.flights.land(miss.asked.key, flight, complete=completed, stored=False)
 
@@ -600,19 +599,28 @@ class Proxy:
         self.statistics.stale()
         return self._answer(miss.asked, miss.stale.entry, miss.stale.answer, CacheStatus.STALE)
 
-    def _lands(self, key: str, flight: Flight) -> Landed:
-        """What lands the flight of a complete answer once the store has it or not: its followers then read it
-        from the store, or go upstream themselves."""
-        return lambda stored: self.flights.land(key, flight, complete=True, stored=stored)
+    def _store_and_land(self, miss: Miss, answer: Answer, body: bytes, flight: Flight) -> None:
+        """Store a complete answer and land its flight, whose followers then read it from the cache (or go
+        upstream themselves). This instance's followers can read it while it waits to be stored, so its
+        flight lands at once; one mirrored to other instances lands once Redis has the entry."""
+        key = miss.asked.key
+        if not miss.storing:
+            self.flights.land(key, flight, complete=True, stored=False)
+        elif flight.mirror is None:
+            queued = self._store(miss.asked, answer, body)
+            self.flights.land(key, flight, complete=True, stored=queued)
+        else:
+            self._store(miss.asked, answer, body, lambda stored: self.flights.land(key, flight, True, stored))
 
-    def _store(self, asked: Asked, answer: Answer, body: bytes, landed: Landed | None = None) -> None:
-        """Queue the answer to be stored if it may be stored; `landed` is told whether the store has it. Its
-        age counts from when the provider answered, so a store that runs late does not make it younger."""
+    def _store(self, asked: Asked, answer: Answer, body: bytes, landed: Landed | None = None) -> bool:
+        """Queue the answer to be stored if it may be stored; True when it was. `landed` is told whether the
+        store has it. Its age counts from when the provider answered, so a store that runs late does not make
+        it younger."""
         status, headers = answer.response.status_code, answer.headers
         if len(body) > self.settings.max_cache_entry_bytes or not is_storable(status, headers, body, asked.endpoint):
             if landed is not None:
                 landed(False)
-            return
+            return False
         content_type = _content_type(headers)
         usage = reported_usage(asked.endpoint, content_type, body)
         entry = CachedResponse(
@@ -632,7 +640,7 @@ class Proxy:
             upstream_seconds=event_loop_time() - answer.asked_at,
             prompt_preview=prompt_preview(asked.request),
         )
-        self.stores.put(asked.key, entry, landed)
+        return self.stores.put(asked.key, entry, landed)
 
     # Answers
 

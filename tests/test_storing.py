@@ -263,3 +263,38 @@ def test_an_answered_miss_leaves_nothing_for_the_garbage_collector(upstream: Fak
     finally:
         client.close()
         server.stop()
+
+
+def test_followers_are_answered_while_the_leaders_answer_waits_to_be_stored(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    upstream.answer_slowly(0.3)
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        openai_base_url=upstream.url,
+        openai_api_key=PROXY_OPENAI_KEY,
+        cache_db=tmp_path / "followers.db",
+        cache_busy_timeout=30,
+        memory_cache_bytes=0,
+    )
+    server = ServerThread(create_app(settings)).start()
+    try:
+        url = f"{server.url}/v1/chat/completions"
+        assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+        holder = sqlite3.connect(tmp_path / "followers.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # the store cannot write until the end of the test
+
+        async def identical() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=10) as http:
+                return await asyncio.gather(*(http.post(url, json=chat(7)) for _ in range(6)))
+
+        try:
+            answers = asyncio.run(identical())
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert [answer.status_code for answer in answers] == [200] * 6
+        assert upstream.calls == 1, "the followers were answered from the waiting answer, not by going upstream"
+        assert len({answer.content for answer in answers}) == 1
+    finally:
+        server.stop()
