@@ -28,6 +28,7 @@ logger = logging.getLogger("openai_proxy.cache")
 # the bound holds for memory, not only for bodies.
 WAITING_ENTRY_OVERHEAD = 2 * 1024
 CONCURRENT_WRITES = 64
+DRAIN_SECONDS = 10.0
 
 Landed = Callable[[bool], None]  # told whether the store has the entry, once that is known
 
@@ -89,10 +90,19 @@ class StoreQueue:
             self._writer = asyncio.get_running_loop().create_task(self._write_queued())
         return True
 
-    async def drain(self) -> None:
-        """Until every queued entry was written (or failed): before the store closes."""
-        while self._writer is not None:
-            await asyncio.shield(self._writer)
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Until every queued entry was written (or failed), before the store closes; a store that has not
+        caught up within `timeout` seconds does not hold up a shutdown: what still waits is not stored."""
+        writer = self._writer
+        if writer is None:
+            return
+        done, _ = await asyncio.wait([writer], timeout=timeout)
+        if not done:
+            logger.warning(
+                "shutting down with %d answers still waiting to be stored; they were not stored", self.waiting
+            )
+            writer.cancel()
+            await asyncio.wait([writer])
 
     def _skip(self) -> None:
         if not self._skipped_in_episode:
@@ -115,6 +125,12 @@ class StoreQueue:
                     await asyncio.gather(*(self._write(waiting) for waiting in taken))
                 self._writing = []
         finally:
+            for waiting in self._queue:  # cancelled (a shutdown that could not wait): never written
+                self._release(waiting.cost)
+                if waiting.landed is not None:
+                    waiting.landed(False)
+            self._queue.clear()
+            self._by_key.clear()
             self._writing = []
             self._writer = None
 

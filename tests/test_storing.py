@@ -104,6 +104,23 @@ async def test_a_failing_store_lands_its_answers_unstored_and_goes_on() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_store_that_does_not_catch_up_does_not_hold_up_a_shutdown(caplog: pytest.LogCaptureFixture) -> None:
+    store = BlockedStore()  # never opened: every write waits
+    queue, _, _ = queue_for(store, max_bytes=1 << 20)
+    landed: list[bool] = []
+    for n in range(CONCURRENT_WRITES + 5):
+        queue.put(f"k{n}", entry(10), landed.append)
+    await asyncio.sleep(0)
+    started = time.monotonic()
+    await queue.drain(timeout=0.2)
+    assert time.monotonic() - started < 2
+    assert landed == [False] * (CONCURRENT_WRITES + 5), "each answer is told it was not stored"
+    assert (queue.waiting, queue.bytes, store.stored) == (0, 0, [])
+    assert queue.waiting_entry("k0") is None
+    assert f"with {CONCURRENT_WRITES + 5} answers still waiting" in caplog.records[-1].getMessage()
+
+
+@pytest.mark.anyio
 async def test_a_deleted_or_purged_entry_that_waits_is_never_left_in_the_store() -> None:
     store = BlockedStore()
     queue, _, _ = queue_for(store, max_bytes=1 << 20)
