@@ -119,7 +119,7 @@ def _own_pages(
     metrics_page = None
     if metrics is not None:
         metrics_access = None if settings.metrics_public else access
-        metrics_page = MetricsPage(metrics, health, statistics, prices, metrics_access)
+        metrics_page = MetricsPage(metrics, health, statistics, prices, metrics_access, waiting)
     return OwnPages(
         health=health_check,
         metrics=metrics_page,

@@ -143,6 +143,19 @@ def start_store(backend: str, started: ExitStack) -> str | None:
     return redis.url
 
 
+def serve_proxy(
+    backend: str, upstream_port: int, folder: Path, started: ExitStack
+) -> tuple[int, subprocess.Popen[bytes]]:
+    """The proxy under test (default settings, a fresh store, its log in `folder`), stopped with `started`:
+    its port and process, once it answers."""
+    env = backend_env(backend, start_store(backend, started))
+    port = free_port()
+    proxy = start_proxy(port, upstream_port, folder / "cache.db", env, errors_to=folder / "proxy.log")
+    started.callback(stop, proxy)
+    wait_for_proxy(port, proxy, backend)
+    return port, proxy
+
+
 def raise_open_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
@@ -290,11 +303,7 @@ def measure_misses(args: argparse.Namespace) -> MissFindings:
         fake = start_nginx(folder, "upstream", 1, UPSTREAM_SERVER.format(upstream=upstream, answer=ANSWER))
         started.callback(stop_nginx, fake)
         wait_until_up(f"http://127.0.0.1:{upstream}/", fake)
-        env = backend_env(args.backend, start_store(args.backend, started))
-        port = free_port()
-        proxy = start_proxy(port, upstream, folder / "cache.db", env, errors_to=folder / "proxy.log")
-        started.callback(stop, proxy)
-        wait_for_proxy(port, proxy, args.backend)
+        port, proxy = serve_proxy(args.backend, upstream, folder, started)
         sampler = RssSampler(proxy.pid).start()
         started.callback(sampler.stop)
         base = f"http://127.0.0.1:{port}"
@@ -688,11 +697,7 @@ def measure_streams(args: argparse.Namespace) -> StreamFindings:
         upstream = start_upstream(upstream_port, args.gap_ms, folder / "upstream.log")
         started.callback(stop, upstream)
         wait_until_up(f"http://127.0.0.1:{upstream_port}/", upstream)
-        env = backend_env(args.backend, start_store(args.backend, started))
-        port = free_port()
-        proxy = start_proxy(port, upstream_port, folder / "cache.db", env, errors_to=folder / "proxy.log")
-        started.callback(stop, proxy)
-        wait_for_proxy(port, proxy, args.backend)
+        port, proxy = serve_proxy(args.backend, upstream_port, folder, started)
         # A few short streams first, so what the proxy builds on its first request is in `rss_before`.
         uvloop.run(open_streams(port, WARM_UP_STREAMS, 2, 0.0, 10 + 2 * args.gap_ms / 1000))
         time.sleep(2)

@@ -123,12 +123,16 @@ class EntryFilter:
     provider: str | None = None
     created_before: float | None = None
 
-    def matches(self, entry: CachedResponse) -> bool:
+    def covers(self, provider: str, namespace: str, created_at: float) -> bool:
+        """Whether an entry of this provider and namespace, made at `created_at`, is one the filter names."""
         return (
-            (self.namespace is None or entry.namespace == self.namespace)
-            and (self.provider is None or entry.provider == self.provider)
-            and (self.created_before is None or entry.created_at < self.created_before)
+            (self.namespace is None or namespace == self.namespace)
+            and (self.provider is None or provider == self.provider)
+            and (self.created_before is None or created_at < self.created_before)
         )
+
+    def matches(self, entry: CachedResponse) -> bool:
+        return self.covers(entry.provider, entry.namespace, entry.created_at)
 
 
 class EntryStore(Protocol):

@@ -712,8 +712,4 @@ def _meta(raw: bytes) -> tuple[str, str, str | None, str, float]:
 
 def _matches(meta: tuple[str, str, str | None, str, float], which: EntryFilter) -> bool:
     provider, _, _, namespace, created_at = meta
-    return (
-        (which.namespace is None or namespace == which.namespace)
-        and (which.provider is None or provider == which.provider)
-        and (which.created_before is None or created_at < which.created_before)
-    )
+    return which.covers(provider, namespace, created_at)

@@ -97,8 +97,10 @@ def _admin_endpoint(endpoint: AdminEndpoint) -> AdminEndpoint:
     async def answer(admin: AdminApi, request: Request) -> Response:
         try:
             admin.access.authorize(request)
-            # Counts gathered since the last flush belong in every answer.
+            # Counts gathered since the last flush, and answers just sent, belong in every answer.
             await admin.statistics.flush()
+            if admin.waiting is not None:
+                await admin.waiting.settled()
             return await endpoint(admin, request)
         except ControlError as exc:
             return error_response(ProxyError(400, str(exc), "invalid_parameter"))

@@ -15,6 +15,7 @@ from proxy.errors import ProxyError, error_response
 from proxy.metrics import CONTENT_TYPE, Metrics
 from proxy.pricing import Prices
 from proxy.statistics import Statistics
+from proxy.storing import StoreQueue
 
 
 class HealthCheck:
@@ -45,13 +46,16 @@ class MetricsPage:
         statistics: Statistics,
         prices: Prices,
         access: AdminAccess | None,
+        waiting: StoreQueue | None = None,
     ) -> None:
-        """`access`: whom the page answers; None for anyone (METRICS_PUBLIC)."""
+        """`access`: whom the page answers; None for anyone (METRICS_PUBLIC). `waiting`: the answers
+        waiting to be stored, which a scrape lets settle briefly so the entry figures count them."""
         self.metrics = metrics
         self.health = health
         self.statistics = statistics
         self.prices = prices
         self.access = access
+        self.waiting = waiting
 
     async def answer(self, request: Request) -> Response:
         try:
@@ -60,6 +64,8 @@ class MetricsPage:
         except ProxyError as error:
             return error_response(error)
         await self.statistics.flush()
+        if self.waiting is not None:
+            await self.waiting.settled()
         await self.prices.loaded()  # a model is a label once the price table knows it
         try:
             figures: CacheStatistics | None = await self.statistics.figures()

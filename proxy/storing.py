@@ -29,6 +29,7 @@ logger = logging.getLogger("openai_proxy.cache")
 WAITING_ENTRY_OVERHEAD = 2 * 1024
 CONCURRENT_WRITES = 64
 DRAIN_SECONDS = 10.0
+SETTLE_SECONDS = 1.0
 
 Landed = Callable[[bool], None]  # told whether the store has the entry, once that is known
 
@@ -89,6 +90,12 @@ class StoreQueue:
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_queued())
         return True
+
+    async def settled(self, timeout: float = SETTLE_SECONDS) -> None:
+        """Until the answers waiting now are written, for at most `timeout` seconds: the figures of
+        /cache/stats and /metrics then count the answers just sent, unless the store is far behind."""
+        if self._writer is not None:
+            await asyncio.wait([self._writer], timeout=timeout)
 
     async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
         """Until every queued entry was written (or failed), before the store closes; a store that has not

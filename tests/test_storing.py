@@ -10,14 +10,17 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from cache import CachedResponse, CacheError, CacheHealth
 from cache.base import EntryFilter
-from openai_proxy import create_app
+from openai_proxy import ProxyApp, create_app
 from proxy.settings import Settings
 from proxy.storing import CONCURRENT_WRITES, WAITING_ENTRY_OVERHEAD, StoreQueue
 from tests.conftest import PROXY_OPENAI_KEY
@@ -34,7 +37,7 @@ class BlockedStore:
 
     name = "blocked"
 
-    def __init__(self, failure: CacheError | None = None) -> None:
+    def __init__(self, failure: Exception | None = None) -> None:
         self.opened = asyncio.Event()
         self.failure = failure
         self.stored: list[str] = []
@@ -104,6 +107,35 @@ async def test_a_failing_store_lands_its_answers_unstored_and_goes_on() -> None:
 
 
 @pytest.mark.anyio
+async def test_an_unexpected_store_error_is_logged_and_the_queue_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    store = BlockedStore(failure=RuntimeError("a bug in a store"))
+    queue, _, _ = queue_for(store, max_bytes=1 << 20)
+    landed: list[bool] = []
+    queue.put("k0", entry(10), landed.append)
+    store.opened.set()
+    await queue.drain()
+    assert landed == [False] and queue.waiting == 0
+    assert any("failed unexpectedly" in record.getMessage() and record.exc_info for record in caplog.records)
+    store.failure = None
+    queue.put("k1", entry(10), landed.append)
+    await queue.drain()
+    assert landed == [False, True] and store.stored == ["k1"]
+
+
+@pytest.mark.anyio
+async def test_figures_wait_briefly_for_the_answers_just_sent() -> None:
+    store = BlockedStore()
+    queue, _, _ = queue_for(store, max_bytes=1 << 20)
+    queue.put("k0", entry(10))
+    started = time.monotonic()
+    await queue.settled(timeout=0.2)  # the store does not catch up: the figures are answered anyway
+    assert 0.15 < time.monotonic() - started < 2 and queue.waiting == 1, "waited the timeout, gave nothing up"
+    asyncio.get_running_loop().call_later(0.05, store.opened.set)
+    await queue.settled(timeout=5)
+    assert store.stored == ["k0"] and queue.waiting == 0
+
+
+@pytest.mark.anyio
 async def test_a_store_that_does_not_catch_up_does_not_hold_up_a_shutdown(caplog: pytest.LogCaptureFixture) -> None:
     store = BlockedStore()  # never opened: every write waits
     queue, _, _ = queue_for(store, max_bytes=1 << 20)
@@ -152,36 +184,50 @@ def chat(number: int) -> dict[str, object]:
     return {"model": "m", "messages": [{"role": "user", "content": f"unique prompt {number}"}]}
 
 
+@contextmanager
+def serving(upstream: FakeUpstream, database: Path, **settings: Any) -> Iterator[tuple[ProxyApp, str]]:
+    """The proxy on a loopback port with its cache in `database`: its app and base URL."""
+    app = create_app(
+        Settings(  # type: ignore[call-arg]
+            _env_file=None,
+            openai_base_url=upstream.url,
+            openai_api_key=PROXY_OPENAI_KEY,
+            cache_db=database,
+            **settings,
+        )
+    )
+    server = ServerThread(app).start()
+    try:
+        assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
+        yield app, server.url
+    finally:
+        server.stop()
+
+
+@contextmanager
+def write_locked(database: Path) -> Iterator[None]:
+    """Another connection holds the file's write lock: no store can write until the block ends."""
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
 def test_a_blocked_store_skips_stores_instead_of_holding_answers(upstream: FakeUpstream, tmp_path: Path) -> None:
     bound = 4 * (2048 + WAITING_ENTRY_OVERHEAD)
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        openai_base_url=upstream.url,
-        openai_api_key=PROXY_OPENAI_KEY,
-        cache_db=tmp_path / "blocked.db",
-        cache_busy_timeout=5,
-        store_backlog_bytes=bound,
-    )
-    app = create_app(settings)
-    server = ServerThread(app).start()
-    base = server.url
-    try:
-        assert httpx.get(f"{base}/healthz").json()["status"] == "ok"
-        holder = sqlite3.connect(tmp_path / "blocked.db", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # every store now waits for this lock
-        try:
+    database = tmp_path / "blocked.db"
+    with serving(upstream, database, cache_busy_timeout=5, store_backlog_bytes=bound) as (app, base):
+        with write_locked(database):
             most_bytes = asyncio.run(send_misses(base, app.proxy.stores, count=60))
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
         assert most_bytes <= bound, "answers waiting to be stored stay within the bound"
         stats = wait_for_stores(base, expected=60)
         assert stats["stores_skipped"] >= 50
         assert stats["entries"] + stats["stores_skipped"] == 60, "every answer stored or counted as skipped"
         metrics = httpx.get(f"{base}/metrics").text
         assert f"openai_proxy_cache_stores_skipped_total {float(stats['stores_skipped'])}" in metrics
-    finally:
-        server.stop()
 
 
 async def send_misses(base: str, queue: StoreQueue, count: int) -> int:
@@ -208,44 +254,31 @@ def wait_for_stores(base: str, expected: int) -> dict[str, int]:
 
 
 def test_an_answer_waiting_to_be_stored_already_answers_hits(upstream: FakeUpstream, tmp_path: Path) -> None:
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        openai_base_url=upstream.url,
-        openai_api_key=PROXY_OPENAI_KEY,
-        cache_db=tmp_path / "waiting.db",
-        cache_busy_timeout=5,
-        memory_cache_bytes=0,  # no memory tier: a hit can only come from the store or the queue
-    )
-    server = ServerThread(create_app(settings)).start()
-    try:
-        url = f"{server.url}/v1/chat/completions"
-        assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
-        holder = sqlite3.connect(tmp_path / "waiting.db", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # the answer cannot be written yet
-        try:
+    database = tmp_path / "waiting.db"
+    # No memory tier: a hit can only come from the store or the queue.
+    with serving(upstream, database, cache_busy_timeout=5, memory_cache_bytes=0) as (_, base):
+        url = f"{base}/v1/chat/completions"
+        with write_locked(database):
             first = httpx.post(url, json=chat(1))
             again = httpx.post(url, json=chat(1))
             assert (first.headers["x-cache-status"], again.headers["x-cache-status"]) == ("MISS", "HIT")
             assert again.content == first.content
-            assert sqlite3.connect(tmp_path / "waiting.db").execute("SELECT count(*) FROM entries").fetchone() == (0,)
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-        assert wait_for_stores(server.url, expected=1)["entries"] == 1
+            assert sqlite3.connect(database).execute("SELECT count(*) FROM entries").fetchone() == (0,)
+        assert wait_for_stores(base, expected=1)["entries"] == 1
         assert upstream.calls == 1
-    finally:
-        server.stop()
 
 
 def test_an_answered_miss_leaves_nothing_for_the_garbage_collector(upstream: FakeUpstream, tmp_path: Path) -> None:
     """Each answered request is freed by reference counting: nothing of it waits in a reference cycle for a
     full collection, whose pause grows with what piled up (it was 0.7 s under sustained misses)."""
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None, openai_base_url=upstream.url, openai_api_key=PROXY_OPENAI_KEY, cache_db=tmp_path / "gc.db"
-    )
-    server = ServerThread(create_app(settings)).start()
+    with serving(upstream, tmp_path / "gc.db") as (_, base):
+        port = int(base.rsplit(":", 1)[1])
+        assert_no_garbage_left(port)
+
+
+def assert_no_garbage_left(port: int) -> None:
     # The standard library's client, which leaves no garbage of its own to tell apart from the proxy's.
-    client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    client = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
 
     def ask(method: str, path: str, body: dict[str, object] | None = None) -> bytes:
         client.request(
@@ -279,39 +312,21 @@ def test_an_answered_miss_leaves_nothing_for_the_garbage_collector(upstream: Fak
         assert left == [], "objects of answered requests left in reference cycles"
     finally:
         client.close()
-        server.stop()
 
 
 def test_followers_are_answered_while_the_leaders_answer_waits_to_be_stored(
     upstream: FakeUpstream, tmp_path: Path
 ) -> None:
     upstream.answer_slowly(0.3)
-    settings = Settings(  # type: ignore[call-arg]
-        _env_file=None,
-        openai_base_url=upstream.url,
-        openai_api_key=PROXY_OPENAI_KEY,
-        cache_db=tmp_path / "followers.db",
-        cache_busy_timeout=30,
-        memory_cache_bytes=0,
-    )
-    server = ServerThread(create_app(settings)).start()
-    try:
-        url = f"{server.url}/v1/chat/completions"
-        assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"
-        holder = sqlite3.connect(tmp_path / "followers.db", isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # the store cannot write until the end of the test
+    database = tmp_path / "followers.db"
 
-        async def identical() -> list[httpx.Response]:
-            async with httpx.AsyncClient(timeout=10) as http:
-                return await asyncio.gather(*(http.post(url, json=chat(7)) for _ in range(6)))
+    async def identical(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=10) as http:
+            return await asyncio.gather(*(http.post(url, json=chat(7)) for _ in range(6)))
 
-        try:
-            answers = asyncio.run(identical())
-        finally:
-            holder.execute("ROLLBACK")
-            holder.close()
-        assert [answer.status_code for answer in answers] == [200] * 6
-        assert upstream.calls == 1, "the followers were answered from the waiting answer, not by going upstream"
-        assert len({answer.content for answer in answers}) == 1
-    finally:
-        server.stop()
+    with serving(upstream, database, cache_busy_timeout=30, memory_cache_bytes=0) as (_, base):
+        with write_locked(database):  # the store cannot write until every answer came
+            answers = asyncio.run(identical(f"{base}/v1/chat/completions"))
+    assert [answer.status_code for answer in answers] == [200] * 6
+    assert upstream.calls == 1, "the followers were answered from the waiting answer, not by going upstream"
+    assert len({answer.content for answer in answers}) == 1
