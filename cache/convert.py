@@ -12,6 +12,9 @@ from typing import Any
 from cache.sse import DONE, SseEvent, data_events, encode_event
 
 _CHUNK_ENVELOPE = ("id", "created", "model", "system_fingerprint", "service_tier")
+# Azure OpenAI's content filtering: of the prompt (top level) and of each choice's content.
+_PROMPT_FILTER = "prompt_filter_results"
+_CONTENT_FILTER = "content_filter_results"
 # What a body that only looks like the expected format raises while being converted.
 _MALFORMED = (KeyError, IndexError, TypeError, AttributeError, ValueError)
 
@@ -41,8 +44,10 @@ def _chat_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
     usage = None
     for chunk in chunks:
         for field in _CHUNK_ENVELOPE:
-            if chunk.get(field) is not None:
+            if chunk.get(field):  # Azure's first chunk (prompt filter results) has an empty id and model
                 completion[field] = chunk[field]
+        if chunk.get(_PROMPT_FILTER) is not None:
+            completion[_PROMPT_FILTER] = chunk[_PROMPT_FILTER]
         if chunk.get("usage") is not None:
             usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
@@ -90,6 +95,8 @@ def _merge_chat_choice(state: dict[str, Any], choice: dict[str, Any]) -> None:
         state["logprobs"]["content"].extend(logprobs.get("content") or [])
     if choice.get("finish_reason"):
         state["finish_reason"] = choice["finish_reason"]
+    if choice.get(_CONTENT_FILTER):
+        state[_CONTENT_FILTER] = choice[_CONTENT_FILTER]
 
 
 def _finish_choice(index: int, state: dict[str, Any]) -> dict[str, Any]:
@@ -100,12 +107,15 @@ def _finish_choice(index: int, state: dict[str, Any]) -> dict[str, Any]:
     }
     if state["tool_calls"]:
         message["tool_calls"] = [state["tool_calls"][i] for i in sorted(state["tool_calls"])]
-    return {
+    finished = {
         "index": index,
         "message": message,
         "logprobs": state["logprobs"],
         "finish_reason": state["finish_reason"],
     }
+    if _CONTENT_FILTER in state:
+        finished[_CONTENT_FILTER] = state[_CONTENT_FILTER]
+    return finished
 
 
 def _absent_content(state: dict[str, Any]) -> str | None:
@@ -126,22 +136,25 @@ def _chat_json_to_stream(completion: dict[str, Any], include_usage: bool) -> byt
     envelope.update({field: completion[field] for field in _CHUNK_ENVELOPE if field in completion})
     usage = completion.get("usage") if include_usage else None
 
-    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None) -> bytes:
-        body: dict[str, Any] = {
-            **envelope,
-            "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-        }
+    def chunk(
+        index: int, delta: dict[str, Any], finish_reason: str | None = None, logprobs: Any = None, **extra: Any
+    ) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason, **extra}
+        body: dict[str, Any] = {**envelope, "choices": [choice]}
         if usage is not None:
             body["usage"] = None
         return encode_event(body)
 
     events = []
+    if completion.get(_PROMPT_FILTER) is not None:  # Azure sends these first, in a chunk of their own
+        events.append(encode_event({**envelope, "choices": [], _PROMPT_FILTER: completion[_PROMPT_FILTER]}))
     for choice in completion.get("choices") or []:
         index = choice.get("index", 0)
         message = choice.get("message") or {}
+        filtered = {_CONTENT_FILTER: choice[_CONTENT_FILTER]} if _CONTENT_FILTER in choice else {}
         events.append(chunk(index, {"role": message.get("role", "assistant"), "content": ""}))
         if message.get("content"):
-            events.append(chunk(index, {"content": message["content"]}, logprobs=choice.get("logprobs")))
+            events.append(chunk(index, {"content": message["content"]}, logprobs=choice.get("logprobs"), **filtered))
         if message.get("refusal"):
             events.append(chunk(index, {"refusal": message["refusal"]}))
         for position, call in enumerate(message.get("tool_calls") or []):

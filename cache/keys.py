@@ -22,6 +22,8 @@ KEY_VERSION = 2
 # `v1/responses/{id}`) is not a generation and is never cached.
 GENERATION_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages", "chat")
 _GENERATION_PATH = re.compile(r"^(?:.*/)?v\d+(?:alpha|beta)?/(" + "|".join(GENERATION_ENDPOINTS) + ")$")
+# Azure OpenAI's deployment paths: the deployment takes the place of the body's `model`.
+_DEPLOYMENT_PATH = re.compile(r"^openai/deployments/([^/]+)/(chat/completions|completions|embeddings)$")
 
 # Fields that make up "the conversation" in messages mode.
 CONTENT_FIELDS = (
@@ -70,8 +72,27 @@ class KeyConfig:
 @lru_cache(maxsize=1024)
 def generation_endpoint(path: str) -> str | None:
     """The generation endpoint (`chat/completions`, `messages`, ...) a request path names, if any."""
-    match = _GENERATION_PATH.match(path.strip("/"))
+    path = path.strip("/")
+    match = _GENERATION_PATH.match(path)
+    if match:
+        return match.group(1)
+    deployment = _DEPLOYMENT_PATH.match(path)
+    return deployment.group(2) if deployment else None
+
+
+def deployment_of(path: str) -> str | None:
+    """The Azure OpenAI deployment a request path names (`openai/deployments/{name}/...`), if any."""
+    match = _DEPLOYMENT_PATH.match(path.split("?", 1)[0].strip("/"))
     return match.group(1) if match else None
+
+
+def _as_model(endpoint: str) -> tuple[str, str | None]:
+    """`endpoint` without the deployment it names, and that deployment (None when it names none)."""
+    path, question, query = endpoint.partition("?")
+    match = _DEPLOYMENT_PATH.match(path.strip("/"))
+    if match is None:
+        return endpoint, None
+    return f"openai/deployments/{{model}}/{match.group(2)}{question}{query}", match.group(1)
 
 
 def cache_key(
@@ -87,7 +108,11 @@ def cache_key(
 
     `endpoint` is the request path below the provider (with its query string, if any);
     `scope` separates credentials that must not share answers; `namespace` partitions the cache.
+    A deployment in the path (Azure OpenAI) counts as the body's `model`, which it overrides upstream.
     """
+    endpoint, deployment = _as_model(endpoint)
+    if deployment is not None:
+        body = {**body, "model": deployment}
     if config.mode is KeyMode.FULL:
         content: dict[str, Any] = {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
     else:

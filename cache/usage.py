@@ -102,6 +102,13 @@ def reported_usage(endpoint: str, content_type: str, body: bytes) -> Usage:
     )
 
 
+def reported_model(endpoint: str, content_type: str, body: bytes) -> str | None:
+    """The model an answer names (JSON, or a stream that converts to JSON), if any."""
+    answer = _as_json(endpoint, content_type, body)
+    model = answer.get("model") if isinstance(answer, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
 def _as_json(endpoint: str, content_type: str, body: bytes) -> Any:
     if content_type.split(";", 1)[0].strip().lower() != EVENT_STREAM:
         try:

@@ -21,11 +21,11 @@ from cache import CachedResponse, CacheError, CacheHealth, cache_key, generation
 from cache.base import EntryStore
 from cache.control import ControlError, is_fresh, request_control
 from cache.health import Operation
-from cache.keys import credential_scope, is_storable
+from cache.keys import credential_scope, deployment_of, is_storable
 from cache.preview import prompt_preview
 from cache.replay import Replay, is_event_stream, replay
 from cache.stream_usage import ask_for_usage
-from cache.usage import reported_usage
+from cache.usage import reported_model, reported_usage
 from providers import Provider
 from proxy.access import presents_key, proxy_key_required
 from proxy.clock import event_loop_time
@@ -202,13 +202,18 @@ class Proxy:
             )
         except RecursionError as exc:
             raise ProxyError(400, "The JSON body is nested too deeply.", "invalid_json") from exc
-        model = payload.get("model")
+        model = deployment_of(endpoint_path) or payload.get("model")
         wants_stream = payload.get("stream") is True
         options = payload.get("stream_options")
         wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         # The provider is asked for usage on every chat stream, so the recording can also answer a request
         # for JSON; a client that did not ask gets the stream without it.
-        asks_usage = wants_stream and not wants_usage and endpoint == "chat/completions" and provider.stream_usage
+        asks_usage = (
+            wants_stream
+            and not wants_usage
+            and endpoint == "chat/completions"
+            and provider.asks_stream_usage(upstream.rest.decode("latin-1"), upstream.query.decode("latin-1"))
+        )
         if exchange is not None:
             exchange.model, exchange.key = (model if isinstance(model, str) else None), key
         return Asked(
@@ -623,6 +628,9 @@ class Proxy:
             return False
         content_type = _content_type(headers)
         usage = reported_usage(asked.endpoint, content_type, body)
+        model = asked.model
+        if self.providers[asked.provider].model_from_answer:
+            model = reported_model(asked.endpoint, content_type, body) or model
         entry = CachedResponse(
             status=status,
             content_type=content_type,
@@ -630,7 +638,7 @@ class Proxy:
             created_at=answer.answered_at,
             provider=asked.provider,
             endpoint=asked.endpoint_path,
-            model=asked.model,
+            model=model,
             namespace=asked.control.namespace,
             ttl=asked.control.ttl,
             input_tokens=usage.input_tokens,

@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     mistral_api_key: SecretStr | None = None
     cohere_api_key: SecretStr | None = None
     ai21_api_key: SecretStr | None = None
+    azure_openai_api_key: SecretStr | None = None
 
     openai_base_url: str | None = None
     anthropic_base_url: str | None = None
@@ -66,6 +67,7 @@ class Settings(BaseSettings):
     mistral_base_url: str | None = None
     cohere_base_url: str | None = None
     ai21_base_url: str | None = None
+    azure_openai_endpoint: str | None = None
     extra_providers: dict[str, ExtraProvider] = Field(default_factory=dict)
     # Providers whose chat streams are forwarded asking for usage; `none` for no provider.
     stream_usage_providers: Annotated[tuple[str, ...], NoDecode] = tuple(
@@ -135,6 +137,7 @@ class Settings(BaseSettings):
         "mistral_base_url",
         "cohere_base_url",
         "ai21_base_url",
+        "azure_openai_endpoint",
     )
     @classmethod
     def _base_urls_are_http(cls, value: str | None) -> str | None:
@@ -206,8 +209,8 @@ class Settings(BaseSettings):
         """Every route prefix the proxy serves, with base URLs and keys applied."""
         providers: dict[str, Provider] = {}
         for provider in BUILTIN_PROVIDERS:
-            base_url: str | None = getattr(self, f"{provider.name}_base_url")
-            key: SecretStr | None = getattr(self, f"{provider.name}_api_key")
+            base_url: str | None = getattr(self, provider.base_url_setting)
+            key: SecretStr | None = getattr(self, provider.api_key_setting)
             providers[provider.name] = provider.configured(
                 base_url=base_url,
                 api_key=key.get_secret_value() if key else None,

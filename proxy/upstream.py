@@ -33,6 +33,14 @@ _NEARBY_SUFFIXES = (".localhost", ".local", ".internal", ".lan", ".home.arpa")
 def upstream_url(provider: Provider, rest: bytes, query: bytes) -> str:
     """`{provider base URL}/{rest}?{query}`. Only `rest` comes from the client, and only after the base
     URL's own path, so no request can choose the host, port or scheme the proxy connects to."""
+    if not provider.base_url:
+        setting = provider.base_url_setting.upper()
+        raise ProxyError(
+            503,
+            f"The proxy has no upstream for '{provider.name}': set {setting} (see the README's Providers).",
+            "provider_not_configured",
+            error_type="configuration_error",
+        )
     url = provider.base_url + "/" + rest.decode("latin-1").lstrip("/")
     return url + "?" + query.decode("latin-1") if query else url
 

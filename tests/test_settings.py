@@ -13,6 +13,7 @@ from providers import BUILTIN_PROVIDERS, AuthStyle, Provider, normalize_base_url
 from proxy.settings import Settings, describe_invalid_settings
 
 BUILTIN_NAMES = [provider.name for provider in BUILTIN_PROVIDERS]
+BUILTINS = {provider.name: provider for provider in BUILTIN_PROVIDERS}
 
 
 def settings(**values: Any) -> Settings:
@@ -137,7 +138,27 @@ def test_anthropic_uses_x_api_key_and_version_header() -> None:
     assert anthropic.credential_headers() == [("x-api-key", "sk-ant-1")]
 
 
-@pytest.mark.parametrize("name", [name for name in BUILTIN_NAMES if name != "anthropic"])
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        pytest.param("https://name.openai.azure.com", "https://name.openai.azure.com", id="resource"),
+        pytest.param("https://name.openai.azure.com/", "https://name.openai.azure.com", id="slash"),
+        pytest.param("https://name.openai.azure.com/openai", "https://name.openai.azure.com", id="openai"),
+        pytest.param("https://name.openai.azure.com/openai/v1/", "https://name.openai.azure.com", id="v1"),
+    ],
+)
+def test_azure_takes_its_resource_endpoint_and_an_api_key_header(endpoint: str, expected: str) -> None:
+    azure = settings(azure_openai_endpoint=endpoint, azure_openai_api_key="az-1").providers()["azure"]
+    assert azure.base_url == expected
+    assert azure.auth is AuthStyle.API_KEY
+    assert azure.credential_headers() == [("api-key", "az-1")]
+
+
+def test_azure_has_no_upstream_until_told_one() -> None:
+    assert settings().providers()["azure"].base_url == ""
+
+
+@pytest.mark.parametrize("name", [name for name in BUILTIN_NAMES if name not in ("anthropic", "azure")])
 def test_other_builtins_use_bearer(name: str) -> None:
     provider = settings(**{f"{name}_api_key": f"key-{name}"}).providers()[name]
     assert provider.auth is AuthStyle.BEARER
@@ -160,7 +181,7 @@ def test_key_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("name", BUILTIN_NAMES)
 def test_repr_never_shows_key(name: str) -> None:
     secret = f"CANARY-{name}-9f2c"
-    configured = settings(**{f"{name}_api_key": secret})
+    configured = settings(**{BUILTINS[name].api_key_setting: secret})
     provider = configured.providers()[name]
     assert provider.api_key == secret
     assert secret not in repr(provider)
@@ -177,7 +198,7 @@ def test_registry_is_not_changed_by_configuration() -> None:
 @pytest.mark.parametrize(
     ("value", "asked"),
     [
-        pytest.param(None, {"openai", "openrouter", "groq"}, id="default"),
+        pytest.param(None, {"openai", "openrouter", "groq", "azure"}, id="default"),
         pytest.param("none", set(), id="none"),
         pytest.param("mistral, local", {"mistral", "local"}, id="listed-with-an-extra-provider"),
     ],
