@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from cache import CacheBackend, CacheHealth
-from cache.keys import GENERATION_ENDPOINTS
+from cache.keys import ALL_GENERATION_ENDPOINTS
 from cache.memory import TieredBackend
 from proxy import commands
 from proxy.access import AdminAccess
@@ -89,7 +89,7 @@ def create_app(
 def _metrics(settings: Settings, prices: Prices) -> Metrics:
     return Metrics(
         set(settings.providers()),
-        set(GENERATION_ENDPOINTS),
+        set(ALL_GENERATION_ENDPOINTS),
         ModelLabels(known=prices.knows, listed=settings.metrics_models),
         settings.prometheus_multiproc_dir,
     )

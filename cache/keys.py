@@ -13,6 +13,9 @@ from typing import Any
 
 import orjson
 
+from cache.gemini import EMBEDDING_METHODS, GENERATE, STREAM_GENERATE, gemini_call, is_gemini_endpoint
+from cache.gemini import conversation as gemini_conversation
+from cache.gemini import stream_finished as gemini_stream_finished
 from cache.sse import EVENT_STREAM, stream_completed
 
 KEY_VERSION = 2
@@ -22,6 +25,8 @@ KEY_VERSION = 2
 # `v1/responses/{id}`) is not a generation and is never cached.
 GENERATION_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages", "chat")
 _GENERATION_PATH = re.compile(r"^(?:.*/)?v\d+(?:alpha|beta)?/(" + "|".join(GENERATION_ENDPOINTS) + ")$")
+# Every endpoint `generation_endpoint` names (Gemini's among them).
+ALL_GENERATION_ENDPOINTS = (*GENERATION_ENDPOINTS, GENERATE, *sorted(EMBEDDING_METHODS))
 # Azure OpenAI's deployment paths: the deployment takes the place of the body's `model`.
 _DEPLOYMENT_PATH = re.compile(r"^openai/deployments/([^/]+)/(chat/completions|completions|embeddings)$")
 
@@ -52,7 +57,7 @@ EMBEDDING_FIELDS = ("model", "dimensions", "encoding_format")
 TRANSPORT_FIELDS = frozenset({"stream", "stream_options"})
 # Endpoints whose streamed and complete answers convert into each other faithfully, so both
 # share one entry. Elsewhere a streamed request gets an entry of its own.
-STREAM_CONVERTIBLE = frozenset({"chat/completions", "messages"})
+STREAM_CONVERTIBLE = frozenset({"chat/completions", "messages", GENERATE})
 _TEXT_PART_TYPES = frozenset({"text", "input_text"})
 # Prompt-caching hints say how the provider should bill, not what the conversation is.
 _IGNORED_PART_FIELDS = frozenset({"cache_control"})
@@ -77,7 +82,19 @@ def generation_endpoint(path: str) -> str | None:
     if match:
         return match.group(1)
     deployment = _DEPLOYMENT_PATH.match(path)
-    return deployment.group(2) if deployment else None
+    if deployment:
+        return deployment.group(2)
+    call = gemini_call(path)
+    return call.endpoint if call else None
+
+
+def cacheable_endpoint(path: str, query: bytes) -> str | None:
+    """The generation endpoint a request may be cached under. A Gemini stream is cached only as an event
+    stream (`alt=sse`, as the SDKs ask for it); without it the API streams one JSON array, passed through."""
+    endpoint = generation_endpoint(path)
+    if endpoint == GENERATE and path.endswith(STREAM_GENERATE) and b"alt=sse" not in query.split(b"&"):
+        return None
+    return endpoint
 
 
 def deployment_of(path: str) -> str | None:
@@ -87,12 +104,17 @@ def deployment_of(path: str) -> str | None:
 
 
 def _as_model(endpoint: str) -> tuple[str, str | None]:
-    """`endpoint` without the deployment it names, and that deployment (None when it names none)."""
+    """`endpoint` without the model its path names (an Azure deployment, a Gemini model), and that model
+    (None when it names none). A Gemini stream's path is its generation's: both share one entry."""
     path, question, query = endpoint.partition("?")
     match = _DEPLOYMENT_PATH.match(path.strip("/"))
-    if match is None:
+    if match is not None:
+        return f"openai/deployments/{{model}}/{match.group(2)}{question}{query}", match.group(1)
+    call = gemini_call(path)
+    if call is None:
         return endpoint, None
-    return f"openai/deployments/{{model}}/{match.group(2)}{question}{query}", match.group(1)
+    query = "&".join(part for part in query.split("&") if part and not part.startswith("alt="))
+    return call.key_path + ("?" + query if query else ""), call.model
 
 
 def cache_key(
@@ -132,7 +154,11 @@ def cache_key(
 
 
 def conversation_content(body: Mapping[str, Any], endpoint: str, include: Iterable[str] = ()) -> dict[str, Any]:
-    content: dict[str, Any] = {}
+    generation = generation_endpoint(endpoint.split("?", 1)[0])
+    if generation is not None and is_gemini_endpoint(generation):
+        content = gemini_conversation(dict(body), generation)
+        return content | {name: body[name] for name in include if name in body}
+    content = {}
     for name in CONTENT_FIELDS:
         if name in body:
             content[name] = body[name]
@@ -144,7 +170,7 @@ def conversation_content(body: Mapping[str, Any], endpoint: str, include: Iterab
         content["input"] = _normalize_messages(content["input"])
     if content.get("n") == 1:
         del content["n"]
-    if generation_endpoint(endpoint.split("?", 1)[0]) == "embeddings":
+    if generation == "embeddings":
         include = (*include, *EMBEDDING_FIELDS)
     for name in include:
         if name in body and name not in TRANSPORT_FIELDS:
@@ -202,16 +228,19 @@ def canonical_json(value: Any) -> bytes:
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 
 
-def credential_scope(headers: Iterable[tuple[str, str]]) -> str:
-    """A full SHA-256 over the credential headers a client sent ("" stands for none).
+def credential_scope(headers: Iterable[tuple[str, str]], query_credential: str = "") -> str:
+    """A full SHA-256 over the credential headers a client sent and the credential in its query (Gemini's
+    `key=...`); "" stands for none.
 
     Used to keep apart answers paid for with different credentials when the client's own
     credential is forwarded. The credential itself is never stored.
     """
     found = sorted((name.lower(), value) for name, value in headers if name.lower() in CREDENTIAL_HEADERS)
+    if query_credential:
+        found.append(("?", query_credential))
     if not found:
         return ""
     return hashlib.sha256(canonical_json(found)).hexdigest()
@@ -232,7 +261,7 @@ def is_storable(status: int, headers: Iterable[tuple[str, str]], body: bytes, en
         if lowered == "content-type":
             content_type = value.split(";", 1)[0].strip().lower()
     if content_type == EVENT_STREAM:
-        return stream_completed(endpoint, body)
+        return stream_completed(endpoint, body, gemini_stream_finished if endpoint == GENERATE else None)
     if content_type != "application/json" and not content_type.endswith("+json"):
         return False
     try:

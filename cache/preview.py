@@ -21,13 +21,19 @@ def prompt_preview(payload: dict[str, Any]) -> str | None:
 
 
 def _last_user_text(payload: dict[str, Any]) -> str | None:
-    # Chat Completions, Anthropic Messages, Cohere v2 chat; then Responses' input, Completions' prompt,
+    # Chat Completions, Anthropic Messages, Cohere v2 chat; Gemini; then Responses' input, Completions' prompt,
     # Embeddings' input, Cohere v1 chat's message.
     messages = payload.get("messages")
     if isinstance(messages, list):
         for message in reversed(messages):
             if isinstance(message, dict) and message.get("role") == "user":
                 return _text(message.get("content"))
+        return None
+    contents = payload.get("contents")  # Gemini: a user's content has role "user", or none
+    if isinstance(contents, list):
+        for content in reversed(contents):
+            if isinstance(content, dict) and content.get("role", "user") == "user":
+                return _text(content.get("parts"))
         return None
     for field in ("input", "prompt", "message"):
         value = payload.get(field)

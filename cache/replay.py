@@ -13,6 +13,9 @@ from cache.convert import (
     chat_stream_to_json,
     is_usage_chunk,
 )
+from cache.gemini import GENERATE
+from cache.gemini import json_to_stream as gemini_json_to_stream
+from cache.gemini import stream_to_json as gemini_stream_to_json
 from cache.keys import STREAM_CONVERTIBLE
 from cache.sse import EVENT_STREAM, parse_events
 from cache.stream_usage import without_usage
@@ -42,7 +45,12 @@ def replay(entry: CachedResponse, endpoint: str, wants_stream: bool, wants_usage
         return None
     if stored_stream:
         events = parse_events(entry.body)
-        message = chat_stream_to_json(events) if endpoint == "chat/completions" else anthropic_stream_to_json(events)
+        if endpoint == "chat/completions":
+            message = chat_stream_to_json(events)
+        elif endpoint == GENERATE:
+            message = gemini_stream_to_json(events)
+        else:
+            message = anthropic_stream_to_json(events)
         if message is None:
             return None
         return Replay(json.dumps(message, ensure_ascii=False).encode(), "application/json")
@@ -52,6 +60,8 @@ def replay(entry: CachedResponse, endpoint: str, wants_stream: bool, wants_usage
         return None
     if endpoint == "chat/completions":
         stream = chat_json_to_stream(stored, include_usage=wants_usage)
+    elif endpoint == GENERATE:
+        stream = gemini_json_to_stream(stored)
     else:
         stream = anthropic_json_to_stream(stored)
     return None if stream is None else Replay(stream, EVENT_STREAM)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +91,9 @@ def encode_event(data: Any, name: str | None = None) -> bytes:
     return f"{prefix}data: {text}\n\n".encode()
 
 
-def stream_completed(endpoint: str, stream: bytes) -> bool:
-    """Whether a recorded stream ended the way the endpoint ends a whole answer, with no error in it.
+def stream_completed(endpoint: str, stream: bytes, finished: Callable[[list[SseEvent]], bool] | None = None) -> bool:
+    """Whether a recorded stream ended the way the endpoint ends a whole answer, with no error in it;
+    `finished` tells that for an endpoint without a terminating event (Gemini's).
 
     Bytes after the last blank line count as a final event: the upstream ended its response there.
     """
@@ -103,6 +104,8 @@ def stream_completed(endpoint: str, stream: bytes) -> bool:
     events = [event for event in events if event.data]
     if not events or any(_is_error(event) for event in events):
         return False
+    if finished is not None:
+        return finished(events)
     terminators = _TERMINATORS.get(endpoint)
     return terminators is None or events[-1].type in terminators
 

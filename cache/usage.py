@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from cache.convert import anthropic_stream_to_json, chat_stream_to_json
+from cache.gemini import GENERATE, is_gemini_endpoint
+from cache.gemini import stream_to_json as gemini_stream_to_json
 from cache.sse import EVENT_STREAM, parse_events
 
 if TYPE_CHECKING:
@@ -73,6 +75,8 @@ def reported_usage(endpoint: str, content_type: str, body: bytes) -> Usage:
     answer = _as_json(endpoint, content_type, body)
     if not isinstance(answer, dict):
         return NO_USAGE
+    if is_gemini_endpoint(endpoint):
+        return _gemini_usage(answer.get("usageMetadata"))
     usage = answer.get("usage")
     if endpoint == "chat":  # Cohere: billed units under `usage` (v2) or `meta` (v1)
         container = answer.get("usage") or answer.get("meta")
@@ -102,6 +106,17 @@ def reported_usage(endpoint: str, content_type: str, body: bytes) -> Usage:
     )
 
 
+def _gemini_usage(usage: Any) -> Usage:
+    """Gemini's `usageMetadata`: the prompt counts cached content too; thinking is billed as output."""
+    if not isinstance(usage, dict):
+        return NO_USAGE
+    return Usage(
+        input_tokens=_int(usage.get("promptTokenCount")),
+        cached_input_tokens=_int(usage.get("cachedContentTokenCount")),
+        output_tokens=_sum(usage, "candidatesTokenCount", "thoughtsTokenCount"),
+    )
+
+
 def reported_model(endpoint: str, content_type: str, body: bytes) -> str | None:
     """The model an answer names (JSON, or a stream that converts to JSON), if any."""
     answer = _as_json(endpoint, content_type, body)
@@ -120,6 +135,8 @@ def _as_json(endpoint: str, content_type: str, body: bytes) -> Any:
         return chat_stream_to_json(events)
     if endpoint == "messages":
         return anthropic_stream_to_json(events)
+    if endpoint == GENERATE:
+        return gemini_stream_to_json(events)
     if endpoint == "responses":
         finals = [event.json() for event in events if event.type in ("response.completed", "response.incomplete")]
         return finals[-1].get("response") if finals and isinstance(finals[-1], dict) else None

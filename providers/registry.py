@@ -12,6 +12,7 @@ class AuthStyle(Enum):
     BEARER = "bearer"  # Authorization: Bearer KEY
     X_API_KEY = "x-api-key"  # x-api-key: KEY (Anthropic)
     API_KEY = "api-key"  # api-key: KEY (Azure OpenAI)
+    GOOG_API_KEY = "x-goog-api-key"  # x-goog-api-key: KEY (Gemini)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Provider:
     api_key_name: str = ""
     # What a configured base URL may end with out of SDK habit, dropped (clients send that part).
     base_url_suffixes: tuple[str, ...] = ("/v1",)
+    # A query parameter that carries a credential (Gemini's `key`): never stored or logged, replaced by
+    # the proxy's key, or forwarded and scoping the entry like a credential header.
+    query_credential: str | None = None
     # Entries name the model the answer names, not the request's (Azure: a deployment's name).
     model_from_answer: bool = False
     # Azure OpenAI: the first dated `api-version` whose deployment paths take `stream_options`.
@@ -75,8 +79,8 @@ class Provider:
             return []
         if self.auth is AuthStyle.X_API_KEY:
             return [("x-api-key", self.api_key)]
-        if self.auth is AuthStyle.API_KEY:
-            return [("api-key", self.api_key)]
+        if self.auth in (AuthStyle.API_KEY, AuthStyle.GOOG_API_KEY):
+            return [(self.auth.value, self.api_key)]
         return [("authorization", f"Bearer {self.api_key}")]
 
 
@@ -93,6 +97,13 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
     Provider("mistral", "https://api.mistral.ai"),
     Provider("cohere", "https://api.cohere.com"),
     Provider("ai21", "https://api.ai21.com/studio"),
+    Provider(
+        "gemini",
+        "https://generativelanguage.googleapis.com",
+        auth=AuthStyle.GOOG_API_KEY,
+        base_url_suffixes=("/v1beta", "/v1"),
+        query_credential="key",
+    ),
     # Each Azure resource has a host of its own (https://NAME.openai.azure.com): there is no default.
     Provider(
         "azure",

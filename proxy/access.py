@@ -11,15 +11,18 @@ from starlette.requests import Request
 from proxy.errors import ProxyError
 from proxy.headers import Headers, scope_headers
 
+_KEY_HEADERS = frozenset({"x-api-key", "api-key", "x-goog-api-key"})
+
 
 def presented_keys(headers: Headers) -> list[str]:
-    """The keys a client presents: `Authorization: Bearer KEY` and `x-api-key: KEY`."""
+    """The keys a client presents: `Authorization: Bearer KEY`, or KEY in a provider's own key header
+    (`x-api-key`, Azure's `api-key`, Gemini's `x-goog-api-key`), so each official SDK can present one."""
     keys = []
     for name, value in headers:
         lowered = name.lower()
         if lowered == "authorization" and value[:7].lower() == "bearer ":
             keys.append(value[7:].strip())
-        elif lowered == "x-api-key":
+        elif lowered in _KEY_HEADERS:
             keys.append(value.strip())
     return keys
 

@@ -17,11 +17,12 @@ import httpx
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cache import CachedResponse, CacheError, CacheHealth, cache_key, generation_endpoint
+from cache import CachedResponse, CacheError, CacheHealth, cache_key
 from cache.base import EntryStore
 from cache.control import ControlError, is_fresh, request_control
+from cache.gemini import gemini_call
 from cache.health import Operation
-from cache.keys import credential_scope, deployment_of, is_storable
+from cache.keys import cacheable_endpoint, credential_scope, deployment_of, is_storable
 from cache.preview import prompt_preview
 from cache.replay import Replay, is_event_stream, replay
 from cache.stream_usage import ask_for_usage
@@ -166,7 +167,7 @@ class Proxy:
         provider, rest = resolve_route(scope.get("raw_path") or scope["path"].encode(), self.providers)
         query: bytes = scope.get("query_string", b"")
         upstream = Upstream(provider, rest, query, client_headers, bool(self.proxy_keys))
-        endpoint = generation_endpoint(rest.decode("latin-1"))
+        endpoint = cacheable_endpoint(rest.decode("latin-1"), query)
         exchange = exchange_of(scope)
         if exchange is not None:
             exchange.provider, exchange.endpoint = provider.name, endpoint
@@ -191,8 +192,9 @@ class Proxy:
         except ControlError as exc:
             raise ProxyError(400, str(exc), "invalid_cache_control") from exc
         endpoint_path = upstream.endpoint_path
-        scoped = provider.api_key is None and not self.proxy_keys
-        credential = credential_scope(client_headers) if scoped else ""
+        credential = ""
+        if upstream.forwards_client_credential:
+            credential = credential_scope(client_headers, upstream.query_credential.decode("latin-1"))
         try:
             if self.settings.override_model and "model" in payload:
                 payload["model"] = self.settings.override_model
@@ -202,10 +204,16 @@ class Proxy:
             )
         except RecursionError as exc:
             raise ProxyError(400, "The JSON body is nested too deeply.", "invalid_json") from exc
-        model = deployment_of(endpoint_path) or payload.get("model")
-        wants_stream = payload.get("stream") is True
-        options = payload.get("stream_options")
-        wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        call = gemini_call(endpoint_path)
+        if call is not None:  # the path names the model and whether to stream; usage comes with every answer
+            model: Any = call.model
+            wants_stream = call.streams
+            wants_usage = False
+        else:
+            model = deployment_of(endpoint_path) or payload.get("model")
+            wants_stream = payload.get("stream") is True
+            options = payload.get("stream_options")
+            wants_usage = isinstance(options, dict) and options.get("include_usage") is True
         # The provider is asked for usage on every chat stream, so the recording can also answer a request
         # for JSON; a client that did not ask gets the stream without it.
         asks_usage = (

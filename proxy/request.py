@@ -51,13 +51,22 @@ class Upstream:
     ) -> None:
         self.provider = provider
         self.rest = rest  # the path below the provider's base URL
-        self.query = query
+        # The query without the credential a provider may take in it (Gemini's `key`), which is kept
+        # apart: it goes upstream only when the client's credential is forwarded.
+        self.query, self.query_credential = split_query_credential(query, provider.query_credential)
         self.client_headers = client_headers
         self._strip = strip_client_credentials
 
+    @property
+    def forwards_client_credential(self) -> bool:
+        return self.provider.api_key is None and not self._strip
+
     @cached_property
     def url(self) -> str:
-        return upstream_url(self.provider, self.rest, self.query)
+        query = self.query
+        if self.query_credential and self.forwards_client_credential:
+            query = b"&".join(part for part in (self.query, self.query_credential) if part)
+        return upstream_url(self.provider, self.rest, query)
 
     @cached_property
     def headers(self) -> Headers:
@@ -65,9 +74,23 @@ class Upstream:
 
     @property
     def endpoint_path(self) -> str:
-        """The path below the provider, with its query: what an entry records as its endpoint."""
+        """The path below the provider, with its query (never a credential): what an entry records as its
+        endpoint."""
         path = self.rest.decode("latin-1")
         return path + "?" + self.query.decode("latin-1") if self.query else path
+
+
+def split_query_credential(query: bytes, name: str | None) -> tuple[bytes, bytes]:
+    """`query` without its `name=...` parameters, and those parameters (b"" when none): byte for byte, so
+    what is forwarded is what the client sent."""
+    if name is None or not query:
+        return query, b""
+    prefix = name.encode() + b"="
+    kept: list[bytes] = []
+    credential: list[bytes] = []
+    for part in query.split(b"&"):
+        (credential if part.startswith(prefix) or part == name.encode() else kept).append(part)
+    return b"&".join(kept), b"&".join(credential)
 
 
 @dataclass(slots=True)

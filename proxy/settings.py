@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     cohere_api_key: SecretStr | None = None
     ai21_api_key: SecretStr | None = None
     azure_openai_api_key: SecretStr | None = None
+    gemini_api_key: SecretStr | None = None
 
     openai_base_url: str | None = None
     anthropic_base_url: str | None = None
@@ -68,6 +69,7 @@ class Settings(BaseSettings):
     cohere_base_url: str | None = None
     ai21_base_url: str | None = None
     azure_openai_endpoint: str | None = None
+    gemini_base_url: str | None = None
     extra_providers: dict[str, ExtraProvider] = Field(default_factory=dict)
     # Providers whose chat streams are forwarded asking for usage; `none` for no provider.
     stream_usage_providers: Annotated[tuple[str, ...], NoDecode] = tuple(
@@ -138,6 +140,7 @@ class Settings(BaseSettings):
         "cohere_base_url",
         "ai21_base_url",
         "azure_openai_endpoint",
+        "gemini_base_url",
     )
     @classmethod
     def _base_urls_are_http(cls, value: str | None) -> str | None:

@@ -23,12 +23,20 @@ from tests.servers import FakeUpstream, ServerThread
 PROXY_OPENAI_KEY = "sk-proxy-openai-CANARY-0f3e"
 PROXY_ANTHROPIC_KEY = "sk-ant-proxy-CANARY-77a1"
 PROXY_AZURE_KEY = "azure-proxy-CANARY-4b8e"
+PROXY_GEMINI_KEY = "gemini-proxy-CANARY-e61f"
 # Client credentials some tests send; forwarded upstream, never written anywhere else either.
 PROXY_CLIENT_KEY = "proxy-client-CANARY-5d21"
 CLIENT_CANARIES = (PROXY_CLIENT_KEY, "sk-client-LOGCANARY-91", "sk-client-SECRET", "sk-client-a", "sk-client-b")
 # The password of a Redis server some tests start; part of REDIS_URL, so a credential too.
 REDIS_PASSWORD = "redis-pw-CANARY-3c9d"
-CANARIES = (PROXY_OPENAI_KEY, PROXY_ANTHROPIC_KEY, PROXY_AZURE_KEY, REDIS_PASSWORD, *CLIENT_CANARIES)
+CANARIES = (
+    PROXY_OPENAI_KEY,
+    PROXY_ANTHROPIC_KEY,
+    PROXY_AZURE_KEY,
+    PROXY_GEMINI_KEY,
+    REDIS_PASSWORD,
+    *CLIENT_CANARIES,
+)
 
 
 class CanaryWatch(logging.Handler):

@@ -249,6 +249,15 @@ class TestProxyApiKeys:
         assert sent.header_values("authorization") == [f"Bearer {PROXY_OPENAI_KEY}"]
         assert "team-key" not in str(sent.headers)
 
+    @pytest.mark.parametrize("header", ["api-key", "x-goog-api-key"])
+    def test_the_key_headers_of_azure_and_gemini_clients_present_it_too(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream, header: str
+    ) -> None:
+        base = start_proxy(proxy_api_keys="team-key-1")
+        assert chat(base, {header: "team-key-1"}).status_code == 200
+        assert chat(base, {header: "team-key-9"}).status_code == 401
+        assert "team-key" not in str(upstream.requests[0].headers)
+
     def test_without_a_provider_key_the_proxy_key_still_stays_here(
         self, start_proxy: ProxyFactory, upstream: FakeUpstream
     ) -> None:

@@ -119,6 +119,7 @@ def test_moving_one_provider_leaves_the_others() -> None:
         pytest.param("mistral", "https://api.mistral.ai", id="mistral"),
         pytest.param("cohere", "https://api.cohere.com", id="cohere"),
         pytest.param("ai21", "https://api.ai21.com/studio", id="ai21"),
+        pytest.param("gemini", "https://generativelanguage.googleapis.com", id="gemini"),
     ],
 )
 def test_builtin_default_base_url(name: str, base_url: str) -> None:
@@ -158,7 +159,15 @@ def test_azure_has_no_upstream_until_told_one() -> None:
     assert settings().providers()["azure"].base_url == ""
 
 
-@pytest.mark.parametrize("name", [name for name in BUILTIN_NAMES if name not in ("anthropic", "azure")])
+def test_gemini_takes_its_key_in_x_goog_api_key_and_tolerates_a_version_in_its_base_url() -> None:
+    gemini = settings(gemini_base_url="http://localhost:9/v1beta/", gemini_api_key="g-1").providers()["gemini"]
+    assert gemini.base_url == "http://localhost:9"
+    assert gemini.auth is AuthStyle.GOOG_API_KEY
+    assert gemini.credential_headers() == [("x-goog-api-key", "g-1")]
+    assert gemini.query_credential == "key"
+
+
+@pytest.mark.parametrize("name", [name for name in BUILTIN_NAMES if name not in ("anthropic", "azure", "gemini")])
 def test_other_builtins_use_bearer(name: str) -> None:
     provider = settings(**{f"{name}_api_key": f"key-{name}"}).providers()[name]
     assert provider.auth is AuthStyle.BEARER
