@@ -33,6 +33,7 @@ from proxy import commands
 from proxy.access import AdminAccess
 from proxy.access_log import AccessLog
 from proxy.admin import AdminApi
+from proxy.aws import AwsSigner
 from proxy.dashboard import Dashboard, DashboardPage
 from proxy.exchange import begin, observing
 from proxy.handler import Proxy
@@ -69,7 +70,8 @@ def create_app(
     health = CacheHealth(tiered.name, operations_fail_apart=store.operations_fail_apart, on_failure=on_failure)
     statistics = Statistics(store.backend, health, prices.pricer, clock)
     timeout = httpx.Timeout(settings.upstream_timeout, connect=min(10.0, settings.upstream_timeout))
-    client = UpstreamClient(http if http is not None else UpstreamTransport(settings.upstream_max_connections), timeout)
+    transport = http if http is not None else UpstreamTransport(settings.upstream_max_connections)
+    client = UpstreamClient(transport, timeout, AwsSigner(settings))
     proxy = Proxy(settings, tiered, health, client, statistics, clock, store.flights)
     access_log = AccessLog(settings.log_format) if settings.access_log else None
     pages = _own_pages(settings, tiered, proxy.stores, health, statistics, prices, metrics, clock)

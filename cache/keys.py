@@ -13,6 +13,9 @@ from typing import Any
 
 import orjson
 
+from cache.bedrock import CONVERSE, EVENTSTREAM, INVOKE, INVOKE_STREAM, bedrock_call, is_bedrock_endpoint
+from cache.bedrock import conversation as bedrock_conversation
+from cache.bedrock import stream_finished as bedrock_stream_finished
 from cache.gemini import EMBEDDING_METHODS, GENERATE, STREAM_GENERATE, gemini_call, is_gemini_endpoint
 from cache.gemini import conversation as gemini_conversation
 from cache.gemini import stream_finished as gemini_stream_finished
@@ -26,7 +29,14 @@ KEY_VERSION = 2
 GENERATION_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages", "chat")
 _GENERATION_PATH = re.compile(r"^(?:.*/)?v\d+(?:alpha|beta)?/(" + "|".join(GENERATION_ENDPOINTS) + ")$")
 # Every endpoint `generation_endpoint` names (Gemini's among them).
-ALL_GENERATION_ENDPOINTS = (*GENERATION_ENDPOINTS, GENERATE, *sorted(EMBEDDING_METHODS))
+ALL_GENERATION_ENDPOINTS = (
+    *GENERATION_ENDPOINTS,
+    GENERATE,
+    *sorted(EMBEDDING_METHODS),
+    CONVERSE,
+    INVOKE,
+    INVOKE_STREAM,
+)
 # Azure OpenAI's deployment paths: the deployment takes the place of the body's `model`.
 _DEPLOYMENT_PATH = re.compile(r"^openai/deployments/([^/]+)/(chat/completions|completions|embeddings)$")
 
@@ -57,7 +67,7 @@ EMBEDDING_FIELDS = ("model", "dimensions", "encoding_format")
 TRANSPORT_FIELDS = frozenset({"stream", "stream_options"})
 # Endpoints whose streamed and complete answers convert into each other faithfully, so both
 # share one entry. Elsewhere a streamed request gets an entry of its own.
-STREAM_CONVERTIBLE = frozenset({"chat/completions", "messages", GENERATE})
+STREAM_CONVERTIBLE = frozenset({"chat/completions", "messages", GENERATE, CONVERSE})
 _TEXT_PART_TYPES = frozenset({"text", "input_text"})
 # Prompt-caching hints say how the provider should bill, not what the conversation is.
 _IGNORED_PART_FIELDS = frozenset({"cache_control"})
@@ -84,7 +94,7 @@ def generation_endpoint(path: str) -> str | None:
     deployment = _DEPLOYMENT_PATH.match(path)
     if deployment:
         return deployment.group(2)
-    call = gemini_call(path)
+    call = gemini_call(path) or bedrock_call(path)
     return call.endpoint if call else None
 
 
@@ -104,12 +114,16 @@ def deployment_of(path: str) -> str | None:
 
 
 def _as_model(endpoint: str) -> tuple[str, str | None]:
-    """`endpoint` without the model its path names (an Azure deployment, a Gemini model), and that model
-    (None when it names none). A Gemini stream's path is its generation's: both share one entry."""
+    """`endpoint` without the model its path names (an Azure deployment, a Gemini or Bedrock model), and
+    that model (None when it names none). A Gemini stream's or a Converse stream's path is that of its
+    whole answer: both share one entry."""
     path, question, query = endpoint.partition("?")
     match = _DEPLOYMENT_PATH.match(path.strip("/"))
     if match is not None:
         return f"openai/deployments/{{model}}/{match.group(2)}{question}{query}", match.group(1)
+    bedrock = bedrock_call(path)
+    if bedrock is not None:
+        return bedrock.key_path + question + query, bedrock.model
     call = gemini_call(path)
     if call is None:
         return endpoint, None
@@ -157,6 +171,9 @@ def conversation_content(body: Mapping[str, Any], endpoint: str, include: Iterab
     generation = generation_endpoint(endpoint.split("?", 1)[0])
     if generation is not None and is_gemini_endpoint(generation):
         content = gemini_conversation(dict(body), generation)
+        return content | {name: body[name] for name in include if name in body}
+    if generation is not None and is_bedrock_endpoint(generation):
+        content = bedrock_conversation(dict(body), generation)
         return content | {name: body[name] for name in include if name in body}
     content = {}
     for name in CONTENT_FIELDS:
@@ -262,6 +279,8 @@ def is_storable(status: int, headers: Iterable[tuple[str, str]], body: bytes, en
             content_type = value.split(";", 1)[0].strip().lower()
     if content_type == EVENT_STREAM:
         return stream_completed(endpoint, body, gemini_stream_finished if endpoint == GENERATE else None)
+    if content_type == EVENTSTREAM:
+        return bedrock_stream_finished(endpoint, body)
     if content_type != "application/json" and not content_type.endswith("+json"):
         return False
     try:

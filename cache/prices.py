@@ -37,7 +37,7 @@ PER_MILLION = Decimal(1_000_000)
 # when an extra provider is added under that name. Other names (ollama, vllm, ...) get no price
 # from the table: such servers are often self-hosted, so guessing the provider from the model's
 # name would invent a price. PRICE_OVERRIDES prices them.
-PROVIDER_ALIASES: Mapping[str, str] = {"xai": "x-ai", "gemini": "google"}
+PROVIDER_ALIASES: Mapping[str, str] = {"xai": "x-ai", "gemini": "google", "bedrock": "aws"}
 
 _OPTIONAL_FIELDS = ("cached_input", "cache_write")
 _FIELDS = ("input", "output", *_OPTIONAL_FIELDS)

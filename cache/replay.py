@@ -6,6 +6,9 @@ import json
 from dataclasses import dataclass
 
 from cache.base import CachedResponse
+from cache.bedrock import CONVERSE, EVENTSTREAM
+from cache.bedrock import json_to_stream as converse_json_to_stream
+from cache.bedrock import stream_to_json as converse_stream_to_json
 from cache.convert import (
     anthropic_json_to_stream,
     anthropic_stream_to_json,
@@ -28,7 +31,8 @@ class Replay:
 
 
 def is_event_stream(content_type: str) -> bool:
-    return content_type.split(";", 1)[0].strip().lower() == EVENT_STREAM
+    """A streamed answer: Server-Sent Events, or AWS's binary event stream (Bedrock)."""
+    return content_type.split(";", 1)[0].strip().lower() in (EVENT_STREAM, EVENTSTREAM)
 
 
 def replay(entry: CachedResponse, endpoint: str, wants_stream: bool, wants_usage: bool) -> Replay | None:
@@ -43,6 +47,8 @@ def replay(entry: CachedResponse, endpoint: str, wants_stream: bool, wants_usage
         return Replay(entry.body, entry.content_type)
     if endpoint not in STREAM_CONVERTIBLE:
         return None
+    if endpoint == CONVERSE:
+        return _converse_as_asked(entry, stored_stream)
     if stored_stream:
         events = parse_events(entry.body)
         if endpoint == "chat/completions":
@@ -73,3 +79,15 @@ def _chat_stream_with_usage_as_asked(entry: CachedResponse, wants_usage: bool) -
     if any(is_usage_chunk(event.json()) for event in parse_events(entry.body)):
         return Replay(entry.body, entry.content_type)
     return None  # the recording has no usage to give; fetch an answer that has
+
+
+def _converse_as_asked(entry: CachedResponse, stored_stream: bool) -> Replay | None:
+    if stored_stream:
+        answer = converse_stream_to_json(entry.body)
+        return None if answer is None else Replay(json.dumps(answer, ensure_ascii=False).encode(), "application/json")
+    try:
+        stored = json.loads(entry.body)
+    except ValueError:
+        return None
+    stream = converse_json_to_stream(stored)
+    return None if stream is None else Replay(stream, EVENTSTREAM)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from cache.bedrock import CONVERSE, EVENTSTREAM
+from cache.bedrock import stream_to_json as converse_stream_to_json
 from cache.convert import anthropic_stream_to_json, chat_stream_to_json
 from cache.gemini import GENERATE, is_gemini_endpoint
 from cache.gemini import stream_to_json as gemini_stream_to_json
@@ -77,6 +79,8 @@ def reported_usage(endpoint: str, content_type: str, body: bytes) -> Usage:
         return NO_USAGE
     if is_gemini_endpoint(endpoint):
         return _gemini_usage(answer.get("usageMetadata"))
+    if endpoint == CONVERSE:
+        return _converse_usage(answer.get("usage"))
     usage = answer.get("usage")
     if endpoint == "chat":  # Cohere: billed units under `usage` (v2) or `meta` (v1)
         container = answer.get("usage") or answer.get("meta")
@@ -117,6 +121,18 @@ def _gemini_usage(usage: Any) -> Usage:
     )
 
 
+def _converse_usage(usage: Any) -> Usage:
+    """Bedrock Converse's `usage`: like Anthropic's, its input leaves out what the cache read and wrote."""
+    if not isinstance(usage, dict):
+        return NO_USAGE
+    return Usage(
+        input_tokens=_sum(usage, "inputTokens", "cacheReadInputTokens", "cacheWriteInputTokens"),
+        cached_input_tokens=_int(usage.get("cacheReadInputTokens")),
+        output_tokens=_int(usage.get("outputTokens")),
+        cache_write_tokens=_int(usage.get("cacheWriteInputTokens")),
+    )
+
+
 def reported_model(endpoint: str, content_type: str, body: bytes) -> str | None:
     """The model an answer names (JSON, or a stream that converts to JSON), if any."""
     answer = _as_json(endpoint, content_type, body)
@@ -125,7 +141,10 @@ def reported_model(endpoint: str, content_type: str, body: bytes) -> str | None:
 
 
 def _as_json(endpoint: str, content_type: str, body: bytes) -> Any:
-    if content_type.split(";", 1)[0].strip().lower() != EVENT_STREAM:
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == EVENTSTREAM:
+        return converse_stream_to_json(body) if endpoint == CONVERSE else None
+    if media_type != EVENT_STREAM:
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -13,6 +13,9 @@ class AuthStyle(Enum):
     X_API_KEY = "x-api-key"  # x-api-key: KEY (Anthropic)
     API_KEY = "api-key"  # api-key: KEY (Azure OpenAI)
     GOOG_API_KEY = "x-goog-api-key"  # x-goog-api-key: KEY (Gemini)
+    # AWS Signature Version 4 with the proxy's AWS credentials (Bedrock); its `api_key`, a Bedrock API
+    # key, is sent as Authorization: Bearer instead.
+    SIGV4 = "sigv4"
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class Provider:
     api_key_name: str = ""
     # What a configured base URL may end with out of SDK habit, dropped (clients send that part).
     base_url_suffixes: tuple[str, ...] = ("/v1",)
+    # Where it is when the base URL setting is unset: a URL with `{region}`, for the AWS_REGION setting.
+    regional_base_url: str = ""
     # A query parameter that carries a credential (Gemini's `key`): never stored or logged, replaced by
     # the proxy's key, or forwarded and scoping the entry like a credential header.
     query_credential: str | None = None
@@ -103,6 +108,13 @@ BUILTIN_PROVIDERS: tuple[Provider, ...] = (
         auth=AuthStyle.GOOG_API_KEY,
         base_url_suffixes=("/v1beta", "/v1"),
         query_credential="key",
+    ),
+    Provider(
+        "bedrock",
+        "",
+        auth=AuthStyle.SIGV4,
+        api_key_name="aws_bearer_token_bedrock",
+        regional_base_url="https://bedrock-runtime.{region}.amazonaws.com",
     ),
     # Each Azure resource has a host of its own (https://NAME.openai.azure.com): there is no default.
     Provider(

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cache import CachedResponse, CacheError, CacheHealth, cache_key
 from cache.base import EntryStore
+from cache.bedrock import bedrock_call
 from cache.control import ControlError, is_fresh, request_control
 from cache.gemini import gemini_call
 from cache.health import Operation
@@ -27,14 +28,14 @@ from cache.preview import prompt_preview
 from cache.replay import Replay, is_event_stream, replay
 from cache.stream_usage import ask_for_usage
 from cache.usage import reported_model, reported_usage
-from providers import Provider
+from providers import AuthStyle, Provider
 from proxy.access import presents_key, proxy_key_required
 from proxy.clock import event_loop_time
 from proxy.coalesce import Flight, FlightMirror, Flights, wait_while_listened
 from proxy.errors import ProxyError, error_response
 from proxy.exchange import Exchange
 from proxy.exchange import of as exchange_of
-from proxy.headers import Headers, client_response_headers, scope_headers
+from proxy.headers import Headers, client_response_headers, scope_headers, without_aws_signature
 from proxy.intake import declared_length, is_chunked, read_request_body, stream_request_body, too_large
 from proxy.request import Asked, Upstream, parse_json_object, resolve_route
 from proxy.responses import (
@@ -166,7 +167,12 @@ class Proxy:
             raise proxy_key_required()
         provider, rest = resolve_route(scope.get("raw_path") or scope["path"].encode(), self.providers)
         query: bytes = scope.get("query_string", b"")
-        upstream = Upstream(provider, rest, query, client_headers, bool(self.proxy_keys))
+        strip_client_credentials = bool(self.proxy_keys)
+        if provider.auth is AuthStyle.SIGV4:
+            client_headers = without_aws_signature(client_headers)
+            # The proxy's own signature, like a provider key of its own, replaces a client's Bedrock API key.
+            strip_client_credentials |= self.http.signer.ready
+        upstream = Upstream(provider, rest, query, client_headers, strip_client_credentials)
         endpoint = cacheable_endpoint(rest.decode("latin-1"), query)
         exchange = exchange_of(scope)
         if exchange is not None:
@@ -204,7 +210,7 @@ class Proxy:
             )
         except RecursionError as exc:
             raise ProxyError(400, "The JSON body is nested too deeply.", "invalid_json") from exc
-        call = gemini_call(endpoint_path)
+        call = gemini_call(endpoint_path) or bedrock_call(endpoint_path)
         if call is not None:  # the path names the model and whether to stream; usage comes with every answer
             model: Any = call.model
             wants_stream = call.streams
@@ -688,7 +694,9 @@ class Proxy:
         """`length`: the body's declared length (checked against the limit), None when chunked or absent."""
         content: RequestContent = None
         extra_headers: Headers = []
-        if length:
+        if length and upstream.provider.auth is AuthStyle.SIGV4:
+            content = await read_request_body(receive, self.settings.max_request_bytes)  # signed with the request
+        elif length:
             content = stream_request_body(receive)
             extra_headers = [("content-length", str(length))]
         elif is_chunked(upstream.client_headers):

@@ -69,3 +69,17 @@ def client_response_headers(upstream_headers: Headers) -> Headers:
     """The upstream response headers to relay to the client."""
     dropped = HOP_BY_HOP | _RESPONSE_RECOMPUTED | connection_listed(upstream_headers)
     return [(name, value) for name, value in upstream_headers if name.lower() not in dropped]
+
+
+# What a client's own AWS Signature Version 4 consists of: bound to the host it was made for, useless
+# anywhere else, and new on every request (so no part of a cache key either).
+_AWS_SIGNATURE = frozenset({"x-amz-date", "x-amz-security-token", "x-amz-content-sha256"})
+
+
+def without_aws_signature(headers: Headers) -> Headers:
+    """The client's headers without its SigV4 signature (its `Authorization: AWS4-...` and `X-Amz-*`)."""
+    return [
+        (name, value)
+        for name, value in headers
+        if name.lower() not in _AWS_SIGNATURE and not (name.lower() == "authorization" and value.startswith("AWS4-"))
+    ]

@@ -39,6 +39,7 @@ class Lifespan:
     @asynccontextmanager
     async def __call__(self, app: object) -> AsyncIterator[None]:
         self.prices.prepare()
+        await self.client.signer.prepare()
         try:
             await self.store.open()
         except CacheError as exc:

@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     ai21_api_key: SecretStr | None = None
     azure_openai_api_key: SecretStr | None = None
     gemini_api_key: SecretStr | None = None
+    # Bedrock: the proxy's AWS credentials (else botocore's chain: AWS_PROFILE, files, roles), or its
+    # Bedrock API key.
+    aws_region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: SecretStr | None = None
+    aws_session_token: SecretStr | None = None
+    aws_profile: str | None = None
+    aws_bearer_token_bedrock: SecretStr | None = None
 
     openai_base_url: str | None = None
     anthropic_base_url: str | None = None
@@ -70,6 +78,7 @@ class Settings(BaseSettings):
     ai21_base_url: str | None = None
     azure_openai_endpoint: str | None = None
     gemini_base_url: str | None = None
+    bedrock_base_url: str | None = None
     extra_providers: dict[str, ExtraProvider] = Field(default_factory=dict)
     # Providers whose chat streams are forwarded asking for usage; `none` for no provider.
     stream_usage_providers: Annotated[tuple[str, ...], NoDecode] = tuple(
@@ -141,6 +150,7 @@ class Settings(BaseSettings):
         "ai21_base_url",
         "azure_openai_endpoint",
         "gemini_base_url",
+        "bedrock_base_url",
     )
     @classmethod
     def _base_urls_are_http(cls, value: str | None) -> str | None:
@@ -213,6 +223,8 @@ class Settings(BaseSettings):
         providers: dict[str, Provider] = {}
         for provider in BUILTIN_PROVIDERS:
             base_url: str | None = getattr(self, provider.base_url_setting)
+            if base_url is None and provider.regional_base_url and self.aws_region:
+                base_url = provider.regional_base_url.format(region=self.aws_region)
             key: SecretStr | None = getattr(self, provider.api_key_setting)
             providers[provider.name] = provider.configured(
                 base_url=base_url,

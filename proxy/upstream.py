@@ -10,9 +10,11 @@ from functools import lru_cache
 import aiohttp
 import anyio
 import httpx
+import yarl
 from httpx_aiohttp import AiohttpTransport
 
-from providers import Provider
+from providers import AuthStyle, Provider
+from proxy.aws import AwsSigner
 from proxy.errors import ProxyError
 from proxy.headers import Headers
 
@@ -35,6 +37,8 @@ def upstream_url(provider: Provider, rest: bytes, query: bytes) -> str:
     URL's own path, so no request can choose the host, port or scheme the proxy connects to."""
     if not provider.base_url:
         setting = provider.base_url_setting.upper()
+        if provider.regional_base_url:
+            setting = f"AWS_REGION (or {setting})"
         raise ProxyError(
             503,
             f"The proxy has no upstream for '{provider.name}': set {setting} (see the README's Providers).",
@@ -128,14 +132,22 @@ class UpstreamClient:
     so our key goes nowhere else.
     """
 
-    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout) -> None:
+    def __init__(self, transport: httpx.AsyncBaseTransport, timeout: httpx.Timeout, signer: AwsSigner) -> None:
         self.transport = transport
         self.timeout = timeout.as_dict()
+        self.signer = signer
 
     async def open(
         self, provider: Provider, method: str, url: str, headers: Headers, content: RequestContent
     ) -> httpx.Response:
-        """Send the request and return once the response headers arrived; the body is still to be read."""
+        """Send the request and return once the response headers arrived; the body is still to be read.
+        A request to a SigV4 provider without a credential of its own is signed here (its body in hand)."""
+        if provider.auth is AuthStyle.SIGV4 and not any(name.lower() == "authorization" for name, _ in headers):
+            if not isinstance(content, bytes | None):
+                raise TypeError("a request to be signed needs its whole body")
+            # Signed as it will be sent: aiohttp requotes a URL (a model id's `%3A` goes out as `:`).
+            url = str(yarl.URL(url))
+            headers = await self.signer.sign(method, url, headers, content or b"")
         request = httpx.Request(
             method, parsed_url(url), headers=headers, content=content, extensions={"timeout": self.timeout}
         )

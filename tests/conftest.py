@@ -34,6 +34,8 @@ CANARIES = (
     PROXY_ANTHROPIC_KEY,
     PROXY_AZURE_KEY,
     PROXY_GEMINI_KEY,
+    "aws-proxy-secret-CANARY-2a7d",  # tests/test_bedrock.py's AWS secret and session token
+    "aws-proxy-token-CANARY-81c0",
     REDIS_PASSWORD,
     *CLIENT_CANARIES,
 )

@@ -27,7 +27,8 @@ def test_v1_is_the_openai_prefix(start_proxy: ProxyFactory, upstream: FakeUpstre
 
 
 @pytest.mark.parametrize(
-    "provider", [p.name for p in BUILTIN_PROVIDERS if p.name not in ("openai", "anthropic", "azure", "gemini")]
+    "provider",
+    [p.name for p in BUILTIN_PROVIDERS if p.name not in ("openai", "anthropic", "azure", "gemini", "bedrock")],
 )
 def test_every_builtin_provider_forwards_below_its_base_url(
     start_proxy: ProxyFactory, upstream: FakeUpstream, provider: str

@@ -167,7 +167,27 @@ def test_gemini_takes_its_key_in_x_goog_api_key_and_tolerates_a_version_in_its_b
     assert gemini.query_credential == "key"
 
 
-@pytest.mark.parametrize("name", [name for name in BUILTIN_NAMES if name not in ("anthropic", "azure", "gemini")])
+def test_bedrock_is_regional_and_signs_unless_it_holds_an_api_key() -> None:
+    assert settings().providers()["bedrock"].base_url == ""
+    regional = settings(aws_region="eu-west-3").providers()["bedrock"]
+    assert regional.base_url == "https://bedrock-runtime.eu-west-3.amazonaws.com"
+    assert regional.auth is AuthStyle.SIGV4
+    assert regional.credential_headers() == []
+    moved = settings(aws_region="eu-west-3", bedrock_base_url="http://localhost:9", aws_bearer_token_bedrock="b-1")
+    bedrock = moved.providers()["bedrock"]
+    assert bedrock.base_url == "http://localhost:9"
+    assert bedrock.credential_headers() == [("authorization", "Bearer b-1")]
+
+
+@pytest.mark.parametrize("region", ["useast1", "US-EAST-1", "us-east", "us-east-1/../x"])
+def test_an_invalid_aws_region_stops_start_up(region: str) -> None:
+    with pytest.raises(ValidationError, match="aws_region"):
+        settings(aws_region=region)
+
+
+@pytest.mark.parametrize(
+    "name", [name for name in BUILTIN_NAMES if name not in ("anthropic", "azure", "gemini", "bedrock")]
+)
 def test_other_builtins_use_bearer(name: str) -> None:
     provider = settings(**{f"{name}_api_key": f"key-{name}"}).providers()[name]
     assert provider.auth is AuthStyle.BEARER
