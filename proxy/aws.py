@@ -4,6 +4,9 @@ A SigV4 signature is bound to the host it was made for, so a client's cannot be 
 drops it and signs every Bedrock request it forwards itself. The credentials come from the settings
 (`AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, with `AWS_SESSION_TOKEN`), else from botocore's own
 chain (`AWS_PROFILE`, the shared credentials and config files, container and instance roles).
+
+botocore is imported where it is used, so that only a proxy configured for Bedrock pays for it: most of
+a second of start-up.
 """
 
 from __future__ import annotations
@@ -12,11 +15,6 @@ import logging
 from typing import Any
 
 import anyio
-from botocore.auth import SigV4Auth
-from botocore.awsrequest import AWSRequest
-from botocore.credentials import Credentials
-from botocore.exceptions import BotoCoreError
-from botocore.session import Session
 
 from proxy.errors import ProxyError
 from proxy.headers import Headers
@@ -38,6 +36,8 @@ class AwsSigner:
         self._profile = settings.aws_profile
         self._credentials: Any = None
         if settings.aws_access_key_id and settings.aws_secret_access_key:
+            from botocore.credentials import Credentials
+
             token = settings.aws_session_token.get_secret_value() if settings.aws_session_token else None
             self._credentials = Credentials(
                 settings.aws_access_key_id, settings.aws_secret_access_key.get_secret_value(), token, method="settings"
@@ -53,6 +53,8 @@ class AwsSigner:
         if not self._wanted or self._credentials is not None:
             self._report()
             return
+        from botocore.exceptions import BotoCoreError
+
         try:
             self._credentials = await anyio.to_thread.run_sync(self._look_up)
         except BotoCoreError as exc:
@@ -60,6 +62,8 @@ class AwsSigner:
         self._report()
 
     def _look_up(self) -> Any:
+        from botocore.session import Session
+
         return Session(profile=self._profile).get_credentials()
 
     def _report(self) -> None:
@@ -84,6 +88,9 @@ class AwsSigner:
             frozen = await anyio.to_thread.run_sync(credentials.get_frozen_credentials)
         else:
             frozen = credentials.get_frozen_credentials()
+        from botocore.auth import SigV4Auth
+        from botocore.awsrequest import AWSRequest
+
         request = AWSRequest(method=method, url=url, data=body, headers=dict(headers))
         SigV4Auth(frozen, SERVICE, self.region).add_auth(request)
         return list(request.headers.items())

@@ -28,7 +28,7 @@ from tests.conftest import PROXY_CLIENT_KEY, ProxyFactory
 from tests.servers import FakeUpstream, Recorded, anthropic_message
 from tests.test_metrics import scrape, value
 
-pytestmark = pytest.mark.both_backends
+# What the store does with these answers runs on both backends; the routing and key rules on SQLite.
 
 REGION = "us-east-1"
 PROXY_KEY_ID = "AKIAPROXYEXAMPLE0001"
@@ -196,6 +196,7 @@ def test_what_is_the_conversation_is_part_of_the_key(signed: str, upstream: Fake
     assert [status(answer) for answer in answers] == ["MISS", "MISS", "MISS"]
 
 
+@pytest.mark.both_backends
 def test_a_converse_stream_is_replayed_and_answers_json_and_the_other_way_round(
     signed: str, upstream: FakeUpstream
 ) -> None:
@@ -219,6 +220,7 @@ def test_a_converse_stream_is_replayed_and_answers_json_and_the_other_way_round(
     assert upstream.calls == 2
 
 
+@pytest.mark.both_backends
 def test_an_unfinished_or_broken_stream_is_not_stored(signed: str, upstream: FakeUpstream, fake: BedrockFake) -> None:
     client = bedrock(signed)
     fake.finished = False
@@ -231,6 +233,7 @@ def test_an_unfinished_or_broken_stream_is_not_stored(signed: str, upstream: Fak
     assert upstream.calls == 3
 
 
+@pytest.mark.both_backends
 def test_invoke_is_keyed_on_the_whole_body_and_the_model(signed: str, upstream: FakeUpstream) -> None:
     client = bedrock(signed)
     body = {
@@ -286,6 +289,7 @@ def test_the_proxys_error_names_what_to_set(start_proxy: ProxyFactory, upstream:
     assert upstream.calls == 0
 
 
+@pytest.mark.both_backends
 def test_savings_and_metrics_name_the_provider(signed: str, upstream: FakeUpstream) -> None:
     client = bedrock(signed)
     for _ in range(3):

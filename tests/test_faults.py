@@ -360,10 +360,12 @@ class TestDamagedStore:
         base = start_proxy(cache_db=path, memory_cache_bytes=0)
         post_chat(base)
         deadline = time.monotonic() + 5
-        # Stored just after it was answered: with no memory tier, a hit once the file has it.
-        while post_chat(base).headers["x-cache-status"] != "HIT":
+        # Stored just after it was answered (a hit at once, while it waits to be written): in the file before
+        # the file moves, or it would be written into the new one.
+        while not stored_entries(path):
             assert time.monotonic() < deadline, "the first answer was never stored"
             time.sleep(0.02)
+        assert post_chat(base).headers["x-cache-status"] == "HIT"
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").rename(tmp_path / f"old{suffix}")
         sqlite3.connect(path).close()  # what another worker's quarantine leaves: a new, empty file
@@ -375,5 +377,12 @@ class TestDamagedStore:
         while post_chat(base).headers["x-cache-status"] != "HIT":
             assert time.monotonic() < deadline, "the proxy did not cache in the new file"
             time.sleep(0.05)
-        with sqlite3.connect(path) as db:
-            assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == 1
+        while stored_entries(path) != 1:  # a hit while it waits to be written; then it is in the new file
+            assert time.monotonic() < deadline, "the answer was never written to the new file"
+            time.sleep(0.02)
+
+
+def stored_entries(path: Path) -> int:
+    with sqlite3.connect(path) as db:
+        tables = db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'entries'").fetchone()[0]
+        return int(db.execute("SELECT count(*) FROM entries").fetchone()[0]) if tables else 0

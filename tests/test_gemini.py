@@ -30,7 +30,7 @@ from tests.servers import FakeUpstream, Recorded
 from tests.test_access_log import read_lines
 from tests.test_metrics import scrape, value
 
-pytestmark = pytest.mark.both_backends
+# What the store does with these answers runs on both backends; the routing and key rules on SQLite.
 
 MODEL = "gemini-2.0-flash"
 USAGE = {"promptTokenCount": 9, "candidatesTokenCount": 3, "totalTokenCount": 12}
@@ -178,6 +178,7 @@ def test_what_shapes_the_answer_is_part_of_the_key(gemini: str, upstream: FakeUp
     assert upstream.calls == 5
 
 
+@pytest.mark.both_backends
 def test_a_stream_answers_a_generation_and_a_generation_answers_a_stream(gemini: str, upstream: FakeUpstream) -> None:
     sdk = client(gemini)
     assert text_of(sdk.models.generate_content_stream(model=MODEL, contents="Say hi")) == "answer 1"
@@ -199,6 +200,7 @@ def test_a_stream_answers_a_generation_and_a_generation_answers_a_stream(gemini:
     assert text_of(replayed) == "answer 1" and len(replayed) == 2, "a recorded stream is replayed as recorded"
 
 
+@pytest.mark.both_backends
 def test_an_unfinished_or_broken_stream_is_not_stored(gemini: str, upstream: FakeUpstream, fake: GeminiFake) -> None:
     sdk = client(gemini)
     fake.finished = False
@@ -239,6 +241,7 @@ def test_other_calls_pass_through(gemini: str, upstream: FakeUpstream) -> None:
     assert unframed.headers["x-cache-status"] == "BYPASS", "a stream without alt=sse is a JSON array: not cached"
 
 
+@pytest.mark.both_backends
 @pytest.mark.usefixtures("quiet_test_client")
 def test_a_key_in_the_query_is_forwarded_scopes_its_entries_and_is_never_kept_or_shown(
     start_proxy: ProxyFactory,
@@ -298,6 +301,7 @@ def test_errors_of_the_proxy_reach_the_sdk_in_the_proxys_shape(
     assert "gemini" in str(raised.value.message)
 
 
+@pytest.mark.both_backends
 def test_savings_and_metrics_name_the_provider(gemini: str, upstream: FakeUpstream) -> None:
     sdk = client(gemini)
     for _ in range(3):
