@@ -31,7 +31,7 @@ from cache.keys import ALL_GENERATION_ENDPOINTS
 from cache.memory import TieredBackend
 from proxy import commands
 from proxy.access import AdminAccess
-from proxy.access_log import AccessLog
+from proxy.access_log import AccessLog, keep_query_strings_out_of_the_server_log
 from proxy.admin import AdminApi
 from proxy.aws import AwsSigner
 from proxy.dashboard import Dashboard, DashboardPage
@@ -61,6 +61,7 @@ def create_app(
 ) -> ProxyApp:
     settings = settings if settings is not None else Settings()
     quiet_deliberate_cut_offs()
+    keep_query_strings_out_of_the_server_log()
     store = build_store(settings) if backend is None else store_for(backend, settings)
     limited = bool(settings.cache_max_entries or settings.cache_max_bytes)
     tiered = TieredBackend(store.backend, settings.memory_cache_bytes, evicts=limited)

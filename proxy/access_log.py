@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -23,6 +24,23 @@ LogFormat = Literal["text", "json"]
 FLUSH_INTERVAL = 0.2
 # Written at once when this many lines wait, whatever the interval.
 _BATCH = 512
+
+
+class WithoutQueryStrings(logging.Filter):
+    """uvicorn's own access log, on when the app is served as `uvicorn openai_proxy:app`, logs each path
+    with its query string, where a client may carry a key (Gemini's `?key=`): the query is cut off."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):  # client, method, path, ...
+            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+        return True
+
+
+def keep_query_strings_out_of_the_server_log() -> None:
+    server_log = logging.getLogger("uvicorn.access")
+    if not any(isinstance(existing, WithoutQueryStrings) for existing in server_log.filters):
+        server_log.addFilter(WithoutQueryStrings())
 
 
 def _milliseconds(seconds: float | None) -> float | None:

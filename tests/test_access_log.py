@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 
 import httpx
 import pytest
 
-from proxy.access_log import json_line, text_line
+from proxy.access_log import json_line, keep_query_strings_out_of_the_server_log, text_line
 from proxy.exchange import Exchange
 from tests.conftest import PROXY_CLIENT_KEY, PROXY_OPENAI_KEY, ProxyFactory
 from tests.servers import FakeUpstream
@@ -126,3 +127,12 @@ def test_one_line_per_request_after_it_ended_and_no_credential(
     else:
         assert sorted(line.split('"')[2].split()[0] for line in lines) == ["200", "200", "200", "404"]
         assert sorted(line.split('"')[6].split()[0] for line in lines) == ["-", "HIT", "MISS", "MISS"]
+
+
+def test_uvicorns_own_access_log_shows_no_query_string(caplog: pytest.LogCaptureFixture) -> None:
+    """Served as `uvicorn openai_proxy:app`, uvicorn logs each request itself: never a `?key=` in it."""
+    keep_query_strings_out_of_the_server_log()
+    caplog.set_level(logging.INFO, logger="uvicorn.access")
+    logger = logging.getLogger("uvicorn.access")
+    logger.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:5", "POST", "/gemini/v1/x?key=secret-in-query&a=1", "1.1", 200)
+    assert [record.getMessage() for record in caplog.records] == ['127.0.0.1:5 - "POST /gemini/v1/x HTTP/1.1" 200']

@@ -5,10 +5,12 @@ access key id, checking the signature with botocore, or carries a Bedrock API ke
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
@@ -93,6 +95,7 @@ class BedrockFake:
         self.upstream = upstream
         self.finished = True
         self.broken = False
+        self.frame_delay = 0.0
         upstream.handler = self.answer
 
     async def answer(self, request: Request, recorded: Recorded) -> Response:
@@ -125,6 +128,7 @@ class BedrockFake:
                 yield encode_frame(event, {**payload, **PADDING})
                 if self.broken:
                     raise RuntimeError("the upstream broke off")
+                await asyncio.sleep(self.frame_delay)
 
         return StreamingResponse(frames(), media_type="application/vnd.amazon.eventstream")
 
@@ -234,6 +238,23 @@ def test_an_unfinished_or_broken_stream_is_not_stored(signed: str, upstream: Fak
 
 
 @pytest.mark.both_backends
+def test_identical_streams_at_once_make_one_upstream_request_and_stream_live(
+    signed: str, upstream: FakeUpstream, fake: BedrockFake
+) -> None:
+    fake.frame_delay = 0.05
+    client = bedrock(signed)
+
+    def one() -> tuple[str, str, str]:
+        response = client.converse_stream(modelId=MODEL, messages=MESSAGES)
+        headers = response["ResponseMetadata"]["HTTPHeaders"]
+        return headers["x-cache-status"], headers.get("x-cache-coalesced", "false"), streamed_text(response)
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = sorted(pool.map(lambda _: one(), range(6)))
+    assert answers == [("HIT", "true", "answer 1")] * 5 + [("MISS", "false", "answer 1")]
+    assert upstream.calls == 1
+
+
 def test_invoke_is_keyed_on_the_whole_body_and_the_model(signed: str, upstream: FakeUpstream) -> None:
     client = bedrock(signed)
     body = {
