@@ -102,6 +102,10 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No setting leaks in from the machine's environment or a .env file."""
     for name in Settings.model_fields:
         monkeypatch.delenv(name.upper(), raising=False)
+    # botocore's credential chain (Bedrock) reads files and asks an instance's metadata service: neither here.
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.chdir(tmp_path)
 
 
