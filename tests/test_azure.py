@@ -5,27 +5,22 @@ versions older than 2024-08-01."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import genai_prices
 import httpx
 import openai
 import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from proxy.commands import export_entries, run
-from proxy.settings import Settings
-from proxy.store import build_backend
 from tests.conftest import PROXY_AZURE_KEY, ProxyFactory
+from tests.native import assert_two_hits_saved, shown_and_exported
 from tests.servers import FakeUpstream, Recorded, chat_completion
 from tests.test_access_log import read_lines
-from tests.test_metrics import scrape, value
 
 # What the store does with these answers runs on both backends; the routing and key rules on SQLite.
 
@@ -263,18 +258,7 @@ def test_savings_and_metrics_name_the_provider_and_the_answers_model(azure: str,
     for _ in range(3):
         client.chat.completions.create(model="prod-4o", messages=MESSAGES)
 
-    one_hit = genai_prices.calc_price(
-        genai_prices.Usage(input_tokens=9, output_tokens=3), model_ref=MODEL, provider_id="azure"
-    ).total_price
-    stats = httpx.get(f"{azure}/cache/stats").json()
-    assert stats["by_provider"]["azure"]["hits"] == 2
-    assert stats["cost_saved_usd"] == pytest.approx(float(2 * one_hit), rel=1e-6)
-    assert [row["model"] for row in stats["by_model"]] == [MODEL]
-    samples = scrape(azure)
-    labels = {"provider": "azure", "endpoint": "chat/completions", "coalesced": "false", "status_class": "2xx"}
-    assert value(samples, "openai_proxy_requests_total", cache_status="HIT", **labels) == 2
-    assert value(samples, "openai_proxy_requests_total", cache_status="MISS", **labels) == 1
-    assert value(samples, "openai_proxy_cost_saved_usd_total", provider="azure", model=MODEL) > 0
+    assert_two_hits_saved(azure, "azure", "chat/completions", MODEL, price_provider="azure")
 
 
 @pytest.mark.both_backends
@@ -293,12 +277,8 @@ def test_a_client_credential_is_forwarded_but_never_stored_logged_or_shown(
     assert again.headers["x-cache-status"] == "HIT"
     assert upstream.requests[0].header_values("api-key") == [CLIENT_SECRET]
 
-    shown = [httpx.get(f"{base}{path}").text for path in ("/metrics", "/cache/entries", "/cache/stats", "/dashboard")]
-    exported = tmp_path / "export.jsonl"
-    settings = Settings(_env_file=None, cache_db=tmp_path / "cache.db", **store_settings)  # type: ignore[call-arg]
-    backend = build_backend(settings)
-    assert asyncio.run(run(backend, "export", lambda: export_entries(backend, exported))) == 0
-    assert "answer 1" in exported.read_text(), "the export must hold the entry to mean anything"
+    shown = shown_and_exported(base, store_settings, tmp_path)
+    assert "answer 1" in shown[-1], "the export must hold the entry to mean anything"
     access = read_lines(capsys, "/azure/openai/deployments/prod-4o/chat/completions", 2)
-    for text in [*shown, exported.read_text(), *access]:
+    for text in [*shown, *access]:
         assert CLIENT_SECRET not in text

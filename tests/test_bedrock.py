@@ -14,7 +14,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import boto3
-import genai_prices
 import httpx
 import pytest
 from botocore.auth import SigV4Auth
@@ -27,8 +26,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from cache.bedrock import encode_frame
 from tests.conftest import PROXY_CLIENT_KEY, ProxyFactory
+from tests.native import assert_two_hits_saved
 from tests.servers import FakeUpstream, Recorded, anthropic_message
-from tests.test_metrics import scrape, value
 
 # What the store does with these answers runs on both backends; the routing and key rules on SQLite.
 
@@ -315,14 +314,5 @@ def test_savings_and_metrics_name_the_provider(signed: str, upstream: FakeUpstre
     client = bedrock(signed)
     for _ in range(3):
         client.converse(modelId=MODEL, messages=MESSAGES)
-    one_hit = genai_prices.calc_price(
-        genai_prices.Usage(input_tokens=9, output_tokens=3), model_ref=MODEL, provider_id="aws"
-    ).total_price
-    stats = httpx.get(f"{signed}/cache/stats").json()
-    assert stats["by_provider"]["bedrock"]["hits"] == 2
-    assert stats["cost_saved_usd"] == pytest.approx(float(2 * one_hit), rel=1e-6)
-    assert [row["model"] for row in stats["by_model"]] == [MODEL]
-    samples = scrape(signed)
-    labels = {"provider": "bedrock", "endpoint": "converse", "coalesced": "false", "status_class": "2xx"}
-    assert value(samples, "openai_proxy_requests_total", cache_status="HIT", **labels) == 2
+    assert_two_hits_saved(signed, "bedrock", "converse", MODEL, price_provider="aws")
     assert httpx.get(f"{signed}/cache/entries").json()["entries"][0]["prompt"] == "Say hi"

@@ -5,7 +5,6 @@ in Google's shape."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import genai_prices
 import httpx
 import pytest
 from google import genai
@@ -22,13 +20,10 @@ from google.genai import errors, types
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from proxy.commands import export_entries, run
-from proxy.settings import Settings
-from proxy.store import build_backend
 from tests.conftest import PROXY_CLIENT_KEY, PROXY_GEMINI_KEY, ProxyFactory
+from tests.native import assert_two_hits_saved, shown_and_exported
 from tests.servers import FakeUpstream, Recorded
 from tests.test_access_log import read_lines
-from tests.test_metrics import scrape, value
 
 # What the store does with these answers runs on both backends; the routing and key rules on SQLite.
 
@@ -267,15 +262,11 @@ def test_a_key_in_the_query_is_forwarded_scopes_its_entries_and_is_never_kept_or
     assert parse_qs(upstream.requests[0].query) == {"key": [PROXY_CLIENT_KEY]}
     assert upstream.requests[0].header("x-goog-api-key") is None
 
-    shown = [httpx.get(f"{base}{path}").text for path in ("/metrics", "/cache/entries", "/cache/stats", "/dashboard")]
-    exported = tmp_path / "export.jsonl"
-    settings = Settings(_env_file=None, cache_db=tmp_path / "cache.db", **store_settings)  # type: ignore[call-arg]
-    backend = build_backend(settings)
-    assert asyncio.run(run(backend, "export", lambda: export_entries(backend, exported))) == 0
-    assert "answer 1" in exported.read_text(), "the export must hold the entry to mean anything"
-    assert f"v1beta/models/{MODEL}:generateContent" in exported.read_text()
+    shown = shown_and_exported(base, store_settings, tmp_path)
+    assert "answer 1" in shown[-1], "the export must hold the entry to mean anything"
+    assert f"v1beta/models/{MODEL}:generateContent" in shown[-1]
     access = read_lines(capsys, f"/gemini/v1beta/models/{MODEL}:generateContent", 4)
-    for text in [*shown, exported.read_text(), *access, first.text, str(first.headers)]:
+    for text in [*shown, *access, first.text, str(first.headers)]:
         assert PROXY_CLIENT_KEY not in text
 
 
@@ -306,15 +297,6 @@ def test_savings_and_metrics_name_the_provider(gemini: str, upstream: FakeUpstre
     sdk = client(gemini)
     for _ in range(3):
         sdk.models.generate_content(model=MODEL, contents="Say hi")
-    one_hit = genai_prices.calc_price(
-        genai_prices.Usage(input_tokens=9, output_tokens=3), model_ref=MODEL, provider_id="google"
-    ).total_price
-    stats = httpx.get(f"{gemini}/cache/stats").json()
-    assert stats["by_provider"]["gemini"]["hits"] == 2
-    assert stats["cost_saved_usd"] == pytest.approx(float(2 * one_hit), rel=1e-6)
-    samples = scrape(gemini)
-    labels = {"provider": "gemini", "endpoint": "generateContent", "coalesced": "false", "status_class": "2xx"}
-    assert value(samples, "openai_proxy_requests_total", cache_status="HIT", **labels) == 2
-    assert value(samples, "openai_proxy_cost_saved_usd_total", provider="gemini", model=MODEL) > 0
+    assert_two_hits_saved(gemini, "gemini", "generateContent", MODEL, price_provider="google")
     entry = httpx.get(f"{gemini}/cache/entries").json()["entries"][0]
     assert entry["prompt"] == "Say hi"
