@@ -14,6 +14,7 @@ import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
@@ -58,6 +59,7 @@ class BedrockCall:
         return f"model/{{model}}/{self.endpoint}"
 
 
+@lru_cache(maxsize=1024)
 def bedrock_call(path: str) -> BedrockCall | None:
     match = _CALL.match(path.split("?", 1)[0].strip("/"))
     return BedrockCall(*match.groups()) if match else None

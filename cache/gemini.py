@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from cache.sse import SseEvent, data_events
@@ -59,6 +60,7 @@ class GeminiCall:
         return f"{self.version}/models/{{model}}:{self.endpoint}"
 
 
+@lru_cache(maxsize=1024)
 def gemini_call(path: str) -> GeminiCall | None:
     match = _CALL.match(path.split("?", 1)[0].strip("/"))
     return GeminiCall(*match.groups()) if match else None

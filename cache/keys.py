@@ -107,12 +107,14 @@ def cacheable_endpoint(path: str, query: bytes) -> str | None:
     return endpoint
 
 
+@lru_cache(maxsize=1024)
 def deployment_of(path: str) -> str | None:
     """The Azure OpenAI deployment a request path names (`openai/deployments/{name}/...`), if any."""
     match = _DEPLOYMENT_PATH.match(path.split("?", 1)[0].strip("/"))
     return match.group(1) if match else None
 
 
+@lru_cache(maxsize=1024)
 def _as_model(endpoint: str) -> tuple[str, str | None]:
     """`endpoint` without the model its path names (an Azure deployment, a Gemini or Bedrock model), and
     that model (None when it names none). A Gemini stream's or a Converse stream's path is that of its
