@@ -31,7 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cache.base import ENTRY_FIELDS, CachedResponse, CacheError, EntryFilter, EntryInfo, entry_from_values, entry_values
@@ -393,28 +393,58 @@ class RedisBackend:
         meta = orjson.dumps(
             [entry.provider, entry.endpoint, entry.model, entry.namespace, entry.created_at, size, entry.prompt_preview]
         )
-        # The index first: if the entry write then fails, the index names an entry that is not there, which
-        # lists and purges tolerate; the other order could leave an entry no purge can find.
-        evicted: list[bytes] = await self._script(
-            "add",
-            [
-                key,
-                size,
-                repr(entry.created_at),
-                repr(entry.created_at),
-                repr(time.time() + lifetime) if lifetime else "",
-                meta,
-                self.max_entries,
-                self.max_bytes,
-            ],
-        )
+        indexed = [
+            key,
+            size,
+            repr(entry.created_at),
+            repr(entry.created_at),
+            repr(time.time() + lifetime) if lifetime else "",
+            meta,
+            self.max_entries,
+            self.max_bytes,
+        ]
+        written = [int(lifetime * 1000), *_fields(entry)]
+        if self.cluster:
+            evicted = await self._index_then_write(key, indexed, written)
+        else:
+            evicted = await self.run("cache write", lambda: self._index_and_write(key, indexed, written))
+        if evicted:
+            await self._delete_entries([name.decode() for name in evicted])
+
+    async def _index_then_write(self, key: str, indexed: list[Any], written: list[Any]) -> list[bytes]:
+        """The index first: if the entry write then fails, the index names an entry that is not there, which
+        lists and purges tolerate; the other order could leave an entry no purge can find. What the index
+        dropped to make room comes back."""
+        evicted: list[bytes] = await self._script("add", indexed)
         try:
-            await self._script_on_entry(key, [int(lifetime * 1000), *_fields(entry)])
+            await self._script_on_entry(key, written)
         except CacheError:
             await self._forget_quietly([key])
             raise
-        if evicted:
-            await self._delete_entries([name.decode() for name in evicted])
+        return evicted
+
+    async def _index_and_write(self, key: str, indexed: list[Any], written: list[Any]) -> list[bytes]:
+        """`_index_then_write` in one round trip, where one server holds the index and the entry: both
+        scripts go in one pipeline, in that order (a store costs the proxy half the Redis work)."""
+        add, write = self._scripts["add"], self._scripts["write"]
+        index, entry_key = list(self._index), self.entry_key(key)
+        for loaded in (False, True):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                # EVALSHA itself: a registered script would have the pipeline ask SCRIPT EXISTS first.
+                pipe.evalsha(add.sha, len(index), *index, _INVALIDATIONS_KEPT, *indexed)
+                pipe.evalsha(write.sha, 1, entry_key, *written)
+                added, stored = await pipe.execute(raise_on_error=False)
+            if loaded or not any(isinstance(result, NoScriptError) for result in (added, stored)):
+                break
+            for script in (add, write):  # a restarted or flushed server: load them, then once more
+                await self.redis.script_load(script.script)
+        if isinstance(stored, Exception):
+            await self._forget_quietly([key])
+            raise stored
+        if isinstance(added, Exception):
+            await self._delete_entries([key])  # written but not indexed: no purge could find it
+            raise added
+        return cast(list[bytes], added)
 
     async def _script_on_entry(self, key: str, args: list[Any]) -> None:
         script = self._scripts["write"]

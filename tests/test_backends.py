@@ -948,3 +948,36 @@ async def test_an_answer_too_big_to_store_removes_the_outdated_one(open_backend:
     await backend.set("k", ENTRY)
     await backend.set("k", CachedResponse(200, "application/json", b"x" * 101, 2.0, "openai", "v1/chat/completions"))
     assert await backend.get("k") is None
+
+
+@pytest.mark.parametrize("name", ["redis", "redis-cluster"])
+@pytest.mark.parametrize("failing", ["add", "write"])
+async def test_a_store_that_fails_halfway_leaves_neither_an_entry_nor_its_index(
+    name: str, failing: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The index and the entry are written by two scripts (in one round trip on a single server): when
+    either fails, neither stays, so no purge can miss an entry and no list names a missing one."""
+    backend = build_backend(name, tmp_path, request, max_entries=0, max_bytes=0)
+    assert isinstance(backend, RedisBackend)
+    await backend.open()
+    try:
+        backend._scripts[failing] = backend.redis.register_script("return redis.error_reply('refused')")
+        with pytest.raises(CacheError, match="refused"):
+            await backend.set("k", entry())
+        assert await backend.get("k") is None
+        assert await listed(backend) == []
+    finally:
+        await backend.close()
+
+
+async def test_a_server_that_lost_its_scripts_gets_them_again(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    backend = build_backend("redis", tmp_path, request, max_entries=0, max_bytes=0)
+    assert isinstance(backend, RedisBackend)
+    await backend.open()
+    try:
+        await backend.redis.script_flush()  # as a restarted server: the run's own, which no one else uses
+        await backend.set("k", entry())
+        assert await backend.get("k") == entry()
+        assert await listed(backend) == ["k"]
+    finally:
+        await backend.close()
