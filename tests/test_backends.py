@@ -7,6 +7,7 @@ import dataclasses
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
@@ -14,11 +15,13 @@ from typing import Protocol
 import aiosqlite
 import anyio
 import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
 from cache import sqlite as sqlite_module
 from cache.base import EntryFilter, EntryInfo
-from cache.redis_backend import RedisBackend
+from cache.redis_backend import RedisBackend, WaitingConnectionPool
 from cache.sqlite import SCHEMA_VERSION
 from cache.stats import ACTIVITY_KEPT_SECONDS, RECENT_REQUESTS_KEPT, ActivityPoint, RequestRecord, SavedFigures, Tally
 
@@ -981,3 +984,28 @@ async def test_a_server_that_lost_its_scripts_gets_them_again(tmp_path: Path, re
         assert await listed(backend) == ["k"]
     finally:
         await backend.close()
+
+
+async def test_past_its_connections_a_command_waits_for_one_and_fails_only_after_the_wait(
+    request: pytest.FixtureRequest,
+) -> None:
+    server = request.getfixturevalue("redis_server")
+    pool = WaitingConnectionPool.from_url(server.url, max_connections=2, wait=0.6, socket_timeout=2)
+    client = Redis(connection_pool=pool)
+    list_key = f"pool-test-{uuid.uuid4().hex}"
+    try:
+        # Six commands that each hold a connection 0.2 s, two connections: they take turns, none fails.
+        answers = await asyncio.gather(*(client.blpop([list_key], timeout=0.2) for _ in range(6)))
+        assert answers == [None] * 6
+        assert len(pool._holding) == 0 and pool._free._value == 2
+        # Held longer than a command may wait: the third fails, once its wait is over, not before.
+        held = [asyncio.ensure_future(client.blpop([list_key], timeout=1.0)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(RedisConnectionError, match="no Redis connection came free within 0.6 s"):
+            await client.get(list_key)
+        assert 0.5 < time.monotonic() - started < 0.9
+        await asyncio.gather(*held)
+        assert pool._free._value == 2, "every connection is free again"
+    finally:
+        await client.aclose()
