@@ -20,7 +20,7 @@ from google.genai import errors, types
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from tests.conftest import PROXY_CLIENT_KEY, PROXY_GEMINI_KEY, ProxyFactory
+from tests.conftest import PROXY_CLIENT_KEY, PROXY_GEMINI_KEY, ProxyFactory, wait_until_stored
 from tests.native import assert_two_hits_saved, shown_and_exported
 from tests.servers import FakeUpstream, Recorded
 from tests.test_access_log import read_lines
@@ -223,6 +223,22 @@ def test_embeddings_are_keyed_on_the_model(gemini: str, upstream: FakeUpstream) 
     single = {"content": {"parts": [{"text": "one"}]}}
     answers = [httpx.post(url, json=single).headers["x-cache-status"] for _ in range(2)]
     assert answers == ["MISS", "HIT"]
+
+
+def test_offline_the_cache_answers_and_nothing_goes_upstream(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, fake: GeminiFake
+) -> None:
+    database = {"cache_db": "offline.db", "gemini_base_url": upstream.url, "gemini_api_key": PROXY_GEMINI_KEY}
+    online = start_proxy(**database)
+    first = client(online)  # kept: a client that is collected closes its connections
+    first.models.generate_content(model=MODEL, contents="Say hi")
+    wait_until_stored(online, 1)
+    sdk = client(start_proxy(**database, cache_offline=True))
+    assert text_of(sdk.models.generate_content_stream(model=MODEL, contents="Say hi")) == "answer 1"
+    with pytest.raises(errors.APIError) as raised:
+        sdk.models.generate_content(model=MODEL, contents="Say bye")
+    assert raised.value.code == 504 and raised.value.details["error"]["code"] == "not_cached"
+    assert upstream.calls == 1
 
 
 def test_other_calls_pass_through(gemini: str, upstream: FakeUpstream) -> None:

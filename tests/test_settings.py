@@ -346,9 +346,10 @@ def test_extra_provider_auth_must_be_known(monkeypatch: pytest.MonkeyPatch) -> N
         pytest.param("https://", id="no-host"),
     ],
 )
-def test_builtin_base_url_must_be_http(base_url: str) -> None:
-    with pytest.raises(ValidationError):
-        settings(openai_base_url=base_url)
+@pytest.mark.parametrize("setting", ["openai_base_url", "azure_openai_endpoint", "gemini_base_url", "bedrock_base_url"])
+def test_builtin_base_url_must_be_http(base_url: str, setting: str) -> None:
+    with pytest.raises(ValidationError, match=setting):
+        settings(**{setting: base_url})
 
 
 # cache key settings
