@@ -164,5 +164,5 @@ def test_the_server_raises_its_open_file_limit_so_thousands_of_streams_fit() -> 
         "assert raised == soft and (soft == hard or hard == resource.RLIM_INFINITY), (raised, soft, hard)\n"
         "assert soft > 4096, soft\n"
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    done = subprocess.run([sys.executable, "-c", script], env=environment(), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

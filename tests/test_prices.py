@@ -15,6 +15,7 @@ from genai_prices.data import providers as TABLE_PROVIDERS
 
 from cache.prices import PROVIDER_ALIASES, ModelPrice, PriceTable, _table_model, parse_price_overrides
 from cache.usage import Usage
+from tests.processes import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = PriceTable()
@@ -393,7 +394,13 @@ print(sorted(thread.name for thread in threading.enumerate()))
 
 def test_prices_need_no_network() -> None:
     done = subprocess.run(
-        [sys.executable, "-c", NO_NETWORK], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+        [sys.executable, "-c", NO_NETWORK],
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
     assert done.returncode == 0, done.stderr
