@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
-from botocore.eventstream import EventStreamBuffer, EventStreamError
+from botocore.eventstream import EventStreamBuffer, ParserError
 
 EVENTSTREAM = "application/vnd.amazon.eventstream"
 CONVERSE = "converse"
@@ -110,7 +110,7 @@ def frames(stream: bytes) -> list[Frame] | None:
         for message in buffer:
             parsed.append(Frame(dict(message.headers), message.payload))
             length += message.prelude.total_length
-    except EventStreamError:
+    except (ParserError, KeyError, ValueError, struct.error):  # a checksum, length or header type that is off
         return None
     return parsed if length == len(stream) else None
 

@@ -95,6 +95,7 @@ class BedrockFake:
         self.finished = True
         self.broken = False
         self.frame_delay = 0.0
+        self.damaged = False  # one frame's checksum does not hold
         upstream.handler = self.answer
 
     async def answer(self, request: Request, recorded: Recorded) -> Response:
@@ -124,7 +125,10 @@ class BedrockFake:
     def stream(self, events: list[tuple[str, dict[str, Any]]]) -> StreamingResponse:
         async def frames() -> Any:
             for event, payload in events:
-                yield encode_frame(event, {**payload, **PADDING})
+                frame = encode_frame(event, {**payload, **PADDING})
+                if self.damaged and event == "contentBlockDelta":
+                    frame = frame[:-5] + bytes([frame[-5] ^ 0xFF]) + frame[-4:]
+                yield frame
                 if self.broken:
                     raise RuntimeError("the upstream broke off")
                 await asyncio.sleep(self.frame_delay)
@@ -234,6 +238,18 @@ def test_an_unfinished_or_broken_stream_is_not_stored(signed: str, upstream: Fak
     fake.broken = False
     assert status(client.converse(modelId=MODEL, messages=MESSAGES)) == "MISS"
     assert upstream.calls == 3
+
+
+def test_a_stream_with_a_damaged_frame_is_relayed_but_not_stored(
+    signed: str, upstream: FakeUpstream, fake: BedrockFake
+) -> None:
+    fake.damaged = True
+    url = f"{signed}/bedrock/model/{MODEL}/converse-stream"
+    relayed = [httpx.post(url, json={"messages": MESSAGES}) for _ in range(2)]
+    assert [answer.status_code for answer in relayed] == [200, 200]
+    assert [answer.headers["x-cache-status"] for answer in relayed] == ["MISS", "MISS"]
+    assert upstream.calls == 2
+    assert httpx.get(f"{signed}/cache/stats").json()["entries"] == 0
 
 
 @pytest.mark.both_backends
