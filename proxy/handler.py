@@ -633,19 +633,32 @@ class Proxy:
 
     def _store(self, asked: Asked, answer: Answer, body: bytes, landed: Landed | None = None) -> bool:
         """Queue the answer to be stored if it may be stored; True when it was. `landed` is told whether the
-        store has it. Its age counts from when the provider answered, so a store that runs late does not make
-        it younger."""
-        status, headers = answer.response.status_code, answer.headers
-        if len(body) > self.settings.max_cache_entry_bytes or not is_storable(status, headers, body, asked.endpoint):
+        store has it."""
+        try:
+            entry = self._entry(asked, answer, body)
+        except Exception:
+            # A rule that fails on an answer it did not foresee must not fail the request, nor leave its
+            # flight's followers waiting: the answer is just not stored.
+            logger.exception("judging an answer for the cache failed unexpectedly; it was not stored")
+            entry = None
+        if entry is None:
             if landed is not None:
                 landed(False)
             return False
+        return self.stores.put(asked.key, entry, landed)
+
+    def _entry(self, asked: Asked, answer: Answer, body: bytes) -> CachedResponse | None:
+        """The entry to store for the answer, or None when it may not be stored. Its age counts from when the
+        provider answered, so a store that runs late does not make it younger."""
+        status, headers = answer.response.status_code, answer.headers
+        if len(body) > self.settings.max_cache_entry_bytes or not is_storable(status, headers, body, asked.endpoint):
+            return None
         content_type = _content_type(headers)
         usage = reported_usage(asked.endpoint, content_type, body)
         model = asked.model
         if self.providers[asked.provider].model_from_answer:
             model = reported_model(asked.endpoint, content_type, body) or model
-        entry = CachedResponse(
+        return CachedResponse(
             status=status,
             content_type=content_type,
             body=body,
@@ -662,7 +675,6 @@ class Proxy:
             upstream_seconds=event_loop_time() - answer.asked_at,
             prompt_preview=prompt_preview(asked.request),
         )
-        return self.stores.put(asked.key, entry, landed)
 
     # Answers
 

@@ -18,12 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
+import proxy.handler
 from cache import CachedResponse, CacheError, CacheHealth
 from cache.base import EntryFilter
 from openai_proxy import ProxyApp, create_app
 from proxy.settings import Settings
 from proxy.storing import CONCURRENT_WRITES, WAITING_ENTRY_OVERHEAD, StoreQueue
-from tests.conftest import PROXY_OPENAI_KEY
+from tests.conftest import PROXY_OPENAI_KEY, ProxyFactory
 from tests.servers import FakeUpstream, ServerThread
 
 
@@ -330,3 +331,29 @@ def test_followers_are_answered_while_the_leaders_answer_waits_to_be_stored(
     assert [answer.status_code for answer in answers] == [200] * 6
     assert upstream.calls == 1, "the followers were answered from the waiting answer, not by going upstream"
     assert len({answer.content for answer in answers}) == 1
+
+
+def test_a_rule_failing_on_an_answer_leaves_it_unstored_and_its_followers_answered(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An answer no rule foresaw (a rule raising on it) is not stored, and the flight still lands: its
+    followers do not wait out CACHE_LOCK_TIMEOUT."""
+
+    def unforeseen(*_: Any) -> Any:
+        raise RuntimeError("a rule met an answer it did not foresee")
+
+    monkeypatch.setattr(proxy.handler, "reported_usage", unforeseen)
+    upstream.answer_slowly(0.3)
+    base = start_proxy(cache_lock_timeout=30)
+    body = {"model": "m", "messages": [{"role": "user", "content": "unforeseen"}]}
+
+    async def three_at_once() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as http:
+            return await asyncio.gather(*(http.post(f"{base}/v1/chat/completions", json=body) for _ in range(3)))
+
+    started = time.monotonic()
+    answers = asyncio.run(three_at_once())
+    assert [answer.status_code for answer in answers] == [200, 200, 200]
+    assert time.monotonic() - started < 10, "the followers were answered, not left to the lock timeout"
+    assert httpx.get(f"{base}/cache/stats").json()["entries"] == 0
+    assert any("judging an answer for the cache failed" in record.getMessage() for record in caplog.records)
