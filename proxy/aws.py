@@ -83,13 +83,24 @@ class AwsSigner:
         """`headers` with the proxy's SigV4 signature of the request added."""
         if not self.ready:
             raise missing_credentials()
-        credentials = self._credentials
-        if getattr(credentials, "refresh_needed", lambda: False)():
-            frozen = await anyio.to_thread.run_sync(credentials.get_frozen_credentials)
-        else:
-            frozen = credentials.get_frozen_credentials()
         from botocore.auth import SigV4Auth
         from botocore.awsrequest import AWSRequest
+        from botocore.exceptions import BotoCoreError
+
+        credentials = self._credentials
+        try:
+            if getattr(credentials, "refresh_needed", lambda: False)():  # a role's: refreshed over the network
+                frozen = await anyio.to_thread.run_sync(credentials.get_frozen_credentials)
+            else:
+                frozen = credentials.get_frozen_credentials()
+        except BotoCoreError as exc:
+            logger.warning("refreshing the AWS credentials for Bedrock failed: %s", exc)
+            raise ProxyError(
+                503,
+                f"The proxy's AWS credentials could not be refreshed ({type(exc).__name__}); see its log.",
+                "provider_not_configured",
+                error_type="configuration_error",
+            ) from exc
 
         request = AWSRequest(method=method, url=url, data=body, headers=dict(headers))
         SigV4Auth(frozen, SERVICE, self.region).add_auth(request)
