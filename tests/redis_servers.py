@@ -29,6 +29,15 @@ def free_port(below: int = 65536) -> int:
             return port
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def _answers(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.2) as connection:
@@ -114,7 +123,14 @@ class RedisCluster:
     """Three cluster-enabled servers joined into one cluster with no replicas."""
 
     def __init__(self) -> None:
-        self.nodes = [RedisServer(cluster=True) for _ in range(3)]
+        ports: list[int] = []
+        while len(ports) < 3:
+            port = free_port(below=55536)
+            # Each node also listens on its port + 10000 (the cluster bus): no node's port may be another's bus.
+            taken = {other + offset for other in ports for offset in (-10000, 0, 10000)}
+            if port not in taken and _bindable(port + 10000):
+                ports.append(port)
+        self.nodes = [RedisServer(port, cluster=True) for port in ports]
 
     @property
     def url(self) -> str:
