@@ -28,7 +28,7 @@ KEY_VERSION = 2
 # `v1/responses/{id}`) is not a generation and is never cached.
 GENERATION_ENDPOINTS = ("chat/completions", "completions", "embeddings", "responses", "messages", "chat")
 _GENERATION_PATH = re.compile(r"^(?:.*/)?v\d+(?:alpha|beta)?/(" + "|".join(GENERATION_ENDPOINTS) + ")$")
-# Every endpoint `generation_endpoint` names (Gemini's among them).
+# Every endpoint `generation_endpoint` names (Gemini's and Bedrock's among them).
 ALL_GENERATION_ENDPOINTS = (
     *GENERATION_ENDPOINTS,
     GENERATE,
@@ -146,11 +146,12 @@ def cache_key(
 
     `endpoint` is the request path below the provider (with its query string, if any);
     `scope` separates credentials that must not share answers; `namespace` partitions the cache.
-    A deployment in the path (Azure OpenAI) counts as the body's `model`, which it overrides upstream.
+    A model the path names (an Azure deployment, a Gemini or Bedrock model) counts as the body's `model`:
+    it is the one the upstream answers with.
     """
-    endpoint, deployment = _as_model(endpoint)
-    if deployment is not None:
-        body = {**body, "model": deployment}
+    endpoint, path_model = _as_model(endpoint)
+    if path_model is not None:
+        body = {**body, "model": path_model}
     if config.mode is KeyMode.FULL:
         content: dict[str, Any] = {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
     else:
