@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
@@ -108,13 +109,6 @@ def cacheable_endpoint(path: str, query: bytes) -> str | None:
 
 
 @lru_cache(maxsize=1024)
-def deployment_of(path: str) -> str | None:
-    """The Azure OpenAI deployment a request path names (`openai/deployments/{name}/...`), if any."""
-    match = _DEPLOYMENT_PATH.match(path.split("?", 1)[0].strip("/"))
-    return match.group(1) if match else None
-
-
-@lru_cache(maxsize=1024)
 def _as_model(endpoint: str) -> tuple[str, str | None]:
     """`endpoint` without the model its path names (an Azure deployment, a Gemini or Bedrock model), and
     that model (None when it names none). A Gemini stream's or a Converse stream's path is that of its
@@ -131,6 +125,11 @@ def _as_model(endpoint: str) -> tuple[str, str | None]:
         return endpoint, None
     query = "&".join(part for part in query.split("&") if part and not part.startswith("alt="))
     return call.key_path + ("?" + query if query else ""), call.model
+
+
+def model_in_path(endpoint: str) -> str | None:
+    """The model a request path names (an Azure deployment, a Gemini or Bedrock model), if any."""
+    return _as_model(endpoint)[1]
 
 
 def cache_key(
@@ -172,13 +171,10 @@ def cache_key(
 
 def conversation_content(body: Mapping[str, Any], endpoint: str, include: Iterable[str] = ()) -> dict[str, Any]:
     generation = generation_endpoint(endpoint.split("?", 1)[0])
-    if generation is not None and is_gemini_endpoint(generation):
-        content = gemini_conversation(dict(body), generation)
-        return content | {name: body[name] for name in include if name in body}
-    if generation is not None and is_bedrock_endpoint(generation):
-        content = bedrock_conversation(dict(body), generation)
-        return content | {name: body[name] for name in include if name in body}
-    content = {}
+    native = _native_conversation(generation)
+    if native is not None:  # Gemini's and Bedrock's own request formats
+        return native(dict(body)) | {name: body[name] for name in include if name in body}
+    content: dict[str, Any] = {}
     for name in CONTENT_FIELDS:
         if name in body:
             content[name] = body[name]
@@ -196,6 +192,15 @@ def conversation_content(body: Mapping[str, Any], endpoint: str, include: Iterab
         if name in body and name not in TRANSPORT_FIELDS:
             content[name] = body[name]
     return content
+
+
+def _native_conversation(endpoint: str | None) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+    """The conversation rule of an API whose requests are not OpenAI-shaped (Gemini, Bedrock), if any."""
+    if endpoint is not None and is_gemini_endpoint(endpoint):
+        return functools.partial(gemini_conversation, endpoint=endpoint)
+    if endpoint is not None and is_bedrock_endpoint(endpoint):
+        return functools.partial(bedrock_conversation, endpoint=endpoint)
+    return None
 
 
 def normalize_content(content: Any) -> Any:

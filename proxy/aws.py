@@ -39,9 +39,8 @@ class AwsSigner:
             from botocore.credentials import Credentials
 
             token = settings.aws_session_token.get_secret_value() if settings.aws_session_token else None
-            self._credentials = Credentials(
-                settings.aws_access_key_id, settings.aws_secret_access_key.get_secret_value(), token, method="settings"
-            )
+            key_id, secret = settings.aws_access_key_id.get_secret_value(), settings.aws_secret_access_key
+            self._credentials = Credentials(key_id, secret.get_secret_value(), token, method="settings")
 
     @property
     def ready(self) -> bool:

@@ -23,7 +23,7 @@ from cache.bedrock import bedrock_call
 from cache.control import ControlError, is_fresh, request_control
 from cache.gemini import gemini_call
 from cache.health import Operation
-from cache.keys import cacheable_endpoint, credential_scope, deployment_of, is_storable
+from cache.keys import cacheable_endpoint, credential_scope, is_storable, model_in_path
 from cache.preview import prompt_preview
 from cache.replay import Replay, is_event_stream, replay
 from cache.stream_usage import ask_for_usage
@@ -210,13 +210,11 @@ class Proxy:
             )
         except RecursionError as exc:
             raise ProxyError(400, "The JSON body is nested too deeply.", "invalid_json") from exc
+        model = model_in_path(endpoint_path) or payload.get("model")
         call = gemini_call(endpoint_path) or bedrock_call(endpoint_path)
-        if call is not None:  # the path names the model and whether to stream; usage comes with every answer
-            model: Any = call.model
-            wants_stream = call.streams
-            wants_usage = False
+        if call is not None:  # the path says whether to stream; usage comes with every answer
+            wants_stream, wants_usage = call.streams, False
         else:
-            model = deployment_of(endpoint_path) or payload.get("model")
             wants_stream = payload.get("stream") is True
             options = payload.get("stream_options")
             wants_usage = isinstance(options, dict) and options.get("include_usage") is True

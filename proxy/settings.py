@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     # Bedrock: the proxy's AWS credentials (else botocore's chain: AWS_PROFILE, files, roles), or its
     # Bedrock API key.
     aws_region: str | None = Field(default=None, pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")
-    aws_access_key_id: str | None = None
+    aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
     aws_session_token: SecretStr | None = None
     aws_profile: str | None = None

@@ -59,3 +59,14 @@ async def test_credentials_that_cannot_be_refreshed_answer_an_error_not_a_crash(
     with pytest.raises(ProxyError) as raised:
         await aws.sign("POST", URL, [], b"{}")
     assert raised.value.status == 503 and "could not be refreshed" in raised.value.message
+
+
+async def test_a_profile_that_does_not_exist_leaves_bedrock_unsigned_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    aws = signer(aws_profile="no-such-profile")
+    await aws.prepare()
+    assert not aws.ready
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("AWS credentials could not be read for Bedrock: ProfileNotFound" in message for message in messages)
+    assert any("no AWS credentials for Bedrock" in message for message in messages)

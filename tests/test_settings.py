@@ -499,3 +499,14 @@ def test_the_metrics_directory_comes_from_the_environment_never_from_dotenv(
     assert (from_dotenv.port, from_dotenv.prometheus_multiproc_dir) == (8123, None)
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "environment"))
     assert Settings().prometheus_multiproc_dir == tmp_path / "environment"
+
+
+def test_the_aws_credentials_never_show_in_the_settings_repr() -> None:
+    secrets = {
+        "aws_access_key_id": "AKIA-CANARY-1",
+        "aws_secret_access_key": "CANARY-2",
+        "aws_session_token": "CANARY-3",
+    }
+    configured = settings(**secrets)
+    for secret in secrets.values():
+        assert secret not in repr(configured) and secret not in str(configured)
