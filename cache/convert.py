@@ -7,6 +7,7 @@ streamed and non-streamed entries apart (see `cache.keys.STREAM_CONVERTIBLE`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from cache.sse import DONE, SseEvent, data_events, encode_event
@@ -26,7 +27,7 @@ def is_usage_chunk(chunk: Any) -> bool:
     return isinstance(chunk, dict) and chunk.get("choices") == [] and chunk.get("usage") is not None
 
 
-def chat_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
+def chat_stream_to_json(events: Sequence[SseEvent]) -> dict[str, Any] | None:
     """The chat.completion object a recorded chunk stream amounts to; None without usage to report
     or when the chunks do not have the shape of a chat completion."""
     try:
@@ -35,7 +36,7 @@ def chat_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
         return None
 
 
-def _chat_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
+def _chat_stream_to_json(events: Sequence[SseEvent]) -> dict[str, Any] | None:
     chunks = [chunk for chunk in data_events(events) if isinstance(chunk, dict)]
     if not chunks:
         return None
@@ -169,7 +170,7 @@ def _chat_json_to_stream(completion: dict[str, Any], include_usage: bool) -> byt
 # Anthropic messages
 
 
-def anthropic_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
+def anthropic_stream_to_json(events: Sequence[SseEvent]) -> dict[str, Any] | None:
     """The message object a recorded Anthropic event stream amounts to; None when it describes none."""
     try:
         return _anthropic_stream_to_json(events)
@@ -177,7 +178,7 @@ def anthropic_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
         return None
 
 
-def _anthropic_stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
+def _anthropic_stream_to_json(events: Sequence[SseEvent]) -> dict[str, Any] | None:
     message: dict[str, Any] | None = None
     blocks: dict[int, dict[str, Any]] = {}
     partial_json: dict[int, str] = {}

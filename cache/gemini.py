@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -92,7 +93,7 @@ def _camel_keys(value: dict[str, Any]) -> dict[str, Any]:
     return {_SNAKE.sub(lambda match: match.group(1).upper(), name): item for name, item in value.items()}
 
 
-def stream_finished(events: list[SseEvent]) -> bool:
+def stream_finished(events: Sequence[SseEvent]) -> bool:
     """Whether a recorded stream is a whole answer: its last chunk has candidates, each with a finishReason."""
     chunks = data_events(events)
     if not chunks or not isinstance(chunks[-1], dict):
@@ -105,7 +106,7 @@ def stream_finished(events: list[SseEvent]) -> bool:
     )
 
 
-def stream_to_json(events: list[SseEvent]) -> dict[str, Any] | None:
+def stream_to_json(events: Sequence[SseEvent]) -> dict[str, Any] | None:
     """The GenerateContentResponse a recorded stream amounts to: each candidate's parts in order, adjacent
     plain text parts joined; the last chunk's usage, model version and finish reasons. None when the chunks
     are not GenerateContentResponses."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 from typing import Any
+
+import orjson
 
 EVENT_STREAM = "text/event-stream"
 DONE = "[DONE]"
@@ -36,13 +39,24 @@ class SseEvent:
     raw: bytes
 
     def json(self) -> Any:
-        """The data as JSON, or None when it is not JSON (such as `[DONE]`)."""
+        """The data as JSON, or None when it is not JSON (such as `[DONE]`). Parsed once: a recorded
+        stream is read by several rules (complete? usage? the JSON it amounts to) before it is stored."""
+        return self._payload
+
+    @cached_property
+    def _payload(self) -> Any:
+        if not self.data or self.data == DONE:
+            return None
         try:
+            return orjson.loads(self.data)
+        except orjson.JSONDecodeError:
+            pass
+        try:  # what orjson refuses and JSON's Python reading accepts: NaN, integers beyond 64 bits
             return json.loads(self.data)
         except ValueError:
             return None
 
-    @property
+    @cached_property
     def type(self) -> str:
         """What the event is: `[DONE]`, the `type` of its JSON data, or its `event:` name."""
         if self.data == DONE:
@@ -53,10 +67,22 @@ class SseEvent:
         return self.name or ""
 
 
-def parse_events(stream: bytes) -> list[SseEvent]:
+# Streams up to this size have their events kept (two of them): the rules that judge a recording before
+# it is stored each read the same bytes, one after the other. A larger one is parsed again, not kept.
+_KEPT_STREAM_BYTES = 1024 * 1024
+
+
+def parse_events(stream: bytes) -> tuple[SseEvent, ...]:
     """Every complete event in `stream`; comments-only blocks are kept (as events without data)."""
+    return _kept_events(stream) if len(stream) <= _KEPT_STREAM_BYTES else _events(stream)
+
+
+def _events(stream: bytes) -> tuple[SseEvent, ...]:
     events, _ = split_events(stream)
-    return [parse_event(raw) for raw in events]
+    return tuple(parse_event(raw) for raw in events)
+
+
+_kept_events = lru_cache(maxsize=2)(_events)
 
 
 def split_events(stream: bytes) -> tuple[list[bytes], bytes]:
@@ -71,6 +97,8 @@ def split_events(stream: bytes) -> tuple[list[bytes], bytes]:
 
 def parse_event(raw: bytes) -> SseEvent:
     """One event from its exact bytes."""
+    if raw.startswith(b"data: ") and raw.endswith(b"\n\n") and raw.count(b"\n") == 2 and b"\r" not in raw:
+        return SseEvent(None, raw[6:-2].decode("utf-8", errors="replace"), raw)  # the usual one-line event
     name: str | None = None
     data: list[str] = []
     # Only CR, LF and CRLF end an SSE line; str.splitlines would also split on U+2028 inside JSON text.
@@ -91,17 +119,19 @@ def encode_event(data: Any, name: str | None = None) -> bytes:
     return f"{prefix}data: {text}\n\n".encode()
 
 
-def stream_completed(endpoint: str, stream: bytes, finished: Callable[[list[SseEvent]], bool] | None = None) -> bool:
+def stream_completed(
+    endpoint: str, stream: bytes, finished: Callable[[Sequence[SseEvent]], bool] | None = None
+) -> bool:
     """Whether a recorded stream ended the way the endpoint ends a whole answer, with no error in it;
     `finished` tells that for an endpoint without a terminating event (Gemini's).
 
     Bytes after the last blank line count as a final event: the upstream ended its response there.
     """
-    events = parse_events(stream)
-    tail = stream[sum(len(event.raw) for event in events) :]
-    if tail.strip():
-        events.append(parse_event(tail))
-    events = [event for event in events if event.data]
+    parsed = parse_events(stream)
+    tail = stream[sum(len(event.raw) for event in parsed) :]
+    events = [event for event in parsed if event.data]
+    if tail.strip() and (last := parse_event(tail)).data:
+        events.append(last)
     if not events or any(_is_error(event) for event in events):
         return False
     if finished is not None:

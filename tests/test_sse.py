@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -103,11 +104,11 @@ def test_incomplete_trailing_event_is_not_returned() -> None:
 
 
 def test_stream_without_any_blank_line_has_no_events() -> None:
-    assert parse_events(b"data: partial\n") == []
+    assert parse_events(b"data: partial\n") == ()
 
 
 def test_empty_stream_has_no_events() -> None:
-    assert parse_events(b"") == []
+    assert parse_events(b"") == ()
 
 
 @pytest.mark.parametrize(
@@ -138,6 +139,32 @@ def test_non_ascii_data_is_decoded_as_utf8() -> None:
 def test_json_of_data_that_is_not_json_is_none() -> None:
     assert SseEvent(None, DONE, b"").json() is None
     assert SseEvent(None, "not json", b"").json() is None
+
+
+def test_json_reads_what_pythons_json_reads_beyond_orjson() -> None:
+    # Read with orjson first; NaN and integers beyond 64 bits are what only Python's JSON reads.
+    assert SseEvent(None, '{"n": 18446744073709551616}', b"").json() == {"n": 2**64}
+    assert math.isnan(SseEvent(None, '{"x": NaN}', b"").json()["x"])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'data: {"a": 1}\n\n',
+        b"data:{}\n\n",
+        b"data:  two spaces\n\n",
+        b"data: \n\n",
+        b"data: one\ndata: two\n\n",
+        b"data: crlf\r\n\r\n",
+        b"event: x\ndata: y\n\n",
+    ],
+)
+def test_one_line_events_read_the_same_as_any_other(raw: bytes) -> None:
+    [event] = parse_events(raw)
+    # The same event with a comment line first, which the general reading handles.
+    [general] = parse_events(b": comment\n" + raw)
+
+    assert (event.name, event.data, event.raw) == (general.name, general.data, raw)
 
 
 @pytest.mark.parametrize(
