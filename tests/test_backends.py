@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import sqlite3
 import threading
 import time
@@ -820,6 +821,44 @@ class TestSqliteOpening:
         finally:
             threading.excepthook = hook
         assert [str(failure.exc_value) for failure in failures] == []
+
+    async def test_a_read_the_event_loop_would_wait_for_goes_to_the_readers_thread(self, tmp_path: Path) -> None:
+        backend = SqliteBackend(tmp_path / "cache.db")
+        await backend.open()
+        try:
+            await backend.set("k", ENTRY)
+            # The loop's own connection meets a lock (SQLite's busy answer, here from a copy of the file
+            # that another connection holds exclusively): the read is made in the reader's thread instead.
+            shutil.copy(tmp_path / "cache.db", tmp_path / "held.db")
+            holder = sqlite3.connect(tmp_path / "held.db", isolation_level=None)
+            holder.execute("PRAGMA journal_mode=DELETE")
+            holder.execute("BEGIN EXCLUSIVE")
+            assert backend._point_reader is not None
+            backend._point_reader.close()
+            backend._point_reader = sqlite3.connect(tmp_path / "held.db", timeout=0, isolation_level=None)
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                backend._point_reader.execute("SELECT 1 FROM entries").fetchall()
+
+            assert await backend.get("k") == ENTRY
+            holder.close()
+        finally:
+            await backend.close()
+
+    async def test_an_unreadable_file_fails_a_read_with_cache_error(self, tmp_path: Path) -> None:
+        backend = SqliteBackend(tmp_path / "gone.db")
+        await backend.open()
+        try:
+            await backend.set("k", ENTRY)
+            await backend.checkpoint()
+            with open(tmp_path / "gone.db", "r+b") as damaged:
+                damaged.seek(4096)
+                damaged.write(b"\xff" * 8192)  # the entries' pages
+            with pytest.raises(CacheError, match="cache read failed"):
+                for number in range(50):
+                    await backend.get(f"absent-{number}")
+                await backend.get("k")
+        finally:
+            await backend.close()
 
     async def test_a_full_disk_fails_the_write_not_the_store(self, tmp_path: Path) -> None:
         backend = TinySqlite(tmp_path / "full.db")
