@@ -37,7 +37,7 @@ from proxy.exchange import Exchange
 from proxy.exchange import of as exchange_of
 from proxy.headers import Headers, client_response_headers, scope_headers, without_aws_signature
 from proxy.intake import declared_length, is_chunked, read_request_body, stream_request_body, too_large
-from proxy.request import Asked, Upstream, parse_json_object, resolve_route
+from proxy.request import Asked, RecentRequests, Upstream, parse_json_object, resolve_route
 from proxy.responses import (
     BufferedResponse,
     Recording,
@@ -137,6 +137,7 @@ class Proxy:
         self.statistics = statistics
         self.clock = clock
         self.flights = Flights()
+        self.recent = RecentRequests()
         self.stores = StoreQueue(backend, health, settings.store_backlog_bytes, statistics.store_skipped)
         self.shared_flights = shared_flights
         self._tasks: set[asyncio.Task[None]] = set()
@@ -181,11 +182,16 @@ class Proxy:
             self._refuse_if_offline()
             return await self._pass_through(scope["method"], receive, upstream, length, exchange)
         body = await read_request_body(receive, self.settings.max_request_bytes)
+        sent = self.recent.bytes_of(scope, body)
+        asked = self.recent.get(sent)
+        if asked is not None:
+            return await self._cacheable(asked.for_exchange(exchange), upstream, receive)
         payload = parse_json_object(body)
         if payload is None:
             self._refuse_if_offline()
             return await self._relay_through(upstream, "POST", body, exchange)
         asked = self._asked(upstream, endpoint, body, payload, exchange)
+        self.recent.add(sent, asked)
         return await self._cacheable(asked, upstream, receive)
 
     def _asked(
