@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -30,41 +29,66 @@ _TERMINATORS: dict[str, frozenset[str]] = {
 _ERROR_TYPES = frozenset({"error", "response.failed"})
 
 
-@dataclass(frozen=True)
+_UNREAD = object()
+
+
 class SseEvent:
     """One event: its `event:` name, its joined `data:` lines, and its exact bytes (with the blank line)."""
 
-    name: str | None
-    data: str
-    raw: bytes
+    __slots__ = ("name", "data", "raw", "_payload", "_type")
+
+    def __init__(self, name: str | None, data: str, raw: bytes) -> None:
+        self.name = name
+        self.data = data
+        self.raw = raw
+        self._payload: Any = _UNREAD
+        self._type: str | None = None
+
+    def __repr__(self) -> str:
+        return f"SseEvent(name={self.name!r}, data={self.data!r}, raw={self.raw!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SseEvent):
+            return NotImplemented
+        return (self.name, self.data, self.raw) == (other.name, other.data, other.raw)
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.data, self.raw))
 
     def json(self) -> Any:
         """The data as JSON, or None when it is not JSON (such as `[DONE]`). Parsed once: a recorded
         stream is read by several rules (complete? usage? the JSON it amounts to) before it is stored."""
+        if self._payload is _UNREAD:
+            self._payload = _json_or_none(self.data)
         return self._payload
 
-    @cached_property
-    def _payload(self) -> Any:
-        if not self.data or self.data == DONE:
-            return None
-        try:
-            return orjson.loads(self.data)
-        except orjson.JSONDecodeError:
-            pass
-        try:  # what orjson refuses and JSON's Python reading accepts: NaN, integers beyond 64 bits
-            return json.loads(self.data)
-        except ValueError:
-            return None
-
-    @cached_property
+    @property
     def type(self) -> str:
         """What the event is: `[DONE]`, the `type` of its JSON data, or its `event:` name."""
+        if self._type is None:
+            self._type = self._read_type()
+        return self._type
+
+    def _read_type(self) -> str:
         if self.data == DONE:
             return DONE
         payload = self.json()
         if isinstance(payload, dict) and isinstance(payload.get("type"), str):
             return str(payload["type"])
         return self.name or ""
+
+
+def _json_or_none(data: str) -> Any:
+    if not data or data == DONE:
+        return None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
+    try:  # what orjson refuses and JSON's Python reading accepts: NaN, integers beyond 64 bits
+        return json.loads(data)
+    except ValueError:
+        return None
 
 
 # Streams up to this size have their events kept (two of them): the rules that judge a recording before
@@ -87,6 +111,9 @@ _kept_events = lru_cache(maxsize=2)(_events)
 
 def split_events(stream: bytes) -> tuple[list[bytes], bytes]:
     """The exact bytes of each complete event in `stream` (blank line included), and what follows them."""
+    if b"\r" not in stream:  # the usual stream, whose lines end in LF alone
+        *whole, rest = stream.split(b"\n\n")
+        return [event + b"\n\n" for event in whole], rest
     events = []
     position = 0
     for end in _EVENT_END.finditer(stream):

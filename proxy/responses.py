@@ -15,7 +15,7 @@ from starlette.types import Receive, Scope, Send
 from cache.stream_usage import UsageWithheld
 from proxy.clock import event_loop_time
 from proxy.headers import Headers
-from proxy.upstream import close_quietly
+from proxy.upstream import body_chunks, close_quietly
 
 logger = logging.getLogger("openai_proxy.relay")
 
@@ -91,7 +91,7 @@ async def upstream_chunks(
     The upstream response is closed however this ends.
     """
     try:
-        async for chunk in response.aiter_bytes():
+        async for chunk in body_chunks(response):
             if on_chunk is not None:
                 on_chunk(chunk)
             yield chunk

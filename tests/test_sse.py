@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from cache.sse import DONE, SseEvent, data_events, encode_event, parse_events, stream_completed
+from cache.sse import DONE, SseEvent, data_events, encode_event, parse_events, split_events, stream_completed
 from tests.servers import anthropic_events, chat_chunks
 
 # parse_events
@@ -131,6 +134,18 @@ def test_non_ascii_data_is_decoded_as_utf8() -> None:
     [event] = parse_events('data: {"text": "héllo ✓"}\n\n'.encode())
 
     assert event.json() == {"text": "héllo ✓"}
+
+
+@given(st.lists(st.sampled_from([b"data: x", b"\n", b"\r", b"\r\n", b"event: e", b":", b"y"]), max_size=30))
+def test_splitting_events_by_their_blank_lines_any_line_ending(parts: list[bytes]) -> None:
+    stream = b"".join(parts)
+    ends = [match.end() for match in re.finditer(rb"\r\n\r\n|\n\n|\r\r", stream)]
+    starts = [0, *ends]
+
+    events, rest = split_events(stream)
+
+    assert events == [stream[start:end] for start, end in zip(starts, ends, strict=False)]
+    assert rest == stream[starts[-1] :]
 
 
 # SseEvent
