@@ -1,14 +1,16 @@
 """The server's floor: a raw ASGI app (no framework) that reads the request body and answers the fixed
 ~1 kB chat completion of bench/throughput.py (ANSWER), served by uvicorn exactly as the proxy is served.
 
-    uv run python -m bench.floor [--host 127.0.0.1] [--port 8000]    (or: uv run python bench/floor.py ...)
+    uv run python -m bench.floor [--host 127.0.0.1] [--port 8000] [--stock-protocol]
 
 Whatever the method and path, every request gets that answer. The uvicorn options are the proxy's own
 (`openai_proxy.main`, one worker): httptools through the proxy's protocol class, the event loop uvicorn
 picks for the proxy (uvloop), no access log, no server header, no proxy headers; and the process gets the
 proxy's garbage-collector tuning. So the proxy differs from this server only by its app: what a proxied
-request costs above this floor is the proxy's own work. bench/throughput.py measures it as a peer of the
-proxy's rows; `bench.processes.start_floor` starts it pinned to CPU 0.
+request costs above this floor is the proxy's own work. With `--stock-protocol` it is served with uvicorn's
+own httptools protocol instead, which writes a response's head and body in two system calls where the
+proxy's protocol makes one: the floor uvicorn alone sets, for reference. bench/throughput.py measures it as
+a peer of the proxy's rows; `bench.processes.start_floor` starts it pinned to CPU 0.
 """
 
 from __future__ import annotations
@@ -70,6 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    parser.add_argument(
+        "--stock-protocol",
+        action="store_true",
+        help="serve with uvicorn's own httptools protocol, not the proxy's (which writes a response's head"
+        " with its body): the floor as uvicorn alone sets it",
+    )
     args = parser.parse_args()
     tune_garbage_collection()
     uvicorn.run(
@@ -80,7 +88,7 @@ def main() -> None:
         server_header=False,
         access_log=False,
         proxy_headers=False,
-        http=HttpProtocol,
+        http="httptools" if args.stock_protocol else HttpProtocol,
     )
 
 

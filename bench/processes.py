@@ -110,11 +110,12 @@ def start_redis() -> RedisServer:
     return redis
 
 
-def start_floor(port: int) -> subprocess.Popen[bytes]:
-    """The server's floor (bench/floor.py: uvicorn as the proxy runs it, with a raw ASGI app) on CPU 0."""
+def start_floor(port: int, stock_protocol: bool = False) -> subprocess.Popen[bytes]:
+    """The server's floor (bench/floor.py: uvicorn as the proxy runs it, with a raw ASGI app) on CPU 0;
+    with `stock_protocol`, on uvicorn's own httptools protocol rather than the proxy's."""
     root = Path(__file__).resolve().parent.parent
     command = ["taskset", "-c", "0", sys.executable, "-m", "bench.floor", "--port", str(port)]
-    return subprocess.Popen(command, cwd=root)
+    return subprocess.Popen([*command, *(["--stock-protocol"] if stock_protocol else [])], cwd=root)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -20,14 +20,16 @@ Rows, for each backend in `--backends` (`sqlite`, the default store, and `redis`
 
 Then `raw ASGI app (uvicorn floor)` (unless `--no-floor`): bench/floor.py, a raw ASGI app that reads the
 body and answers ANSWER, served by uvicorn with the proxy's own options (httptools, uvloop, no access log,
-one worker), pinned and measured as the HIT rows are. It is the most the proxy's server can do, so after
-the table come, for each backend's HIT row, hits / floor in req/s (goal: 60% or more) and hit p99 / floor
-p99 (goal: within 2x). Then `nginx proxy_cache` HIT and MISS (unless `--no-nginx`). `--scale N` also
-measures hits on entries that are only in SQLite (not in the memory tier) with N entries stored, against
-the same test with 1,000 entries, plus start-up time and RSS. After the table come the streaming latency
-figures (`bench/stream_latency.py`, unless `--no-streaming`) and the cross-instance coalescing
-result (`bench/coalescing.py`, unless `--no-coalescing`): 50 identical requests at once split
-across two proxies that share one Redis, with the upstream requests they cost.
+one worker), pinned and measured as the HIT rows are. It is the most the proxy's server can do, so after the
+table come, for each backend's HIT row, hits / floor in req/s (goal: 60% or more) and hit p99 / floor p99
+(goal: within 2x). The floor is also measured on uvicorn's own httptools protocol (`raw ASGI app, uvicorn's
+own protocol`), which writes a response's head and body in two system calls where the proxy's makes one, and
+hits / that floor is printed beside, for reference. Then `nginx proxy_cache` HIT and MISS (unless
+`--no-nginx`). `--scale N` also measures hits on entries that are only in SQLite (not in the memory tier)
+with N entries stored, against the same test with 1,000 entries, plus start-up time and RSS. After the table
+come the streaming latency figures (`bench/stream_latency.py`, unless `--no-streaming`) and the
+cross-instance coalescing result (`bench/coalescing.py`, unless `--no-coalescing`): 50 identical requests at
+once split across two proxies that share one Redis, with the upstream requests they cost.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ ANSWER = (
 )
 HIT_BODY = '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"What does a cache do?"}]}'
 FLOOR_ROW = "raw ASGI app (uvicorn floor)"
+STOCK_FLOOR_ROW = "raw ASGI app, uvicorn's own protocol"
 GOAL_HITS_OF_FLOOR = 0.60  # a HIT row's req/s at least this share of the floor's
 GOAL_HIT_P99_OVER_FLOOR = 2.0  # a HIT row's p99 at most this many times the floor's
 
@@ -314,13 +317,13 @@ def backend_rows(
     return rows
 
 
-def floor_row(folder: Path, args: argparse.Namespace) -> tuple[str, Figures]:
+def floor_row(folder: Path, args: argparse.Namespace, stock_protocol: bool = False) -> tuple[str, Figures]:
     port = free_port()
-    floor = start_floor(port)
+    floor = start_floor(port, stock_protocol)
     try:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         wait_until_up(url, floor)
-        return FLOOR_ROW, measure(url, folder / "hit.lua", args)
+        return STOCK_FLOOR_ROW if stock_protocol else FLOOR_ROW, measure(url, folder / "hit.lua", args)
     finally:
         stop(floor)
 
@@ -337,6 +340,8 @@ def floor_ratios(rows: list[tuple[str, Figures]], backends: list[str]) -> list[s
         goal_share = f"goal: {GOAL_HITS_OF_FLOOR:.0%} or more, {verdict(share >= GOAL_HITS_OF_FLOOR)}"
         goal_p99 = f"goal: within {GOAL_HIT_P99_OVER_FLOOR:.0f}x, {verdict(p99_ratio <= GOAL_HIT_P99_OVER_FLOOR)}"
         lines.append(f"{name}: hits / floor {share:.0%} ({goal_share})")
+        stock = measured[STOCK_FLOOR_ROW].requests_per_second
+        lines.append(f"{name}: hits / uvicorn's own protocol's floor {measured[name].requests_per_second / stock:.0%}")
         lines.append(f"{name}: hit p99 / floor p99 {p99_ratio:.2f}x ({goal_p99})")
     return lines
 
@@ -403,6 +408,7 @@ def main() -> None:
                     rows += backend_rows(backend, folder, upstream, None, args, notes)
             if not args.no_floor:
                 rows.append(floor_row(folder, args))
+                rows.append(floor_row(folder, args, stock_protocol=True))
             if not args.no_nginx:
                 server = REFERENCE_SERVER.format(dir=folder, upstream=upstream, reference=reference)
                 nginx = start_nginx(folder, "reference", 0, server)
