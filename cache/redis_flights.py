@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -29,6 +29,8 @@ logger = logging.getLogger("openai_proxy.cache")
 FINISHED_KEPT_FOR_MS = 30_000
 # Each blocking read waits at most this long, so a lost connection is noticed.
 _BLOCK_MS = 1000
+# Events mirrored in one round trip, at most.
+_MIRROR_BATCH = 1000
 
 # KEYS: the flight's stream, its lock. ARGV: the owner's token, complete, stored, ms the stream stays.
 # The end and the release in one step, so no instance finds the lock held by a flight that is over.
@@ -58,8 +60,8 @@ class FlightReceiver(Protocol):
 
 
 class Lease:
-    """This instance leads the flight of one key: what passes is mirrored to Redis, in order, by one
-    writer task, so the request path never waits for Redis."""
+    """This instance leads the flight of one key: what passes is mirrored to Redis, in order, by the
+    instance's one mirror writer (`RedisFlights.post`), so the request path never waits for Redis."""
 
     leads: Literal[True] = True
 
@@ -67,34 +69,33 @@ class Lease:
         self._flights = flights
         self._key = key
         self.token = token
-        self._stream = flights.stream_key(key, token)
-        self._events: asyncio.Queue[Event | None] = asyncio.Queue()
+        self.stream = flights.stream_key(key, token)
+        self.failed = False  # a write to Redis failed: nothing more is mirrored, and the end says incomplete
         self._end = (False, False)
-        self._writer = asyncio.create_task(self._write())
-        flights.tasks.add(self._writer)
-        self._writer.add_done_callback(flights.tasks.discard)
+        self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def started(self, status: int, headers: Sequence[tuple[str, str]], streamed: bool, with_usage: bool) -> None:
-        self._events.put_nowait(
+        self._flights.post(
+            self,
             {
                 "e": "start",
                 "status": status,
                 "headers": orjson.dumps(list(headers)),
                 "streamed": int(streamed),
                 "usage": int(with_usage),
-            }
+            },
         )
 
     def publish(self, chunk: bytes) -> None:
-        self._events.put_nowait({"e": "chunk", "d": chunk})
+        self._flights.post(self, {"e": "chunk", "d": chunk})
 
     def finish(self, complete: bool, stored: bool) -> None:
-        self._events.put_nowait(None)
         self._end = (complete, stored)
+        self._flights.post(self, None)
 
     async def followers(self) -> int:
         """Clients of other instances reading this flight now. Raises CacheError when Redis fails."""
-        redis, key = self._flights.redis, listeners_key(self._stream)
+        redis, key = self._flights.redis, listeners_key(self.stream)
 
         async def count() -> Any:
             return await redis.get(key)
@@ -103,35 +104,16 @@ class Lease:
 
     async def finished(self) -> None:
         """Return once the flight's end is in Redis and its lock released (or that failed)."""
-        await asyncio.shield(self._writer)
+        await asyncio.shield(self._ended)
 
-    async def _write(self) -> None:
-        redis = self._flights.redis
-        lifetime = self._flights.lock_ms + FINISHED_KEPT_FOR_MS
-        failed = False
-        while True:
-            batch = [await self._events.get()]
-            while not self._events.empty():
-                batch.append(self._events.get_nowait())
-            events = [event for event in batch if event is not None]
-            if events and not failed:
-
-                async def append(events: list[Event] = events) -> None:
-                    async with redis.pipeline(transaction=False) as pipe:
-                        for event in events:
-                            pipe.xadd(self._stream, event)
-                        pipe.pexpire(self._stream, lifetime)
-                        await pipe.execute()
-
-                try:
-                    await self._flights.run("coalescing", append)
-                except CacheError as exc:
-                    logger.debug("could not share a flight through Redis: %s", exc)
-                    failed = True  # waiters time out and go upstream themselves
-            if batch[-1] is None:
-                break
+    async def close(self) -> None:
+        """Write the end and release the lock: the mirror writer calls it once every event before is written."""
         complete, stored = self._end
-        await self._flights.end(self._key, self.token, complete and not failed, stored)
+        try:
+            await self._flights.end(self._key, self.token, complete and not self.failed, stored)
+        finally:
+            if not self._ended.done():
+                self._ended.set_result(None)
 
 
 class RemoteLeader:
@@ -218,6 +200,12 @@ class RedisFlights:
         # The flights this instance leads, by key, until their end is in Redis.
         self._leases: dict[str, Lease] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        # What the leases mirror, in order, for one writer: each round trip to Redis carries every event
+        # posted meanwhile, of every flight (a thousand streams relaying at once cost a few pipelines a
+        # turn of the loop, not one each per chunk). A lease's end is marked by None.
+        self._outbox: list[tuple[Lease, Event | None]] = []
+        self._posted = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
 
     def lock_key(self, key: str) -> str:
         return f"{self.backend.entry_key(key)}:lock"
@@ -243,6 +231,52 @@ class RedisFlights:
             return lease
         return RemoteLeader(self, self.stream_key(key, holder.decode()))
 
+    def post(self, lease: Lease, event: Event | None) -> None:
+        """Mirror `event` of `lease` to Redis (None: the lease's end), after every event posted before it."""
+        if event is not None and lease.failed:
+            return
+        self._outbox.append((lease, event))
+        self._posted.set()
+        if self._writer is None or self._writer.done():
+            self._writer = self._spawn(self._write_posted())
+
+    async def _write_posted(self) -> None:
+        while True:
+            await self._posted.wait()
+            self._posted.clear()
+            while self._outbox:
+                batch, self._outbox = self._outbox[:_MIRROR_BATCH], self._outbox[_MIRROR_BATCH:]
+                await self._write(batch)
+
+    async def _write(self, batch: list[tuple[Lease, Event | None]]) -> None:
+        events = [(lease, event) for lease, event in batch if event is not None and not lease.failed]
+        if events:
+            lifetime = self.lock_ms + FINISHED_KEPT_FOR_MS
+
+            async def append() -> None:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for lease, event in events:
+                        pipe.xadd(lease.stream, event)
+                    for stream in dict.fromkeys(lease.stream for lease, _ in events):
+                        pipe.pexpire(stream, lifetime)
+                    await pipe.execute()
+
+            try:
+                await self.run("coalescing", append)
+            except CacheError as exc:
+                logger.debug("could not share flights through Redis: %s", exc)
+                for lease, _ in events:
+                    lease.failed = True  # its waiters time out and go upstream themselves
+        for lease, event in batch:
+            if event is None:
+                self._spawn(lease.close())
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
     async def end(self, key: str, token: str, complete: bool, stored: bool) -> None:
         keys = [self.stream_key(key, token), self.lock_key(key)]
         args: list[str | int] = [token, int(complete), int(stored), FINISHED_KEPT_FOR_MS]
@@ -256,6 +290,12 @@ class RedisFlights:
                 del self._leases[key]
 
     async def close(self) -> None:
+        """Write what is still to be mirrored (a second at most), then stop."""
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while self._outbox and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._writer is not None:
+            self._writer.cancel()
         for task in list(self.tasks):
             await asyncio.wait([task], timeout=1.0)
         await self.reader.aclose()

@@ -1,0 +1,95 @@
+"""Coalescing through Redis, at the level of its flights: every lease's events reach its own stream in
+order, however many leases mirror at once (one writer for all of them), and a lease ends even when Redis
+cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+from redis.asyncio import Redis
+
+from cache.redis_backend import RedisBackend
+from cache.redis_flights import Lease, RedisFlights, connect_reader
+from tests.redis_servers import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def flights_at(url: str) -> RedisFlights:
+    backend = RedisBackend.at(url, prefix=f"test-flights-{uuid.uuid4().hex}")
+    return RedisFlights(backend, connect_reader(url, cluster=False, timeout=1.0), lock_timeout=5.0)
+
+
+async def test_many_leases_mirror_their_events_in_order_each_to_its_own_stream(redis_server: RedisServer) -> None:
+    flights = flights_at(redis_server.url)
+    try:
+        leases = [await flights.claim(f"key-{number}") for number in range(50)]
+        assert all(isinstance(lease, Lease) for lease in leases)
+        trips = 0
+        run = flights.run
+
+        async def counted(what: str, operation: Callable[[], Awaitable[T]]) -> T:
+            nonlocal trips
+            trips += 1
+            return await run(what, operation)
+
+        flights.run = counted
+        for lease in leases:
+            lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
+        for chunk in range(20):  # interleaved, as streams relaying at once publish
+            for number, lease in enumerate(leases):
+                lease.publish(b"lease %d chunk %d" % (number, chunk))
+        for lease in leases:
+            lease.finish(complete=True, stored=True)
+        await asyncio.wait_for(asyncio.gather(*(lease.finished() for lease in leases)), 10)  # type: ignore[union-attr]
+        # One end (and lock release) per lease, and the 1,100 events in a round trip or two, not one per lease.
+        assert trips <= len(leases) + 2
+
+        redis = Redis.from_url(redis_server.url)
+        try:
+            for number, lease in enumerate(leases):
+                assert isinstance(lease, Lease)
+                events = [fields for _, fields in await redis.xrange(lease.stream)]
+                assert [event[b"e"] for event in events] == [b"start", *[b"chunk"] * 20, b"end"]
+                assert [event[b"d"] for event in events[1:-1]] == [
+                    b"lease %d chunk %d" % (number, c) for c in range(20)
+                ]
+                assert (events[-1][b"complete"], events[-1][b"stored"]) == (b"1", b"1")
+                assert await redis.get(flights.lock_key(f"key-{number}")) is None, "the lock is released"
+        finally:
+            await redis.aclose()
+    finally:
+        await flights.close()
+        await flights.backend.close()
+
+
+async def test_a_lease_ends_even_when_redis_cannot_be_reached() -> None:
+    server = RedisServer().start()
+    flights = flights_at(server.url)
+    try:
+        lease = await flights.claim("key")
+        assert isinstance(lease, Lease)
+        server.stop()
+        lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
+        lease.publish(b"chunk")
+        lease.finish(complete=True, stored=True)
+
+        await asyncio.wait_for(lease.finished(), 10)
+
+        assert lease.failed, "what could not be mirrored makes the flight incomplete for its followers"
+    finally:
+        await flights.close()
+        await flights.backend.close()
+        server.stop()
+        server.remove()
