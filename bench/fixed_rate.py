@@ -433,12 +433,15 @@ def measure(target: Target, rate: float, seconds: float) -> Figures:
 
 
 def settle(port: int) -> None:
-    """Wait until the proxy's store has written what the misses left behind (its entry count stops moving)."""
+    """Wait until the proxy's store has written what the misses left behind (its entry count stops moving).
+    A store that failed under the misses' load (Redis commands timed out: /cache/stats answers 503) is
+    waited for the same way, until it answers again."""
     deadline = time.monotonic() + SETTLE_LIMIT_SECONDS
     previous = None
     while time.monotonic() < deadline:
-        entries = httpx.get(f"http://127.0.0.1:{port}/cache/stats").raise_for_status().json()["entries"]
-        if entries == previous:
+        answer = httpx.get(f"http://127.0.0.1:{port}/cache/stats")
+        entries = answer.json()["entries"] if answer.status_code == 200 else None
+        if entries is not None and entries == previous:
             return
         previous = entries
         time.sleep(1)
