@@ -106,6 +106,11 @@ class Lease:
         """Return once the flight's end is in Redis and its lock released (or that failed)."""
         await asyncio.shield(self._ended)
 
+    def abandon(self) -> None:
+        """Ended without a word to Redis (the instance is shutting down): followers time out."""
+        if not self._ended.done():
+            self._ended.set_result(None)
+
     async def close(self) -> None:
         """Write the end and release the lock: the mirror writer calls it once every event before is written."""
         complete, stored = self._end
@@ -206,6 +211,7 @@ class RedisFlights:
         self._outbox: list[tuple[Lease, Event | None]] = []
         self._posted = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
+        self._closed = False
 
     def lock_key(self, key: str) -> str:
         return f"{self.backend.entry_key(key)}:lock"
@@ -233,6 +239,11 @@ class RedisFlights:
 
     def post(self, lease: Lease, event: Event | None) -> None:
         """Mirror `event` of `lease` to Redis (None: the lease's end), after every event posted before it."""
+        if self._closed:  # shutting down: nothing more is mirrored, and the lock expires by itself
+            lease.failed = True
+            if event is None:
+                lease.abandon()
+            return
         if event is not None and lease.failed:
             return
         self._outbox.append((lease, event))
@@ -294,8 +305,13 @@ class RedisFlights:
         deadline = asyncio.get_running_loop().time() + 1.0
         while self._outbox and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
+        self._closed = True
         if self._writer is not None:
             self._writer.cancel()
+        for lease, event in self._outbox:  # not written within the second: the locks expire by themselves
+            if event is None:
+                lease.abandon()
+        self._outbox.clear()
         for task in list(self.tasks):
             await asyncio.wait([task], timeout=1.0)
         await self.reader.aclose()

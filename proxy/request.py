@@ -158,7 +158,12 @@ class RecentRequests:
     def bytes_of(self, scope: Mapping[str, Any], body: bytes) -> RequestBytes | None:
         if len(body) > self._max_body:
             return None
-        return scope.get("raw_path") or b"", scope.get("query_string", b""), tuple(scope["headers"]), body
+        sent = (scope.get("raw_path") or b"", scope.get("query_string", b""), tuple(scope["headers"]), body)
+        try:
+            hash(sent)
+        except TypeError:  # a server that gives headers as lists (ASGI allows it): not kept
+            return None
+        return sent
 
     def get(self, request: RequestBytes | None) -> Asked | None:
         return self._asked.get(request) if request is not None else None

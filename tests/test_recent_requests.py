@@ -45,6 +45,11 @@ def test_past_its_bound_the_oldest_request_is_forgotten() -> None:
     assert [recent.get(recent.bytes_of(scope([]), body)) is not None for body in bodies[1:]] == [True, True]
 
 
+def test_headers_given_as_lists_are_not_kept() -> None:
+    recent = RecentRequests()
+    assert recent.bytes_of(scope([[b"content-type", b"application/json"]]), BODY) is None  # type: ignore[list-item]
+
+
 def test_a_large_body_is_not_kept() -> None:
     recent = RecentRequests(max_body=10)
     assert recent.bytes_of(scope([]), b"x" * 11) is None

@@ -93,3 +93,20 @@ async def test_a_lease_ends_even_when_redis_cannot_be_reached() -> None:
         await flights.backend.close()
         server.stop()
         server.remove()
+
+
+async def test_a_lease_that_ends_after_shutdown_began_is_not_waited_for(redis_server: RedisServer) -> None:
+    flights = flights_at(redis_server.url)
+    try:
+        lease = await flights.claim("key")
+        assert isinstance(lease, Lease)
+        await flights.close()
+        lease.publish(b"late")
+        lease.finish(complete=True, stored=True)
+
+        await asyncio.wait_for(lease.finished(), 1)
+
+        assert lease.failed
+        assert not flights.tasks, "nothing left running after shutdown"
+    finally:
+        await flights.backend.close()
