@@ -3,10 +3,13 @@ any byte that differs (a header included) makes it a request of its own."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import httpx
 import pytest
 
 from cache.control import RequestControl
+from proxy.exchange import Exchange
 from proxy.request import Asked, RecentRequests
 from tests.conftest import ProxyFactory
 from tests.servers import FakeUpstream
@@ -43,6 +46,17 @@ def test_past_its_bound_the_oldest_request_is_forgotten() -> None:
 
     assert recent.get(recent.bytes_of(scope([]), bodies[0])) is None
     assert [recent.get(recent.bytes_of(scope([]), body)) is not None for body in bodies[1:]] == [True, True]
+
+
+def test_asked_again_is_the_same_request_in_its_own_exchange() -> None:
+    first = Asked("k", "openai", "v1/chat/completions", "chat/completions", "gpt-4o-mini", RequestControl(),
+                  {"model": "gpt-4o-mini"}, BODY, True, False, True, None)  # fmt: skip
+    exchange = Exchange(method="POST", path="/v1/chat/completions", client="-", user_agent="", started=0, at=0)
+
+    again = first.for_exchange(exchange)
+
+    assert again == dataclasses.replace(first, exchange=exchange)
+    assert (exchange.model, exchange.key) == ("gpt-4o-mini", "k")
 
 
 def test_headers_given_as_lists_are_not_kept() -> None:
