@@ -214,7 +214,8 @@ def _apply_block_delta(block: dict[str, Any], index: int, delta: dict[str, Any],
     elif kind == "signature_delta":
         block["signature"] = delta["signature"]
     elif kind == "citations_delta":
-        block.setdefault("citations", []).append(delta["citation"])
+        # A new list: the block's own came with its (parsed once, shared) content_block_start event.
+        block["citations"] = [*(block.get("citations") or []), delta["citation"]]
 
 
 def anthropic_json_to_stream(message: Any) -> bytes | None:

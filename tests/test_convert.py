@@ -518,6 +518,24 @@ def test_anthropic_thinking_and_signature_deltas_build_the_thinking_block() -> N
     ]
 
 
+def test_converting_the_same_events_twice_gives_the_same_answer() -> None:
+    # Parsed events keep their JSON, and several rules convert one recording: none may change it.
+    citation = {"type": "char_location", "cited_text": "x", "document_index": 0}
+    cited = block(
+        0,
+        {"type": "text", "text": "", "citations": []},
+        {"type": "citations_delta", "citation": citation},
+        {"type": "text_delta", "text": "cited"},
+    )
+    events = events_of([message_start(), *cited, *message_end()])
+
+    first = anthropic_stream_to_json(events)
+    second = anthropic_stream_to_json(events)
+
+    assert first is not None and first == second
+    assert first["content"] == [{"type": "text", "text": "cited", "citations": [citation]}]
+
+
 def test_anthropic_citation_deltas_are_collected_on_the_text_block() -> None:
     citation = {"type": "char_location", "cited_text": "x", "document_index": 0}
     cited = block(
