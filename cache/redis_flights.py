@@ -107,7 +107,7 @@ class Lease:
         await asyncio.shield(self._ended)
 
     def abandon(self) -> None:
-        """Ended without a word to Redis (the instance is shutting down): followers time out."""
+        """Done with, whether or not its end reached Redis (at shutdown it does not: followers time out)."""
         if not self._ended.done():
             self._ended.set_result(None)
 
@@ -117,8 +117,7 @@ class Lease:
         try:
             await self._flights.end(self._key, self.token, complete and not self.failed, stored)
         finally:
-            if not self._ended.done():
-                self._ended.set_result(None)
+            self.abandon()
 
 
 class RemoteLeader:
