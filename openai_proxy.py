@@ -35,13 +35,13 @@ from proxy.access_log import AccessLog, keep_query_strings_out_of_the_server_log
 from proxy.admin import AdminApi
 from proxy.aws import AwsSigner
 from proxy.dashboard import Dashboard, DashboardPage
-from proxy.exchange import begin, observing
+from proxy.exchange import Exchange, answered_at_once, begin, observing
 from proxy.handler import Proxy
 from proxy.lifespan import Lifespan
 from proxy.metrics import MULTIPROCESS_DIRECTORY, Metrics, ModelLabels
 from proxy.pages import DashboardFiles, HealthCheck, MetricsPage
 from proxy.pricing import Prices
-from proxy.responses import quiet_deliberate_cut_offs
+from proxy.responses import BufferedResponse, quiet_deliberate_cut_offs
 from proxy.routes import EXCEPTION_HANDLERS, OWN_PREFIXES, OwnPages, own_routes
 from proxy.server import HttpProtocol
 from proxy.settings import Settings, describe_invalid_settings
@@ -162,7 +162,7 @@ class ProxyApp:
             await self.api(scope, receive, send)
             return
         exchange = begin(scope)
-        proxied = scope["path"].split("/", 2)[1] not in OWN_PREFIXES
+        proxied = _is_proxied(scope)
         try:
             if proxied:
                 await self.proxy(scope, receive, observing(send, exchange))
@@ -171,16 +171,37 @@ class ProxyApp:
         finally:
             if exchange.ended is None:
                 exchange.ended = time.perf_counter()
-            if proxied:
-                self.statistics.requested(exchange)
-            if self.metrics is not None:
-                self.metrics.observe(exchange)
-            if self.access_log is not None:
-                self.access_log.add(exchange)
+            self._seen(exchange, proxied)
+
+    def answer_at_once(self, scope: Scope, body: bytes) -> BufferedResponse | None:
+        """The answer to a request the server has read whole, when the proxy can give it without waiting on
+        anything (a hit on a request sent before byte for byte: `Proxy.answer_at_once`), for the server to
+        write without an ASGI task (proxy/server.py). Statistics, metrics and the access log see it like
+        any other answer; None leaves the request to `__call__`, with nothing counted."""
+        if not _is_proxied(scope):
+            return None
+        exchange = begin(scope)
+        answer = self.proxy.answer_at_once(scope, body)
+        if answer is not None:
+            answered_at_once(exchange, answer.status, answer.raw_headers, answer.body)
+            self._seen(exchange, proxied=True)
+        return answer
+
+    def _seen(self, exchange: Exchange, proxied: bool) -> None:
+        if proxied:
+            self.statistics.requested(exchange)
+        if self.metrics is not None:
+            self.metrics.observe(exchange)
+        if self.access_log is not None:
+            self.access_log.add(exchange)
 
     def lifespan(self) -> AbstractAsyncContextManager[Any]:
         """Start-up and shutdown, for running the app without a server (tests)."""
         return self.api.router.lifespan_context(self.api)
+
+
+def _is_proxied(scope: Scope) -> bool:
+    return scope["path"].split("/", 2)[1] not in OWN_PREFIXES
 
 
 def load_settings(**overrides: Any) -> Settings:

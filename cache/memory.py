@@ -85,6 +85,10 @@ class TieredBackend:
                 self.hot.put(key, entry)
         return entry
 
+    def held(self, key: str) -> CachedResponse | None:
+        """The entry if the tier holds it: no I/O, no waiting."""
+        return self.hot.get(key)
+
     async def set(self, key: str, entry: CachedResponse) -> None:
         # In the tier at once, so a request arriving while the store writes is already a hit;
         # out again if the store refuses it, so the tier never holds what the store does not.

@@ -92,6 +92,16 @@ def observing(send: Send, exchange: Exchange) -> Send:
     return observed
 
 
+def answered_at_once(exchange: Exchange, status: int, headers: Any, body: bytes) -> None:
+    """Note a whole answer written in one piece (no ASGI messages), as `observing` notes one sent in them."""
+    exchange.status = status
+    _note_headers(exchange, headers)
+    exchange.ended = time.perf_counter()
+    if body:
+        exchange.first_byte = exchange.ended
+        exchange.sent_bytes = len(body)
+
+
 def _note_headers(exchange: Exchange, headers: Any) -> None:
     # The handler sets what it decided (provider, key, cache status); the response's shape is seen here.
     for name, value in headers:

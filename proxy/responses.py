@@ -60,8 +60,15 @@ class BufferedResponse:
         self.body = body
         self.raw_headers = _encode(headers)
         if status >= 200 and status not in (204, 304):
-            self.raw_headers.append((b"content-length", str(len(body)).encode()))
+            self.raw_headers.append((b"content-length", b"%d" % len(body)))
         self.background = background
+
+    @classmethod
+    def encoded(cls, status: int, body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> BufferedResponse:
+        """The same response from headers already encoded (lower-case names)."""
+        response = cls(status, body, [])
+        response.raw_headers[:0] = raw_headers
+        return response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
