@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import anyio
@@ -331,6 +332,8 @@ class Proxy:
         entry = self.stores.waiting_entry(asked.key) or self.backend.held(asked.key)
         if entry is None or not self._is_fresh(entry, self.clock(), asked.control.max_age):
             return None
+        if entry.status not in _ANSWERED_AT_ONCE or not entry.content_type.isprintable():
+            return None  # left to the server's checks, on the task's way
         exchange = exchange_of(scope)
         if exchange is not None:
             exchange.provider, exchange.endpoint = asked.provider, asked.endpoint
@@ -776,6 +779,8 @@ class Proxy:
 COALESCED = ("x-cache-coalesced", "true")
 _COALESCED_BYTES = (COALESCED[0].encode(), COALESCED[1].encode())
 _STATUS_BYTES = {status: status.value.encode() for status in CacheStatus}
+# Stored statuses answered at once: those with a body and a Content-Length.
+_ANSWERED_AT_ONCE = frozenset(status.value for status in HTTPStatus if status >= 200 and status not in (204, 304))
 
 
 def _note(exchange: Exchange | None, status: CacheStatus, coalesced: bool = False) -> None:

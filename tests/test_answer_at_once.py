@@ -273,3 +273,22 @@ async def test_an_answer_at_once_that_fails_leaves_the_request_to_the_app(caplog
         answered = await connection.until_answered(1)
     assert answered[0].body == b"ok"
     assert "answering a request at once failed" in caplog.text
+
+
+@dataclass
+class Unwritable:
+    status: int = 200
+    raw_headers: list[tuple[bytes, bytes]] = field(default_factory=lambda: [(b"x-bad", b"a\x01b")])
+    body: bytes = b"{}"
+
+
+class UnwritableAnswers(BrokenAnswers):
+    def answer_at_once(self, scope: Any, body: bytes) -> Unwritable:  # type: ignore[override]
+        return Unwritable()
+
+
+async def test_an_answer_with_a_header_uvicorn_refuses_is_left_to_the_app() -> None:
+    connection = Connection(UnwritableAnswers(), ServerState())
+    connection.send(chat_request("unwritable"))
+    answered = await connection.until_answered(1)
+    assert answered[0].body == b"ok" and answered[0].header(b"x-bad") is None
