@@ -19,6 +19,7 @@ from uvicorn.server import ServerState
 from openai_proxy import create_app
 from proxy.server import READ_WHOLE_LIMIT, HttpProtocol
 from proxy.settings import Settings
+from tests import test_server
 from tests.conftest import PROXY_OPENAI_KEY, FakeClock
 from tests.servers import FakeUpstream
 
@@ -30,20 +31,12 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-class Recorder(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.closed = False
+class Recorder(test_server.Recorder):
+    """The server test's transport, with what a protocol asks of a connection's transport."""
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
+    @property
+    def written(self) -> bytes:
+        return b"".join(self.writes)
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
@@ -110,7 +103,7 @@ class Connection:
         self.protocol.data_received(data)
 
     def answered(self) -> list[Response]:
-        return responses(bytes(self.transport.written))
+        return responses(self.transport.written)
 
     async def until_answered(self, count: int) -> list[Response]:
         for _ in range(500):
