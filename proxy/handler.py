@@ -10,7 +10,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import anyio
@@ -45,6 +44,7 @@ from proxy.responses import (
     RelayResponse,
     UpstreamBrokeOff,
     as_asked,
+    carries_length,
     client_left,
     upstream_chunks,
 )
@@ -332,8 +332,8 @@ class Proxy:
         entry = self.stores.waiting_entry(asked.key) or self.backend.held(asked.key)
         if entry is None or not self._is_fresh(entry, self.clock(), asked.control.max_age):
             return None
-        if entry.status not in _ANSWERED_AT_ONCE or not entry.content_type.isprintable():
-            return None  # left to the server's checks, on the task's way
+        if entry.status >= 600 or not carries_length(entry.status) or not entry.content_type.isprintable():
+            return None  # not what the server writes at once: left to its checks, on the task's way
         exchange = exchange_of(scope)
         if exchange is not None:
             exchange.provider, exchange.endpoint = asked.provider, asked.endpoint
@@ -711,24 +711,24 @@ class Proxy:
     def _answer(
         self, asked: Asked, entry: CachedResponse, answer: Replay, status: CacheStatus, coalesced: bool = False
     ) -> BufferedResponse:
-        """A stored entry's answer (a hit, or a stale fallback), with its age. Its headers are written as
-        bytes here: every hit has the same few, and encoding them was a sixth of a hit's own work."""
-        _note(asked.exchange, status, coalesced)
+        """A stored entry's answer (a hit, or a stale fallback), with its age. Its headers are made as bytes:
+        every hit has the same few, and encoding them was a sixth of a hit's own work."""
         headers = [
             (b"content-type", answer.content_type.encode("latin-1")),
             (b"age", b"%d" % max(0, int(self.clock() - entry.created_at))),
-            (b"x-cache-status", _STATUS_BYTES[status]),
-            (b"x-cache-key", asked.key.encode("latin-1")),
+            *self._raw_cache_headers(asked, status, coalesced),
         ]
-        if coalesced:
-            headers.append(_COALESCED_BYTES)
         return BufferedResponse.encoded(entry.status, answer.body, headers)
 
+    @classmethod
+    def _cache_headers(cls, asked: Asked, status: CacheStatus, coalesced: bool = False) -> Headers:
+        return [(name.decode(), value.decode()) for name, value in cls._raw_cache_headers(asked, status, coalesced)]
+
     @staticmethod
-    def _cache_headers(asked: Asked, status: CacheStatus, coalesced: bool = False) -> Headers:
+    def _raw_cache_headers(asked: Asked, status: CacheStatus, coalesced: bool = False) -> list[tuple[bytes, bytes]]:
         """The cache headers of the request's answer; its exchange learns the same facts here, once."""
         _note(asked.exchange, status, coalesced)
-        headers = [("x-cache-status", status.value), ("x-cache-key", asked.key)]
+        headers = [(b"x-cache-status", status.value.encode()), (b"x-cache-key", asked.key.encode("latin-1"))]
         if coalesced:
             headers.append(COALESCED)
         return headers
@@ -776,11 +776,7 @@ class Proxy:
         return RelayResponse(response.status_code, relayed, chunks, deadline=deadline)
 
 
-COALESCED = ("x-cache-coalesced", "true")
-_COALESCED_BYTES = (COALESCED[0].encode(), COALESCED[1].encode())
-_STATUS_BYTES = {status: status.value.encode() for status in CacheStatus}
-# Stored statuses answered at once: those with a body and a Content-Length.
-_ANSWERED_AT_ONCE = frozenset(status.value for status in HTTPStatus if status >= 200 and status not in (204, 304))
+COALESCED = (b"x-cache-coalesced", b"true")
 
 
 def _note(exchange: Exchange | None, status: CacheStatus, coalesced: bool = False) -> None:

@@ -43,6 +43,11 @@ def _encode(headers: Headers) -> list[tuple[bytes, bytes]]:
     return [(name.encode("latin-1").lower(), value.encode("latin-1")) for name, value in headers]
 
 
+def carries_length(status: int) -> bool:
+    """Whether a response of this status has a body, and so a Content-Length."""
+    return status >= 200 and status not in (204, 304)
+
+
 class BufferedResponse:
     """A complete response with exactly `headers` (repeats kept) plus its Content-Length, sent as two
     ASGI messages; `background` runs once it was sent."""
@@ -59,7 +64,7 @@ class BufferedResponse:
         self.status = status
         self.body = body
         self.raw_headers = _encode(headers)
-        if status >= 200 and status not in (204, 304):
+        if carries_length(status):
             self.raw_headers.append((b"content-length", b"%d" % len(body)))
         self.background = background
 

@@ -5,6 +5,7 @@ request goes to the app as before. Driven through the server's protocol with a t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -276,12 +277,42 @@ class Unwritable:
 
 
 class UnwritableAnswers(BrokenAnswers):
+    def __init__(self, answer: Unwritable) -> None:
+        self.answer = answer
+
     def answer_at_once(self, scope: Any, body: bytes) -> Unwritable:  # type: ignore[override]
-        return Unwritable()
+        return self.answer
 
 
-async def test_an_answer_with_a_header_uvicorn_refuses_is_left_to_the_app() -> None:
-    connection = Connection(UnwritableAnswers(), ServerState())
+@pytest.mark.parametrize(
+    "answer",
+    [Unwritable(), Unwritable(status=700, raw_headers=[(b"content-length", b"2")])],
+    ids=["a header uvicorn refuses", "a status uvicorn does not know"],
+)
+async def test_an_answer_uvicorn_would_not_write_is_left_to_the_app(answer: Unwritable) -> None:
+    connection = Connection(UnwritableAnswers(answer), ServerState())
     connection.send(chat_request("unwritable"))
     answered = await connection.until_answered(1)
-    assert answered[0].body == b"ok" and answered[0].header(b"x-bad") is None
+    assert answered[0].status == 200 and answered[0].body == b"ok" and answered[0].header(b"x-bad") is None
+
+
+async def test_an_entry_the_server_could_not_write_is_not_answered_at_once(server: Callable[[], Connection]) -> None:
+    connection = server()
+    request = chat_request("odd content type")
+    first = await asked_once(connection, request)
+    proxy = connection.protocol.app.proxy
+    key = first.header(b"x-cache-key").decode()  # type: ignore[union-attr]
+    while proxy.stores.waiting_entry(key) is not None:
+        await asyncio.sleep(0.01)
+    entry = proxy.backend.held(key)
+    assert entry is not None
+    proxy.backend.hot.put(key, dataclasses.replace(entry, content_type="application/json\x01"))
+
+    connection.send(request)
+
+    assert connection.state.tasks, "left to the app"
+    while connection.state.tasks:
+        await asyncio.sleep(0.01)
+    assert connection.transport.closed, "uvicorn refuses the header and drops the connection, as before"
+    await proxy.statistics.flush()
+    assert (await proxy.statistics.figures()).hits == 1, "the hit is counted once"
