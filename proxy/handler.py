@@ -10,7 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar
 
 import anyio
 import httpx
@@ -42,7 +42,6 @@ from proxy.responses import (
     BufferedResponse,
     Recording,
     RelayResponse,
-    UpstreamBrokeOff,
     as_asked,
     carries_length,
     client_left,
@@ -96,6 +95,14 @@ class Miss:
     stale: Stale | None = None
     flight: Flight | None = None  # its followers', when it leads (coalescing)
     storing: bool = False
+
+
+class Cancellable(Protocol):
+    """An upstream request in progress, to give up: a task, or a relay that reads it."""
+
+    def cancel(self) -> Any: ...
+
+    def done(self) -> bool: ...
 
 
 class Answer(NamedTuple):
@@ -468,7 +475,7 @@ class Proxy:
         waiting = self.stores.waiting_entry(key)
         return waiting if waiting is not None else await self.backend.get(key)
 
-    def _abandon(self, flight: Flight, upstream_request: asyncio.Future[Any]) -> None:
+    def _abandon(self, flight: Flight, upstream_request: Cancellable) -> None:
         """No client of this instance is left for `flight`: give its upstream request up, unless clients
         of other instances still follow it (then once they have gone too)."""
         if flight.mirror is None:
@@ -477,7 +484,7 @@ class Proxy:
         self._spawn(self._abandon_when_unfollowed(flight, flight.mirror, upstream_request))
 
     async def _abandon_when_unfollowed(
-        self, flight: Flight, mirror: FlightMirror, upstream_request: asyncio.Future[Any]
+        self, flight: Flight, mirror: FlightMirror, upstream_request: Cancellable
     ) -> None:
         while flight.listeners <= 0 and not upstream_request.done():
             try:
@@ -520,7 +527,7 @@ class Proxy:
 
     async def _relay_miss(self, miss: Miss) -> ASGIApp:
         """A streamed answer relayed as it arrives and recorded; with a flight, read for everyone listening
-        (`_pump`). A client that did not ask for usage gets the stream without it."""
+        (`_lead`). A client that did not ask for usage gets the stream without it."""
         asked = miss.asked
         answer = await self._answer_or_stale(miss, self._ask_upstream(miss.upstream, "POST", asked.body, whole=False))
         if not isinstance(answer, Answer):
@@ -530,15 +537,7 @@ class Proxy:
         headers = [*relayed, *self._cache_headers(asked, miss.status)]
         deadline = answer.asked_at + self.total_timeout
         if miss.flight is not None:
-            flight = miss.flight
-            flight.started(status, relayed)
-            pump = self._spawn(self._pump(miss, flight, answer, deadline))
-            flight.on_abandoned = lambda: self._abandon(flight, pump)
-
-            async def leave(completed: bool) -> None:
-                flight.leave()
-
-            return RelayResponse(status, headers, as_asked(flight.live_chunks(), asked.asks_usage), on_end=leave)
+            return self._lead(miss, miss.flight, answer, relayed, headers, deadline)
         provider = miss.upstream.provider.name
         if not miss.storing:
             chunks = as_asked(upstream_chunks(answer.response, provider), asked.asks_usage)
@@ -552,27 +551,58 @@ class Proxy:
         chunks = upstream_chunks(answer.response, provider, on_chunk=recording.add)
         return RelayResponse(status, headers, as_asked(chunks, asked.asks_usage), on_end=ended, deadline=deadline)
 
-    async def _pump(self, miss: Miss, flight: Flight, answer: Answer, deadline: float) -> None:
-        """Read a coalesced stream from the upstream into its flight, whoever listens and for as long as
-        anyone does (cancelled when the last client left), then store it if it completed."""
-        size = 0
-        completed = False
-        try:
-            with anyio.CancelScope(deadline=deadline) as scope:
-                async for chunk in upstream_chunks(answer.response, miss.upstream.provider.name):
-                    flight.publish(chunk)  # the flight keeps every chunk for followers that join late
-                    size += len(chunk)
-                completed = True
-            if scope.cancelled_caught:
-                logger.warning("the upstream did not finish its answer within UPSTREAM_TOTAL_TIMEOUT; it was cut off")
-        except UpstreamBrokeOff as exc:
-            logger.warning("%s; its listening clients' responses were cut off the same way", exc)
-        finally:
-            flight.on_abandoned = None  # nothing left to give up
-            if completed and size <= self.settings.max_cache_entry_bytes:
+    def _lead(
+        self, miss: Miss, flight: Flight, answer: Answer, relayed: Headers, headers: Headers, deadline: float
+    ) -> RelayResponse:
+        """The leader's relay of a coalesced stream. Its own task reads the upstream into the flight (which
+        keeps every chunk for followers that join late), for whoever listens and for as long as anyone
+        does: when its client leaves, it reads on, sending nowhere, while followers listen, and it is given
+        up when the last client left (`on_abandoned`). Then it stores the answer if it completed.
+
+        Followers read the chunks as they are published, so they never wait for the leader's client; the
+        leader's client, if it stopped reading, holds the upstream (and the chunks yet to come) back only
+        once the socket buffers between them are full, far more than an answer of a model."""
+        status = answer.response.status_code
+        flight.started(status, relayed)
+        key = miss.asked.key
+        listening, landed = True, False
+
+        def leave() -> bool:
+            nonlocal listening
+            if listening:
+                listening = False
+                flight.leave()
+            return False  # the relay reads on; the flight gives it up when nobody listens any more
+
+        def land(complete: bool) -> None:
+            # As soon as the upstream ended, before the leader's client sees the end: an identical request
+            # sent after that answer never follows its flight.
+            nonlocal landed
+            if landed:
+                return
+            landed = True
+            size = sum(len(chunk) for chunk in flight.chunks)
+            if complete and size <= self.settings.max_cache_entry_bytes:
                 self._store_and_land(miss, answer, b"".join(flight.chunks), flight)
             else:
-                self.flights.land(miss.asked.key, flight, complete=completed, stored=False)
+                self.flights.land(key, flight, complete=complete, stored=False)
+
+        async def ended(completed: bool) -> None:
+            land(completed)
+            leave()
+
+        provider = miss.upstream.provider.name
+        chunks = upstream_chunks(answer.response, provider, on_chunk=flight.publish, on_complete=lambda: land(True))
+        relay = RelayResponse(
+            status,
+            headers,
+            as_asked(chunks, miss.asked.asks_usage),
+            on_end=ended,
+            deadline=deadline,
+            on_client_left=leave,
+        )
+        flight.on_abandoned = lambda: self._abandon(flight, relay)
+        return relay
 
     async def _ask_upstream(self, upstream: Upstream, method: str, content: RequestContent, whole: bool) -> Answer:
         """The upstream's answer within UPSTREAM_TOTAL_TIMEOUT: its status and headers, and with `whole` its

@@ -96,9 +96,13 @@ class UpstreamBrokeOff(Exception):
 
 
 async def upstream_chunks(
-    response: httpx.Response, provider: str, on_chunk: Callable[[bytes], None] | None = None
+    response: httpx.Response,
+    provider: str,
+    on_chunk: Callable[[bytes], None] | None = None,
+    on_complete: Callable[[], None] | None = None,
 ) -> AsyncGenerator[bytes, None]:
-    """The decoded upstream body as it arrives, each chunk also given to `on_chunk`.
+    """The decoded upstream body as it arrives, each chunk also given to `on_chunk`; `on_complete` runs once
+    the whole body arrived, before the end is passed on.
 
     The upstream response is closed however this ends.
     """
@@ -107,6 +111,8 @@ async def upstream_chunks(
             if on_chunk is not None:
                 on_chunk(chunk)
             yield chunk
+        if on_complete is not None:
+            on_complete()
     except httpx.HTTPError as exc:
         raise UpstreamBrokeOff(f"upstream {provider} broke off its response ({type(exc).__name__})") from exc
     finally:
@@ -117,9 +123,9 @@ class RelayResponse(Response):
     """Relays an upstream body chunk by chunk, without buffering.
 
     A client that disconnects cancels the relay at once (not only when the next chunk fails to
-    send), which closes the upstream request. An upstream that breaks off ends the client's
-    response the same way: the connection is closed without a clean end of body, so the client
-    can tell the answer is incomplete.
+    send), which closes the upstream request, unless the relay reads for other clients too. An
+    upstream that breaks off ends the client's response the same way: the connection is closed
+    without a clean end of body, so the client can tell the answer is incomplete.
     """
 
     def __init__(
@@ -129,21 +135,41 @@ class RelayResponse(Response):
         chunks: AsyncGenerator[bytes, None],
         on_end: Callable[[bool], Awaitable[None]] | None = None,
         deadline: float = math.inf,
+        on_client_left: Callable[[], bool] | None = None,
     ) -> None:
-        """`on_end(completed)` runs however the relay ends; `completed` says whether the whole body was sent.
-        Past `deadline` (anyio's clock) the relay is cut off like an upstream that broke off."""
+        """`on_end(completed)` runs however the relay ends; `completed` says whether the whole body was read
+        (and sent, unless the client had left). Past `deadline` (anyio's clock) the relay is cut off like an
+        upstream that broke off. `on_client_left()` runs when the client leaves before the end: the relay
+        stops then unless it returns False (it reads on for others; what it sends goes nowhere, until
+        `cancel`)."""
         self.status_code = status
         self.raw_headers = _encode(headers)
         self.chunks = chunks
         self.on_end = on_end
         self.deadline = deadline
+        self.on_client_left = on_client_left
         self.background = None
+        self._scope: anyio.CancelScope | None = None
+        self._given_up = False
+        self._done = False
+
+    def cancel(self) -> None:
+        """Stop relaying (the upstream request is closed), as when the client leaves."""
+        self._given_up = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def done(self) -> bool:
+        return self._done
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         completed = False
         try:
             async with anyio.create_task_group() as group:
+                self._scope = group.cancel_scope
                 group.cancel_scope.deadline = self.deadline
+                if self._given_up:
+                    group.cancel_scope.cancel()
                 group.start_soon(self._cancel_on_disconnect, receive, group.cancel_scope)
                 try:
                     completed = await self._relay(send)
@@ -159,6 +185,7 @@ class RelayResponse(Response):
         finally:
             # Outside the task group and shielded, so neither a client leaving right after the last byte
             # nor a shutdown can cut short what must happen at the end (storing, releasing waiters).
+            self._scope, self._done = None, True
             if self.on_end is not None:
                 with anyio.CancelScope(shield=True):
                     await self.on_end(completed)
@@ -179,10 +206,10 @@ class RelayResponse(Response):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         return True
 
-    @staticmethod
-    async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    async def _cancel_on_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
         await client_left(receive)
-        scope.cancel()
+        if self.on_client_left is None or self.on_client_left():
+            scope.cancel()
 
 
 async def client_left(receive: Receive) -> None:

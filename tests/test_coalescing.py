@@ -108,3 +108,19 @@ def test_flights_remember_recent_stored_landings_only() -> None:
     assert flights.stored_since("k1099", before)
     assert not flights.stored_since("k1099", flights.landings), "landed before that count was read"
     assert not flights.stored_since("k0", before), "forgotten: only the latest landings are kept"
+
+
+def test_a_request_sent_after_a_streamed_answer_ended_does_not_follow_its_flight(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    unfinished = chat_chunks(1, "m")[:-1]  # no `data: [DONE]`: an answer that is never stored
+
+    async def answer(request: Any, recorded: Any) -> Any:
+        return upstream.stream(unfinished)
+
+    upstream.handler = answer
+    body = {**CHAT, "stream": True}
+    with httpx.Client(base_url=start_proxy(), timeout=10) as http:  # one connection: the next request at once
+        statuses = [http.post("/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(30)]
+    assert statuses == ["MISS"] * 30, "each went upstream: the one before had ended, and could not be stored"
+    assert upstream.calls == 30
