@@ -1,9 +1,13 @@
 """The server's floor: a raw ASGI app (no framework) that reads the request body and answers the fixed
 ~1 kB chat completion of bench/throughput.py (ANSWER), served by uvicorn exactly as the proxy is served.
 
-    uv run python -m bench.floor [--host 127.0.0.1] [--port 8000] [--stock-protocol]
+    uv run python -m bench.floor [--host 127.0.0.1] [--port 8000] [--stock-protocol] [--relay-to URL]
 
-Whatever the method and path, every request gets that answer. The uvicorn options are the proxy's own
+Whatever the method and path, every request gets that answer. With `--relay-to`, every request is relayed
+instead: its body is POSTed to URL + its path through aiohttp's connection pool (no limit), as the proxy's
+upstream requests are, and the answer's status, content type and body chunks are passed on as they arrive:
+the floor of a relay on this server and client, which bench/sustained.py's `streams` measures beside the
+proxy. The uvicorn options are the proxy's own
 (`openai_proxy.main`, one worker): httptools through the proxy's protocol class, the event loop uvicorn
 picks for the proxy (uvloop), no access log, no server header, no proxy headers; and the process gets the
 proxy's garbage-collector tuning. So the proxy differs from this server only by its app: what a proxied
@@ -21,6 +25,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -44,6 +49,32 @@ async def app(scope: Message, receive: Receive, send: Send) -> None:
         await read_body(receive)
         await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
         await send({"type": "http.response.body", "body": BODY})
+
+
+def relay_app(upstream: str) -> Callable[[Message, Receive, Send], Awaitable[None]]:
+    """An app that relays every request to `upstream` (see the module's doc)."""
+    sessions: list[aiohttp.ClientSession] = []
+
+    async def relay(scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await serve_lifespan(receive, send)
+            for session in sessions:
+                await session.close()
+            return
+        body = await read_body(receive)
+        if not sessions:
+            sessions.append(aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+        headers = {"content-type": "application/json"}
+        async with sessions[0].post(upstream + scope["path"], data=body, headers=headers) as answer:
+            content_type = answer.headers.get("content-type", "").encode("latin-1")
+            await send(
+                {"type": "http.response.start", "status": answer.status, "headers": [(b"content-type", content_type)]}
+            )
+            async for chunk in answer.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    return relay
 
 
 async def read_body(receive: Receive) -> bytes:
@@ -78,10 +109,11 @@ def main() -> None:
         help="serve with uvicorn's own httptools protocol, not the proxy's (which writes a response's head"
         " with its body): the floor as uvicorn alone sets it",
     )
+    parser.add_argument("--relay-to", metavar="URL", help="relay every request to URL instead of answering it")
     args = parser.parse_args()
     tune_garbage_collection()
     uvicorn.run(
-        app,
+        relay_app(args.relay_to.rstrip("/")) if args.relay_to else app,
         host=args.host,
         port=args.port,
         log_level="warning",

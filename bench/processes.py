@@ -110,12 +110,15 @@ def start_redis() -> RedisServer:
     return redis
 
 
-def start_floor(port: int, stock_protocol: bool = False) -> subprocess.Popen[bytes]:
+def start_floor(port: int, stock_protocol: bool = False, relay_to: str | None = None) -> subprocess.Popen[bytes]:
     """The server's floor (bench/floor.py: uvicorn as the proxy runs it, with a raw ASGI app) on CPU 0;
-    with `stock_protocol`, on uvicorn's own httptools protocol rather than the proxy's."""
+    with `stock_protocol`, on uvicorn's own httptools protocol rather than the proxy's; with `relay_to`, a
+    relay to that URL."""
     root = Path(__file__).resolve().parent.parent
     command = ["taskset", "-c", "0", sys.executable, "-m", "bench.floor", "--port", str(port)]
-    return subprocess.Popen([*command, *(["--stock-protocol"] if stock_protocol else [])], cwd=root)
+    command += ["--stock-protocol"] if stock_protocol else []
+    command += ["--relay-to", relay_to] if relay_to else []
+    return subprocess.Popen(command, cwd=root)
 
 
 def cpu_seconds(pid: int) -> float:

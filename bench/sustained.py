@@ -3,7 +3,7 @@ thousands of long streams open at once through one process.
 
     uv run python bench/sustained.py misses [--backend sqlite|redis] [--runs 4] [--duration 10] [--connections 32]
     uv run python bench/sustained.py streams [--backend sqlite|redis] [--streams 2000] [--events 100]
-        [--gap-ms 100] [--ramp 1]
+        [--gap-ms 100] [--ramp 1] [--no-floor]
 
 Needs `wrk`, `nginx`, `taskset` and `pgrep`, and for `--backend redis` `redis-server` (a server of its own,
 on a free port, is started and stopped; no other Redis is touched). Only loopback traffic. Each command
@@ -36,6 +36,10 @@ stream: (RSS while every stream was open - RSS before they opened) / streams, th
 the division is by the streams open then. Goals: every stream completes, p99 time to first event under
 1 s, p99 relay delay under 50 ms, under 50 kB per open stream. A stream still open `--ramp` + its paced
 length + 30 s after the first was asked is given up, and does not count as complete.
+Before the proxy, unless `--no-floor`, the same streams go through the relay floor (`bench/floor.py
+--relay-to`: a raw ASGI app on the same uvicorn, pinned to CPU 0 too, relaying each request through aiohttp's
+pool and nothing else), from the same upstream and clients: its figures, and the proxy's as multiples of
+them, say how much of what the goals measure is the proxy's own work and how much this machine's.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -69,6 +73,7 @@ from bench.processes import (  # noqa: E402
     backend_env,
     free_port,
     rss_mb,
+    start_floor,
     start_proxy,
     start_redis,
     stop,
@@ -689,7 +694,8 @@ def busiest_sample(samples: Sequence[tuple[float, float]], records: Sequence[Str
     return max(counted, default=None)
 
 
-def measure_streams(args: argparse.Namespace) -> StreamFindings:
+def measure_streams(args: argparse.Namespace) -> tuple[StreamFindings | None, StreamFindings]:
+    """The streams through the relay floor (unless `--no-floor`), then through the proxy, from one upstream."""
     raise_open_file_limit()
     with tempfile.TemporaryDirectory(prefix="openai-proxy-sustained-") as work, ExitStack() as started:
         folder = Path(work)
@@ -697,21 +703,47 @@ def measure_streams(args: argparse.Namespace) -> StreamFindings:
         upstream = start_upstream(upstream_port, args.gap_ms, folder / "upstream.log")
         started.callback(stop, upstream)
         wait_until_up(f"http://127.0.0.1:{upstream_port}/", upstream)
-        port, proxy = serve_proxy(args.backend, upstream_port, folder, started)
-        # A few short streams first, so what the proxy builds on its first request is in `rss_before`.
-        uvloop.run(open_streams(port, WARM_UP_STREAMS, 2, 0.0, 10 + 2 * args.gap_ms / 1000))
-        time.sleep(2)
-        rss_before = rss_mb(proxy.pid)
-        sampler = RssSampler(proxy.pid).start()
-        started.callback(sampler.stop)
+        floor = None
+        if not args.no_floor:
+            with ExitStack() as serving:
+                port, relay = serve_floor(upstream_port, serving)
+                floor = stream_through(port, relay, args, proxied=False)
+        with ExitStack() as serving:
+            port, proxy = serve_proxy(args.backend, upstream_port, folder, serving)
+            findings = stream_through(port, proxy, args, proxied=True)
+        return floor, replace(findings, log=log_digest(folder / "proxy.log"))
+
+
+def serve_floor(upstream_port: int, started: ExitStack) -> tuple[int, subprocess.Popen[bytes]]:
+    """The relay floor (bench/floor.py --relay-to) in front of the upstream, stopped with `started`."""
+    port = free_port()
+    relay = start_floor(port, relay_to=f"http://127.0.0.1:{upstream_port}")
+    started.callback(stop, relay)
+    wait_until_up(f"http://127.0.0.1:{port}/", relay)
+    return port, relay
+
+
+def stream_through(
+    port: int, server: subprocess.Popen[bytes], args: argparse.Namespace, proxied: bool
+) -> StreamFindings:
+    """The streams through the server on `port` (the proxy when `proxied`, its cache stats read after)."""
+    # A few short streams first, so what the server builds on its first request is in `rss_before`.
+    uvloop.run(open_streams(port, WARM_UP_STREAMS, 2, 0.0, 10 + 2 * args.gap_ms / 1000))
+    time.sleep(2)
+    rss_before = rss_mb(server.pid)
+    sampler = RssSampler(server.pid).start()
+    try:
         records, lags = uvloop.run(stream_load(port, args))
+    finally:
         sampler.stop()
-        busiest = busiest_sample(sampler.samples, records)
+    busiest = busiest_sample(sampler.samples, records)
+    stats: dict[str, Any] = {}
+    if proxied:
         time.sleep(2)  # the last stores
         stats = cache_stats(f"http://127.0.0.1:{port}")
-        peak = max([rss_before, *(rss for _, rss in sampler.samples)])
-        stop(proxy)
-        return StreamFindings(records, lags, rss_before, busiest, peak, stats, log_digest(folder / "proxy.log"))
+    peak = max([rss_before, *(rss for _, rss in sampler.samples)])
+    stop(server)
+    return StreamFindings(records, lags, rss_before, busiest, peak, stats, [])
 
 
 def _ms(values_ns: Sequence[float]) -> list[float]:
@@ -797,7 +829,7 @@ def memory_line(findings: StreamFindings, per_stream_kb: float | None, streams: 
     return line + f"; {rss:.1f} MB while {when}: {per_stream_kb:.1f} kB per open stream"
 
 
-def stream_report(findings: StreamFindings, args: argparse.Namespace) -> str:
+def stream_report(floor: StreamFindings | None, findings: StreamFindings, args: argparse.Namespace) -> str:
     figures = StreamFigures.of(findings, args.events)
     per_stream_kb = memory_per_stream_kb(findings)
     failures = ", ".join(f"{reason}: {count}" for reason, count in figures.failures.most_common(5)) or "none"
@@ -817,9 +849,37 @@ def stream_report(findings: StreamFindings, args: argparse.Namespace) -> str:
         f"store 2 s after: entries {stats['entries']} (with {WARM_UP_STREAMS} warm-up streams), stores_skipped"
         f" {stats['stores_skipped']}, misses counted {stats['misses']}",
         *findings.log,
+        *([] if floor is None else floor_lines(floor, figures, per_stream_kb, args)),
         *stream_goals(figures, per_stream_kb, args.streams),
     ]
     return "\n".join(lines) + "\n"
+
+
+def floor_lines(
+    floor: StreamFindings, proxy: StreamFigures, proxy_kb: float | None, args: argparse.Namespace
+) -> list[str]:
+    """The same streams through the relay floor, measured just before, and the proxy's figures against it."""
+    figures = StreamFigures.of(floor, args.events)
+    per_stream_kb = memory_per_stream_kb(floor)
+
+    def ratio(of_proxy: float | None, of_floor: float | None) -> str:
+        return f"{of_proxy / of_floor:.1f} x" if of_proxy is not None and of_floor else "-"
+
+    def p99(values: list[float]) -> float | None:
+        return percentile(values, 0.99) if values else None
+
+    return [
+        "the same streams through the relay floor (bench/floor.py --relay-to: a raw ASGI app on the same uvicorn"
+        " relaying through aiohttp, nothing else), measured first:",
+        f"  completed whole: {figures.whole} of {args.streams}",
+        "  " + spread_line("time to first event (ms)", figures.first_event_ms),
+        "  " + spread_line("relay delay, every event (ms)", figures.delays_ms),
+        "  " + upstream_note(figures),
+        "  " + memory_line(floor, per_stream_kb, args.streams).replace("proxy RSS", "floor RSS"),
+        f"  proxy / floor: first event p99 {ratio(p99(proxy.first_event_ms), p99(figures.first_event_ms))}, relay"
+        f" delay p99 {ratio(p99(proxy.delays_ms), p99(figures.delays_ms))}, memory per open stream"
+        f" {ratio(proxy_kb, per_stream_kb)}",
+    ]
 
 
 # Commands
@@ -840,7 +900,7 @@ def run_misses(args: argparse.Namespace) -> None:
 def run_streams(args: argparse.Namespace) -> None:
     check_tools(["taskset", "pgrep", *(["redis-server"] if args.backend == "redis" else [])])
     os.sched_setaffinity(0, {1})
-    sys.stdout.write(stream_report(measure_streams(args), args))
+    sys.stdout.write(stream_report(*measure_streams(args), args))
 
 
 def positive(kind: type[int] | type[float]) -> Any:
@@ -865,6 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     streams.add_argument("--events", type=positive(int), default=100, help="chunk events per stream (default 100)")
     streams.add_argument("--gap-ms", type=positive(float), default=100, help="ms between events (default 100)")
     streams.add_argument("--ramp", type=float, default=1.0, help="seconds over which streams start (default 1)")
+    streams.add_argument("--no-floor", action="store_true", help="skip the relay floor measured first")
     for command in (misses, streams):
         command.add_argument("--backend", choices=("sqlite", "redis"), default="sqlite", help="store (default sqlite)")
     upstream = commands.add_parser("serve-upstream", help="the fake paced upstream `streams` runs (internal)")
