@@ -580,7 +580,7 @@ class Proxy:
             nonlocal landed
             if landed:
                 return
-            landed = True
+            landed, flight.on_abandoned = True, None  # nothing left to give up
             size = sum(len(chunk) for chunk in flight.chunks)
             if complete and size <= self.settings.max_cache_entry_bytes:
                 self._store_and_land(miss, answer, b"".join(flight.chunks), flight)
