@@ -140,8 +140,7 @@ class RelayResponse(Response):
         """`on_end(completed)` runs however the relay ends; `completed` says whether the whole body was read
         (and sent, unless the client had left). Past `deadline` (anyio's clock) the relay is cut off like an
         upstream that broke off. `on_client_left()` runs when the client leaves before the end: the relay
-        stops then unless it returns False (it reads on for others; what it sends goes nowhere, until
-        `cancel`)."""
+        stops then unless it returns False (it reads on for others, sending nothing more, until `cancel`)."""
         self.status_code = status
         self.raw_headers = _encode(headers)
         self.chunks = chunks
@@ -151,6 +150,7 @@ class RelayResponse(Response):
         self.background = None
         self._scope: anyio.CancelScope | None = None
         self._given_up = False
+        self._client_gone = False
         self._done = False
 
     def cancel(self) -> None:
@@ -195,7 +195,8 @@ class RelayResponse(Response):
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         try:
             async for chunk in self.chunks:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if not self._client_gone:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamBrokeOff as exc:
             if not exc.reported:
                 logger.warning("%s; the client's response was cut off the same way", exc)
@@ -203,13 +204,16 @@ class RelayResponse(Response):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.chunks.aclose()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not self._client_gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         return True
 
     async def _cancel_on_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
         await client_left(receive)
         if self.on_client_left is None or self.on_client_left():
             scope.cancel()
+        else:
+            self._client_gone = True  # reading on for others: nothing more is sent
 
 
 async def client_left(receive: Receive) -> None:
