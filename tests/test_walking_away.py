@@ -4,7 +4,9 @@ followers, and when every client has left the upstream request is closed at once
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from tests.conftest import ProxyFactory, wait_until_stored
 from tests.redis_servers import RedisServer
 from tests.servers import FakeUpstream, Recorded, chat_chunks, chat_completion
+from tests.test_access_log import read_lines
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "who stays to the end?"}]}
 FOLLOWERS = 12
@@ -208,3 +211,28 @@ def test_without_coalescing_a_json_client_that_leaves_closes_its_upstream_reques
     left_at = asyncio.run(leave())
     assert watch.seconds_after(left_at) < 1.0
     assert upstream.calls == 1
+
+
+def test_a_leader_whose_client_left_is_logged_with_what_its_client_received(
+    start_proxy: ProxyFactory, upstream: FakeUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    slow_stream(upstream)
+    marker = uuid.uuid4().hex
+    base = start_proxy(log_format="json")
+    url = f"{base}/v1/chat/completions"
+    body = {**CHAT, "model": f"m-{marker}", "stream": True}
+
+    async def leader_leaves_early() -> list[tuple[httpx.Response, bytes]]:
+        async with httpx.AsyncClient(timeout=20) as http:
+            leader = asyncio.ensure_future(leave_after_first_bytes(http, url, body, linger=0.4))
+            await asyncio.sleep(0.15)
+            followers = await asyncio.gather(*(follow(http, url, body) for _ in range(2)))
+            await leader
+            return followers
+
+    followers = asyncio.run(leader_leaves_early())
+    whole = len(followers[0][1])
+    assert [len(answer) for _, answer in followers] == [whole, whole]
+    records = [json.loads(line) for line in read_lines(capsys, marker, 3)]
+    leader = next(record for record in records if record["cache_status"] == "MISS")
+    assert 0 < leader["bytes"] < whole, "the leader's line counts what reached its client, not what was read on"
