@@ -124,6 +124,32 @@ class TestUpstreamFaults:
         upstream.chunk_delay = 0
         assert post(base, STREAM).headers["x-cache-status"] == "MISS", "the cut-off stream was not stored"
 
+    def test_a_follower_of_a_stream_cut_off_at_the_total_deadline_is_cut_off_too(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        upstream.chunk_delay = 0.2
+        base = start_proxy(upstream_timeout=1, upstream_total_timeout=0.5)
+
+        async def read(http: httpx.AsyncClient) -> str:
+            try:
+                async with http.stream("POST", f"{base}/v1/chat/completions", json=STREAM) as response:
+                    async for _ in response.aiter_bytes():
+                        pass
+                return response.headers["x-cache-status"]
+            except httpx.RemoteProtocolError:
+                return "cut off"
+
+        async def leader_and_follower() -> list[str]:
+            async with httpx.AsyncClient(timeout=10) as http:
+                leader = asyncio.ensure_future(read(http))
+                await asyncio.sleep(0.1)
+                return list(await asyncio.gather(leader, read(http)))
+
+        assert asyncio.run(leader_and_follower()) == ["cut off", "cut off"]
+        assert upstream.calls == 1, "the follower followed the leader's flight"
+        upstream.chunk_delay = 0
+        assert post(base, STREAM).headers["x-cache-status"] == "MISS", "the cut-off stream was not stored"
+
     def test_a_stream_whose_headers_miss_the_total_deadline_is_a_504(
         self, start_proxy: ProxyFactory, upstream: FakeUpstream
     ) -> None:
