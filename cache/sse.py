@@ -13,6 +13,7 @@ import orjson
 EVENT_STREAM = "text/event-stream"
 DONE = "[DONE]"
 
+_LF = ord("\n")
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
@@ -146,6 +147,51 @@ def encode_event(data: Any, name: str | None = None) -> bytes:
     return f"{prefix}data: {text}\n\n".encode()
 
 
+# JSON may write any character as an escape (`\u0065` for `e`), so bytes holding an escaped ASCII
+# character could spell any word: they always count as a mention.
+_ESCAPED_ASCII = rb"\\u00[0-7][0-9a-fA-F]"
+
+
+def mention(*patterns: bytes) -> re.Pattern[bytes]:
+    """What finds an event that could hold one of `patterns` (regular expressions over its bytes)."""
+    return re.compile(b"|".join([*patterns, _ESCAPED_ASCII]))
+
+
+def events_mentioning(stream: bytes, mentioned: re.Pattern[bytes]) -> list[SseEvent]:
+    """The complete events of `stream` whose bytes match `mentioned` (see `mention`), in order: all a rule
+    that looks for what they mention needs to parse, usually a few events of hundreds, found in C."""
+    if b"\r" in stream:
+        events, _ = split_events(stream)
+        return [parse_event(raw) for raw in events if mentioned.search(raw)]
+    found = []
+    taken = 0
+    for match in mentioned.finditer(stream):
+        if match.start() < taken:
+            continue  # within the event just taken
+        end = stream.find(b"\n\n", match.end())
+        if end < 0:
+            break  # in the bytes after the last complete event
+        taken = end + 2
+        found.append(parse_event(stream[_event_start(stream, match.start()) : taken]))
+    return found
+
+
+def _event_start(stream: bytes, position: int) -> int:
+    """Where the event holding `position` starts in an LF-only stream, as `split_events` splits it: after the
+    blank lines before it, taken two newlines at a time from the left (an odd one out starts the event)."""
+    pair = stream.rfind(b"\n\n", 0, position)
+    if pair < 0:
+        return 0
+    newlines_start = pair
+    while newlines_start > 0 and stream[newlines_start - 1] == _LF:
+        newlines_start -= 1
+    return pair + 2 - (pair + 2 - newlines_start) % 2
+
+
+# An event that is an error names it: `error` (an event name, a type, a key) or `response.failed`.
+_ERROR_MENTION = mention(rb"error", rb"failed")
+
+
 def stream_completed(
     endpoint: str, stream: bytes, finished: Callable[[Sequence[SseEvent]], bool] | None = None
 ) -> bool:
@@ -154,6 +200,11 @@ def stream_completed(
 
     Bytes after the last blank line count as a final event: the upstream ended its response there.
     """
+    if finished is None and not _ERROR_MENTION.search(stream):
+        # No event can be an error: only the last one with data needs reading (hundreds are not parsed).
+        last = _last_data_event(stream)
+        terminators = _TERMINATORS.get(endpoint)
+        return last is not None and (terminators is None or last.type in terminators)
     parsed = parse_events(stream)
     tail = stream[sum(len(event.raw) for event in parsed) :]
     events = [event for event in parsed if event.data]
@@ -165,6 +216,23 @@ def stream_completed(
         return finished(events)
     terminators = _TERMINATORS.get(endpoint)
     return terminators is None or events[-1].type in terminators
+
+
+def _last_data_event(stream: bytes) -> SseEvent | None:
+    """The last event with data, the bytes after the last blank line counting as a final event."""
+    latest_first: Iterable[bytes]
+    if b"\r" in stream:
+        events, tail = split_events(stream)
+        latest_first = reversed(events)
+    else:  # split_events' events, made only as far back as needed
+        *whole, tail = stream.split(b"\n\n")
+        latest_first = (event + b"\n\n" for event in reversed(whole))
+    if tail.strip() and (last := parse_event(tail)).data:
+        return last
+    for raw in latest_first:
+        if (event := parse_event(raw)).data:
+            return event
+    return None
 
 
 def _is_error(event: SseEvent) -> bool:

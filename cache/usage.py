@@ -12,7 +12,7 @@ from cache.bedrock import stream_to_json as converse_stream_to_json
 from cache.convert import anthropic_stream_to_json, chat_stream_to_json
 from cache.gemini import GENERATE, is_gemini_endpoint
 from cache.gemini import stream_to_json as gemini_stream_to_json
-from cache.sse import EVENT_STREAM, parse_events
+from cache.sse import EVENT_STREAM, events_mentioning, mention, parse_events
 
 if TYPE_CHECKING:
     from cache.base import CachedResponse
@@ -74,7 +74,7 @@ def reported_usage(endpoint: str, content_type: str, body: bytes) -> Usage:
     Understands OpenAI chat/completions, completions, responses and embeddings, Anthropic messages
     (for streams: `message_start` carries the input side, `message_delta` the output) and Cohere
     chat (billed units). Anything else, or anything malformed, reports `Usage()` (all None)."""
-    answer = _as_json(endpoint, content_type, body)
+    answer = _usage_holder(endpoint, content_type, body)
     if not isinstance(answer, dict):
         return NO_USAGE
     if is_gemini_endpoint(endpoint):
@@ -138,6 +138,52 @@ def reported_model(endpoint: str, content_type: str, body: bytes) -> str | None:
     answer = _as_json(endpoint, content_type, body)
     model = answer.get("model") if isinstance(answer, dict) else None
     return model if isinstance(model, str) and model else None
+
+
+# The events of a stream that can carry its usage; the others, hundreds in a long answer, are not parsed.
+_CHAT_USAGE = mention(rb'"usage"(?![ \t]*:[ \t]*null)')  # every chunk may say `"usage":null`
+_MESSAGES_USAGE = mention(rb"message_start", rb"message_delta")
+
+
+def _usage_holder(endpoint: str, content_type: str, body: bytes) -> Any:
+    """What holds the answer's usage where `reported_usage` looks for it: for a chat or messages stream,
+    just its usage, read from the few events that can carry it; otherwise the answer as JSON."""
+    if content_type.split(";", 1)[0].strip().lower() == EVENT_STREAM:
+        if endpoint == "chat/completions":
+            return _chat_stream_usage(body)
+        if endpoint == "messages":
+            return _messages_stream_usage(body)
+    return _as_json(endpoint, content_type, body)
+
+
+def _chat_stream_usage(body: bytes) -> dict[str, Any] | None:
+    """The last usage the chunks report, as `chat_stream_to_json` reads it; None when a chunk that reports
+    one does not have a chunk's shape."""
+    usage = None
+    for event in events_mentioning(body, _CHAT_USAGE):
+        chunk = event.json()
+        if isinstance(chunk, dict) and chunk.get("usage") is not None:
+            choices = chunk.get("choices") or []
+            if not isinstance(choices, list) or not all(isinstance(choice, dict) for choice in choices):
+                return None
+            usage = chunk["usage"]
+    return None if usage is None else {"usage": usage}
+
+
+def _messages_stream_usage(body: bytes) -> dict[str, Any] | None:
+    """`message_start`'s usage updated by each `message_delta`'s, as `anthropic_stream_to_json` reads it."""
+    usage: dict[str, Any] | None = None
+    try:
+        for event in events_mentioning(body, _MESSAGES_USAGE):
+            payload = event.json()
+            kind = payload.get("type") if isinstance(payload, dict) else None
+            if kind == "message_start":
+                usage = dict(payload["message"].get("usage") or {})
+            elif kind == "message_delta" and usage is not None:
+                usage.update({k: v for k, v in (payload.get("usage") or {}).items() if v is not None})
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return None  # not the shape of a messages stream
+    return None if usage is None else {"usage": usage}
 
 
 def _as_json(endpoint: str, content_type: str, body: bytes) -> Any:

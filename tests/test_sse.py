@@ -5,10 +5,20 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache.sse import DONE, SseEvent, data_events, encode_event, parse_events, split_events, stream_completed
+from cache.sse import (
+    DONE,
+    SseEvent,
+    data_events,
+    encode_event,
+    events_mentioning,
+    mention,
+    parse_events,
+    split_events,
+    stream_completed,
+)
 from tests.servers import anthropic_events, chat_chunks
 
 # parse_events
@@ -421,3 +431,78 @@ def test_whitespace_after_the_last_event_is_not_an_event() -> None:
 def test_unicode_line_separators_inside_data_do_not_split_it(separator: str) -> None:
     event = parse_events(encode_event({"text": f"a{separator}b"}))[0]
     assert event.json() == {"text": f"a{separator}b"}
+
+
+# Judging a stream reads only the events that can matter, found by what their bytes mention. Whatever the
+# stream, the answer is the one a reading of every event gives.
+
+_PIECES = [
+    b'data: {"choices":[{"delta":{"content":"x"}}]}',
+    b'data: {"choices":[],"usage":{"prompt_tokens":1}}',
+    b'data: {"usage":null}',
+    b'data: {"error":{"message":"boom"}}',
+    b'data: {"\\u0065rror":"escaped"}',
+    b'data: {"error":null}',
+    b'data: {"type":"response.failed"}',
+    b"event: error",
+    b"data: [DONE]",
+    b"data: error",
+    b": comment",
+    b'data: {"type":"message_stop"}',
+    b"\n",
+    b"\r\n",
+    b"\n\n",
+]
+
+
+def reference_completed(endpoint: str, stream: bytes) -> bool:
+    """stream_completed as the rule says it, every event read."""
+    events, tail = split_events(stream)
+    parsed = [event for raw in events if (event := parse_events(raw)[0]).data] if events else []
+    if tail.strip():
+        [last] = parse_events(tail + b"\n\n") or [None]
+        if last is not None and last.data:
+            parsed.append(last)
+    if not parsed:
+        return False
+    for event in parsed:
+        payload = event.json()
+        if event.type in ("error", "response.failed") or event.name == "error":
+            return False
+        if isinstance(payload, dict) and payload.get("error") is not None:
+            return False
+    terminators = {"chat/completions": {DONE}, "messages": {"message_stop"}}.get(endpoint)
+    return terminators is None or parsed[-1].type in terminators
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12), st.sampled_from(["chat/completions", "messages", "embeddings"]))
+def test_a_stream_is_judged_as_reading_every_event_judges_it(pieces: list[bytes], endpoint: str) -> None:
+    stream = b"".join(pieces)
+
+    assert stream_completed(endpoint, stream) is reference_completed(endpoint, stream)
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12))
+def test_the_events_mentioning_a_word_are_those_whose_bytes_hold_it_or_an_escape(pieces: list[bytes]) -> None:
+    stream = b"".join(pieces)
+    mentioned = mention(rb"usage", rb"error")
+
+    found = events_mentioning(stream, mentioned)
+
+    assert found == [event for event in parse_events(stream) if re.search(rb"usage|error|\\u00", event.raw)]
+
+
+def test_an_error_spelled_with_escapes_still_makes_the_stream_incomplete() -> None:
+    stream = CHAT_CHUNK + b'data: {"\\u0065rror": {"message": "boom"}}\n\n' + DONE_EVENT
+
+    assert stream_completed("chat/completions", stream) is False
+
+
+def test_a_long_stream_without_errors_is_judged_by_its_last_event() -> None:
+    chunks = chat_chunks(1, "m", usage=True)
+    long_stream = b"".join(chunks[:-1] * 200) + chunks[-1]
+
+    assert stream_completed("chat/completions", long_stream) is True
+    assert stream_completed("chat/completions", long_stream.removesuffix(chunks[-1])) is False

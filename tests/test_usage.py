@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from cache.base import CachedResponse
+from cache.convert import anthropic_stream_to_json, chat_stream_to_json
+from cache.sse import parse_events
 from cache.usage import Usage, entry_usage, reported_tokens, reported_usage
 from tests.servers import anthropic_events, anthropic_message, chat_chunks, chat_completion
 
@@ -466,3 +468,46 @@ def test_an_entry_keeps_the_usage_its_answer_reported() -> None:
     )
 
     assert entry_usage(entry) == usage == Usage(1109, 1000, 3, 100)
+
+
+# A stream's usage is read from the few events that can carry it, not from the whole answer converted to
+# JSON; both readings agree.
+
+
+def usage_of_the_whole_answer(endpoint: str, stream: bytes) -> Usage:
+    converted = (chat_stream_to_json if endpoint == "chat/completions" else anthropic_stream_to_json)(
+        parse_events(stream)
+    )
+    return reported_usage(endpoint, JSON, as_json(converted)) if converted is not None else Usage()
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "stream"),
+    [
+        pytest.param("chat/completions", b"".join(chat_chunks(1, "m", usage=True)), id="chat-null-usage-per-chunk"),
+        pytest.param("chat/completions", b"".join(chat_chunks(2, "m", tools=True, usage=True)), id="chat-tools"),
+        pytest.param("chat/completions", b"".join(chat_chunks(3, "m")), id="chat-without-usage"),
+        pytest.param("messages", b"".join(anthropic_events(1, "m")), id="messages"),
+        pytest.param("messages", b"".join(anthropic_events(2, "m", tools=True)), id="messages-tools"),
+        pytest.param("messages", anthropic_stream_with_cache_usage(), id="messages-cache-usage"),
+    ],
+)
+def test_a_streams_usage_is_what_its_whole_answer_reports(endpoint: str, stream: bytes) -> None:
+    assert reported_usage(endpoint, STREAM, stream) == usage_of_the_whole_answer(endpoint, stream)
+
+
+USAGE_4_2 = b'{"prompt_tokens":4,"completion_tokens":2}'
+
+
+@pytest.mark.parametrize(
+    "usage_event",
+    [
+        pytest.param(b'data: {"choices":[],"\\u0075sage":' + USAGE_4_2 + b"}\n\n", id="escaped"),
+        pytest.param(b'data: {"choices":[],"usage"\ndata: :' + USAGE_4_2 + b"}\n\n", id="two-lines"),
+        pytest.param(b'data: {"choices":[],"usage" : ' + USAGE_4_2 + b"}\n\n", id="spaced"),
+    ],
+)
+def test_usage_written_unusually_is_still_read(usage_event: bytes) -> None:
+    stream = b"".join(chat_chunks(1, "m", usage=True)[:-2]) + usage_event + b"data: [DONE]\n\n"
+
+    assert reported_usage("chat/completions", STREAM, stream) == Usage(input_tokens=4, output_tokens=2)
