@@ -59,7 +59,7 @@ class Flight:
         # `on_abandoned` gives the upstream request up.
         self.listeners = 0
         self.on_abandoned: Callable[[], None] | None = None
-        self._changed = asyncio.Event()
+        self._changed: asyncio.Event | None = None  # made when someone waits for a change
 
     def join(self) -> None:
         self.listeners += 1
@@ -97,8 +97,15 @@ class Flight:
         self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def _change(self) -> asyncio.Event:
+        """What is set at the next change (a chunk, the start, the end)."""
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        return self._changed
 
     async def wait_until(self, ready: str, timeout: float) -> bool:
         """Wait for `started` (a status arrived) or `done`; False when `timeout` passed first."""
@@ -109,7 +116,7 @@ class Flight:
             if remaining <= 0:
                 return False
             try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
+                await asyncio.wait_for(self._change().wait(), remaining)
             except TimeoutError:
                 return False
         return True
@@ -125,7 +132,7 @@ class Flight:
                 if not self.complete:
                     raise UpstreamBrokeOff("the coalesced request's upstream answer broke off", reported=True)
                 return
-            await self._changed.wait()
+            await self._change().wait()
 
 
 class Flights:
