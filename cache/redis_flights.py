@@ -1,10 +1,14 @@
 """Request coalescing across proxy instances that share one Redis.
 
-The first instance to miss a key takes a short-lived lock (`SET NX PX`) and becomes the leader; it
-appends its answer's start, chunks and end to a Redis Stream as they pass. An instance that finds the
-lock taken reads that stream with blocking `XREAD` from its first entry, so its clients get the same
-bytes, live. The lock is released only by its owner (a script compares the token), and it expires by
-itself after `CACHE_LOCK_TIMEOUT` if the leader dies; waiters give up after the same time.
+The first instance to miss a key takes a short-lived lock (`SET NX PX`) and becomes the leader. An
+instance that finds the lock taken asks the leader's instance to share the flight (it pushes the flight's
+stream name onto that instance's list of follow requests, named in the lock's token) and reads the
+flight's Redis Stream with blocking `XREAD` from its first entry. From that request on, the leader
+appends its answer's start, the chunks so far and every chunk after to the stream, so the follower's
+clients get the same bytes, live; a flight nobody follows writes only its end (most flights: mirroring
+every chunk of every stream to Redis cost more than relaying it). The lock is released only by its owner
+(a script compares the token), and it expires by itself after `CACHE_LOCK_TIMEOUT` if the leader dies;
+waiters give up after the same time.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any, Literal, Protocol
 
 import anyio
 import orjson
+from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
 from cache.base import CacheError
@@ -60,8 +65,9 @@ class FlightReceiver(Protocol):
 
 
 class Lease:
-    """This instance leads the flight of one key: what passes is mirrored to Redis, in order, by the
-    instance's one mirror writer (`RedisFlights.post`), so the request path never waits for Redis."""
+    """This instance leads the flight of one key. Once another instance follows it (`mirror`), what passes
+    is mirrored to Redis, in order, by the instance's one mirror writer (`RedisFlights.post`), so the
+    request path never waits for Redis; until then it is only kept (references to the flight's chunks)."""
 
     leads: Literal[True] = True
 
@@ -71,25 +77,45 @@ class Lease:
         self.token = token
         self.stream = flights.stream_key(key, token)
         self.failed = False  # a write to Redis failed: nothing more is mirrored, and the end says incomplete
+        self.mirroring = False
+        self._start: Event | None = None
+        self._kept: list[bytes] = []
+        self._finishing = False
         self._end = (False, False)
         self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def started(self, status: int, headers: Sequence[tuple[str, str]], streamed: bool, with_usage: bool) -> None:
-        self._flights.post(
-            self,
-            {
-                "e": "start",
-                "status": status,
-                "headers": orjson.dumps(list(headers)),
-                "streamed": int(streamed),
-                "usage": int(with_usage),
-            },
-        )
+        self._start = {
+            "e": "start",
+            "status": status,
+            "headers": orjson.dumps(list(headers)),
+            "streamed": int(streamed),
+            "usage": int(with_usage),
+        }
+        if self.mirroring:
+            self._flights.post(self, self._start)
 
     def publish(self, chunk: bytes) -> None:
-        self._flights.post(self, {"e": "chunk", "d": chunk})
+        if self.mirroring:
+            self._flights.post(self, {"e": "chunk", "d": chunk})
+        else:
+            self._kept.append(chunk)
+
+    def mirror(self) -> None:
+        """Another instance follows: mirror the flight from its start (the chunks so far in one event),
+        then each chunk as it passes. Too late once the flight is finishing: its end alone tells."""
+        if self.mirroring or self._finishing:
+            return
+        self.mirroring = True
+        if self._start is not None:
+            self._flights.post(self, self._start)
+        if self._kept:
+            self._flights.post(self, {"e": "chunk", "d": b"".join(self._kept)})
+            self._kept = []
 
     def finish(self, complete: bool, stored: bool) -> None:
+        self._finishing = True
+        self._kept = []
         self._end = (complete, stored)
         self._flights.post(self, None)
 
@@ -125,9 +151,10 @@ class RemoteLeader:
 
     leads: Literal[False] = False
 
-    def __init__(self, flights: RedisFlights, stream: str) -> None:
+    def __init__(self, flights: RedisFlights, stream: str, holder: str) -> None:
         self._flights = flights
         self._stream = stream
+        self._holder = holder
 
     async def relay_into(self, flight: FlightReceiver) -> tuple[bool, bool]:
         """Deliver the leader's start and chunks to `flight` as they arrive; return (complete, stored).
@@ -141,13 +168,18 @@ class RemoteLeader:
                 await self._count_listener(-1)
 
     async def _count_listener(self, change: int) -> None:
+        """Count this instance in (asking the leader's instance to mirror the flight) or out."""
         redis, key = self._flights.redis, listeners_key(self._stream)
         lifetime = self._flights.lock_ms + FINISHED_KEPT_FOR_MS
+        requests = self._flights.follow_key(instance_of(self._holder))
 
         async def count() -> None:
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.incrby(key, change)
                 pipe.pexpire(key, lifetime)  # an instance that dies without leaving is forgotten in time
+                if change > 0:
+                    pipe.rpush(requests, self._stream)
+                    pipe.pexpire(requests, lifetime)  # nor are the requests to an instance that died
                 await pipe.execute()
 
         await self._flights.run("coalescing", count)
@@ -179,6 +211,11 @@ class RemoteLeader:
                     return fields[b"complete"] == b"1", fields[b"stored"] == b"1"
 
 
+def instance_of(holder: str) -> str:
+    """The instance named in a lock's token (`<instance>-<flight>`)."""
+    return holder.partition("-")[0]
+
+
 def listeners_key(stream: str) -> str:
     """How many instances read a flight's stream now (each counts itself in and out)."""
     return f"{stream}:listeners"
@@ -201,8 +238,11 @@ class RedisFlights:
         self.reader = reader
         self.lock_ms = max(1, int(lock_timeout * 1000))
         self._end = self.redis.register_script(_END_SCRIPT)
-        # The flights this instance leads, by key, until their end is in Redis.
+        self.instance = secrets.token_hex(8)
+        # The flights this instance leads, by key and by stream, until their end is in Redis.
         self._leases: dict[str, Lease] = {}
+        self._by_stream: dict[str, Lease] = {}
+        self._follow_requests: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         # What the leases mirror, in order, for one writer: each round trip to Redis carries every event
         # posted meanwhile, of every flight (a thousand streams relaying at once cost a few pipelines a
@@ -218,13 +258,17 @@ class RedisFlights:
     def stream_key(self, key: str, token: str) -> str:
         return f"{self.backend.entry_key(key)}:live:{token}"
 
+    def follow_key(self, instance: str) -> str:
+        """The list of follow requests to one instance: the streams of its flights others want mirrored."""
+        return f"{self.backend.prefix}:follow:{instance}"
+
     async def claim(self, key: str) -> Lease | RemoteLeader:
         """Lead the flight of `key`, or learn which other instance's flight to follow.
         Raises CacheError when Redis fails (the caller then leads for this instance only)."""
         previous = self._leases.get(key)
         if previous is not None:
             await previous.finished()  # this instance's last flight of the key is still being wound up
-        token = secrets.token_hex(8)
+        token = f"{self.instance}-{secrets.token_hex(8)}"
         lock = self.lock_key(key)
 
         async def take() -> Any:
@@ -233,8 +277,30 @@ class RedisFlights:
         holder = await self.run("coalescing", take)
         if holder is None:
             lease = self._leases[key] = Lease(self, key, token)
+            self._by_stream[lease.stream] = lease
+            if self._follow_requests is None and not self._closed:
+                self._follow_requests = self._spawn(self._serve_follow_requests())
             return lease
-        return RemoteLeader(self, self.stream_key(key, holder.decode()))
+        holder = holder.decode()
+        return RemoteLeader(self, self.stream_key(key, holder), holder)
+
+    async def _serve_follow_requests(self) -> None:
+        """Mirror each flight another instance asks to follow, for as long as this instance runs."""
+        requests = self.follow_key(self.instance)
+        while True:
+            # Not through `run`: this loop's failures are no request's, and must not start or prolong the
+            # window in which requests skip Redis.
+            try:
+                popped = await self.reader.blpop([requests], timeout=_BLOCK_MS / 1000)
+            except (RedisError, OSError) as exc:
+                logger.debug("could not read follow requests from Redis: %s", exc)
+                await asyncio.sleep(_BLOCK_MS / 1000)  # their followers time out meanwhile
+                continue
+            if popped is not None:
+                stream = popped[1]
+                lease = self._by_stream.get(stream.decode() if isinstance(stream, bytes) else stream)
+                if lease is not None:
+                    lease.mirror()
 
     def post(self, lease: Lease, event: Event | None) -> None:
         """Mirror `event` of `lease` to Redis (None: the lease's end), after every event posted before it."""
@@ -298,6 +364,7 @@ class RedisFlights:
             lease = self._leases.get(key)
             if lease is not None and lease.token == token:
                 del self._leases[key]
+                self._by_stream.pop(lease.stream, None)
 
     async def close(self) -> None:
         """Write what is still to be mirrored (a second at most), then stop."""
@@ -305,8 +372,9 @@ class RedisFlights:
         while self._outbox and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
         self._closed = True
-        if self._writer is not None:
-            self._writer.cancel()
+        for task in (self._writer, self._follow_requests):
+            if task is not None:
+                task.cancel()
         for lease, event in self._outbox:  # not written within the second: the locks expire by themselves
             if event is None:
                 lease.abandon()

@@ -1,6 +1,7 @@
-"""Coalescing through Redis, at the level of its flights: every lease's events reach its own stream in
-order, however many leases mirror at once (one writer for all of them), and a lease ends even when Redis
-cannot be reached."""
+"""Coalescing through Redis, at the level of its flights: a lease mirrors nothing but its end until another
+instance follows it, then everything from its start; every lease's events reach its own stream in order,
+however many leases mirror at once (one writer for all of them), and a lease ends even when Redis cannot
+be reached."""
 
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ async def test_many_leases_mirror_their_events_in_order_each_to_its_own_stream(r
     try:
         leases = [await flights.claim(f"key-{number}") for number in range(50)]
         assert all(isinstance(lease, Lease) for lease in leases)
+        for lease in leases:
+            lease.mirror()  # as when another instance follows each
         trips = 0
         run = flights.run
 
@@ -80,6 +83,7 @@ async def test_a_lease_ends_even_when_redis_cannot_be_reached() -> None:
     try:
         lease = await flights.claim("key")
         assert isinstance(lease, Lease)
+        lease.mirror()  # another instance follows
         server.stop()
         lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
         lease.publish(b"chunk")
@@ -109,4 +113,75 @@ async def test_a_lease_that_ends_after_shutdown_began_is_not_waited_for(redis_se
         assert lease.failed
         assert not flights.tasks, "nothing left running after shutdown"
     finally:
+        await flights.backend.close()
+
+
+class Receiver:
+    """A local flight, as a follower's instance feeds it from another instance's lease."""
+
+    def __init__(self) -> None:
+        self.streamed = self.with_usage = False
+        self.status: int | None = None
+        self.chunks: list[bytes] = []
+
+    def started(self, status: int, headers: list[tuple[str, str]]) -> None:
+        self.status = status
+
+    def publish(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+
+async def test_a_lease_mirrors_nothing_until_another_instance_follows_then_everything_from_the_start(
+    redis_server: RedisServer,
+) -> None:
+    leading, following = flights_at(redis_server.url), flights_at(redis_server.url)
+    following.backend = leading.backend  # one cache: the same keys
+    redis = Redis.from_url(redis_server.url)
+    try:
+        lease = await leading.claim("key")
+        assert isinstance(lease, Lease)
+        lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=True)
+        for number in range(3):
+            lease.publish(b"chunk %d;" % number)
+        await asyncio.sleep(0.2)
+        assert await redis.xlen(lease.stream) == 0, "nobody follows: nothing is mirrored"
+
+        remote = await following.claim("key")
+        assert not remote.leads
+        receiver = Receiver()
+        relaying = asyncio.create_task(remote.relay_into(receiver))
+        for _ in range(100):
+            if receiver.chunks:
+                break
+            await asyncio.sleep(0.02)
+        lease.publish(b"chunk 3;")
+        lease.finish(complete=True, stored=True)
+
+        assert await asyncio.wait_for(relaying, 5) == (True, True)
+        assert (receiver.status, receiver.streamed, receiver.with_usage) == (200, True, True)
+        assert b"".join(receiver.chunks) == b"chunk 0;chunk 1;chunk 2;chunk 3;"
+    finally:
+        await redis.aclose()
+        await following.close()
+        await leading.close()
+        await leading.backend.close()
+
+
+async def test_a_lease_nobody_follows_writes_only_its_end_and_releases_its_lock(redis_server: RedisServer) -> None:
+    flights = flights_at(redis_server.url)
+    redis = Redis.from_url(redis_server.url)
+    try:
+        lease = await flights.claim("key")
+        assert isinstance(lease, Lease)
+        lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
+        lease.publish(b"chunk")
+        lease.finish(complete=True, stored=False)
+        await asyncio.wait_for(lease.finished(), 5)
+
+        events = [fields for _, fields in await redis.xrange(lease.stream)]
+        assert [event[b"e"] for event in events] == [b"end"]
+        assert await redis.get(flights.lock_key("key")) is None
+    finally:
+        await redis.aclose()
+        await flights.close()
         await flights.backend.close()
