@@ -176,8 +176,10 @@ class RelayResponse(Response):
         timer = loop.call_at(self.deadline, self._stop) if self.deadline < math.inf else None
         completed = False
         try:
-            if not self._given_up:
-                completed = await self._relay_until_stopped(send)
+            if self._given_up:
+                # Given up before it began: it still opens the upstream's body, only to close it properly.
+                loop.call_soon(self._stop)
+            completed = await self._relay_until_stopped(send)
             if not completed:
                 _CUT_OFF.set(True)
             if not completed and loop.time() >= self.deadline:

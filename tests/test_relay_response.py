@@ -119,6 +119,16 @@ async def test_cancelling_a_relay_stops_it_like_a_client_leaving() -> None:
     assert (client.body, ends, upstream.closed, response.done()) == (b"a", [False], True, True)
 
 
+async def test_a_relay_given_up_before_it_began_closes_its_upstream() -> None:
+    upstream, client, ends = Upstream(), Client(), []
+    response = relay(upstream, ends)
+    response.cancel()
+
+    await asyncio.wait_for(response({}, client.receive, client.send), 1)
+
+    assert (client.body, client.ended_cleanly, ends, upstream.closed) == (b"", False, [False], True)
+
+
 async def test_a_relay_past_its_deadline_is_cut_off() -> None:
     upstream, client, ends = Upstream(), Client(), []
     deadline = asyncio.get_running_loop().time() + 0.05
