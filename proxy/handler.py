@@ -581,9 +581,9 @@ class Proxy:
             if landed:
                 return
             landed, flight.on_abandoned = True, None  # nothing left to give up
-            size = sum(len(chunk) for chunk in flight.chunks)
-            if complete and size <= self.settings.max_cache_entry_bytes:
-                self._store_and_land(miss, answer, b"".join(flight.chunks), flight)
+            body = b"".join(flight.chunks) if complete else b""  # the flight holds every chunk anyway
+            if complete and len(body) <= self.settings.max_cache_entry_bytes:
+                self._store_and_land(miss, answer, body, flight)
             else:
                 self.flights.land(key, flight, complete=complete, stored=False)
 

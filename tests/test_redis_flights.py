@@ -13,8 +13,9 @@ from typing import TypeVar
 import pytest
 from redis.asyncio import Redis
 
+from cache.base import CacheError
 from cache.redis_backend import RedisBackend
-from cache.redis_flights import Lease, RedisFlights, connect_reader
+from cache.redis_flights import Lease, RedisFlights, RemoteLeader, connect_reader
 from tests.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -131,6 +132,20 @@ class Receiver:
         self.chunks.append(chunk)
 
 
+async def followed_until_a_chunk_came(
+    remote: Lease | RemoteLeader,
+) -> tuple[Receiver, asyncio.Task[tuple[bool, bool]]]:
+    """Another instance's flight, relayed into a receiver in a task of its own, once its first chunk came."""
+    assert isinstance(remote, RemoteLeader)
+    receiver = Receiver()
+    relaying = asyncio.create_task(remote.relay_into(receiver))
+    for _ in range(200):
+        if receiver.chunks:
+            break
+        await asyncio.sleep(0.02)
+    return receiver, relaying
+
+
 async def test_a_lease_mirrors_nothing_until_another_instance_follows_then_everything_from_the_start(
     redis_server: RedisServer,
 ) -> None:
@@ -147,13 +162,7 @@ async def test_a_lease_mirrors_nothing_until_another_instance_follows_then_every
         assert await redis.xlen(lease.stream) == 0, "nobody follows: nothing is mirrored"
 
         remote = await following.claim("key")
-        assert not remote.leads
-        receiver = Receiver()
-        relaying = asyncio.create_task(remote.relay_into(receiver))
-        for _ in range(100):
-            if receiver.chunks:
-                break
-            await asyncio.sleep(0.02)
+        receiver, relaying = await followed_until_a_chunk_came(remote)
         lease.publish(b"chunk 3;")
         lease.finish(complete=True, stored=True)
 
@@ -176,6 +185,7 @@ async def test_a_lease_nobody_follows_writes_only_its_end_and_releases_its_lock(
         lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
         lease.publish(b"chunk")
         lease.finish(complete=True, stored=False)
+        lease.mirror()  # a follow request that came too late: the end alone tells the follower
         await asyncio.wait_for(lease.finished(), 5)
 
         events = [fields for _, fields in await redis.xrange(lease.stream)]
@@ -185,3 +195,41 @@ async def test_a_lease_nobody_follows_writes_only_its_end_and_releases_its_lock(
         await redis.aclose()
         await flights.close()
         await flights.backend.close()
+
+
+async def claimed(flights: RedisFlights, key: str) -> Lease | RemoteLeader:
+    for _ in range(20):
+        try:
+            return await flights.claim(key)
+        except CacheError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("Redis did not answer a claim")
+
+
+async def test_follow_requests_are_served_again_once_redis_is_back() -> None:
+    server = RedisServer().start()
+    leading, following = flights_at(server.url), flights_at(server.url)
+    following.backend = leading.backend
+    try:
+        first = await leading.claim("before")  # starts serving follow requests
+        assert isinstance(first, Lease)
+        server.stop()
+        await asyncio.sleep(1.5)  # its reads of follow requests fail meanwhile
+        server.start()  # the same port, empty
+
+        lease = await claimed(leading, "after")  # its pooled connections went with the old server
+        assert isinstance(lease, Lease)
+        lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
+        lease.publish(b"chunk;")
+        remote = await claimed(following, "after")
+        receiver, relaying = await followed_until_a_chunk_came(remote)
+        lease.finish(complete=True, stored=True)
+
+        assert await asyncio.wait_for(relaying, 5) == (True, True)
+        assert b"".join(receiver.chunks) == b"chunk;"
+    finally:
+        await following.close()
+        await leading.close()
+        await leading.backend.close()
+        server.stop()
+        server.remove()

@@ -56,11 +56,36 @@ class Client:
         return any(message.get("more_body") is False for message in self.sent)
 
 
-def relay(upstream: Upstream, ends: list[bool], **options: Any) -> RelayResponse:
-    async def on_end(completed: bool) -> None:
-        ends.append(completed)
+class Relaying:
+    """A relay between an `Upstream` and a `Client`, run in a task of its own, and the ends it reported."""
 
-    return RelayResponse(200, [("content-type", "text/event-stream")], upstream.chunks(), on_end=on_end, **options)
+    def __init__(self, **options: Any) -> None:
+        self.upstream, self.client, self.ends = Upstream(), Client(), list[bool]()
+
+        async def on_end(completed: bool) -> None:
+            self.ends.append(completed)
+
+        headers = [("content-type", "text/event-stream")]
+        self.response = RelayResponse(200, headers, self.upstream.chunks(), on_end=on_end, **options)
+
+    def start(self, *chunks: bytes | None) -> asyncio.Task[None]:
+        self.task = asyncio.create_task(self.response({}, self.client.receive, self.client.send))
+        self.send(*chunks)
+        return self.task
+
+    def send(self, *chunks: bytes | None) -> None:
+        """Chunks from the upstream; None ends its body."""
+        for chunk in chunks:
+            self.upstream.queue.put_nowait(chunk)
+
+    async def relaying_a_first_chunk(self) -> None:
+        self.start(b"a")
+        await settle()
+
+    async def ended(self) -> tuple[bytes, bool, list[bool], bool]:
+        """What the client received, whether it ended cleanly, the ends reported, whether the upstream closed."""
+        await asyncio.wait_for(self.task, 1)
+        return self.client.body, self.client.ended_cleanly, self.ends, self.upstream.closed
 
 
 async def settle() -> None:
@@ -69,102 +94,78 @@ async def settle() -> None:
 
 
 async def test_a_whole_body_is_relayed_and_ends_cleanly() -> None:
-    upstream, client, ends = Upstream(), Client(), []
-    running = asyncio.create_task(relay(upstream, ends)({}, client.receive, client.send))
-    for chunk in (b"a", b"b", None):
-        upstream.queue.put_nowait(chunk)
+    relay = Relaying()
+    relay.start(b"a", b"b", None)
 
-    await asyncio.wait_for(running, 1)
-
-    assert (client.body, client.ended_cleanly, ends, upstream.closed) == (b"ab", True, [True], True)
+    assert await relay.ended() == (b"ab", True, [True], True)
 
 
 async def test_a_client_that_leaves_stops_the_relay_and_closes_the_upstream() -> None:
-    upstream, client, ends = Upstream(), Client(), []
-    running = asyncio.create_task(relay(upstream, ends)({}, client.receive, client.send))
-    upstream.queue.put_nowait(b"a")
-    await settle()
+    relay = Relaying()
+    await relay.relaying_a_first_chunk()
 
-    client.gone.set()
-    await asyncio.wait_for(running, 1)
+    relay.client.gone.set()
 
-    assert (client.body, client.ended_cleanly, ends, upstream.closed) == (b"a", False, [False], True)
+    assert await relay.ended() == (b"a", False, [False], True)
 
 
 async def test_a_relay_reading_for_others_goes_on_after_its_client_left_and_sends_nothing_more() -> None:
-    upstream, client, ends = Upstream(), Client(), []
-    running = asyncio.create_task(relay(upstream, ends, on_client_left=lambda: False)({}, client.receive, client.send))
-    upstream.queue.put_nowait(b"a")
-    await settle()
+    relay = Relaying(on_client_left=lambda: False)
+    await relay.relaying_a_first_chunk()
 
-    client.gone.set()
+    relay.client.gone.set()
     await settle()
-    for chunk in (b"b", None):
-        upstream.queue.put_nowait(chunk)
-    await asyncio.wait_for(running, 1)
+    relay.send(b"b", None)
 
-    assert (client.body, client.ended_cleanly, ends, upstream.closed) == (b"a", False, [True], True)
+    assert await relay.ended() == (b"a", False, [True], True)
 
 
 async def test_cancelling_a_relay_stops_it_like_a_client_leaving() -> None:
-    upstream, client, ends = Upstream(), Client(), []
-    response = relay(upstream, ends)
-    running = asyncio.create_task(response({}, client.receive, client.send))
-    upstream.queue.put_nowait(b"a")
-    await settle()
+    relay = Relaying()
+    await relay.relaying_a_first_chunk()
 
-    response.cancel()
-    await asyncio.wait_for(running, 1)
+    relay.response.cancel()
 
-    assert (client.body, ends, upstream.closed, response.done()) == (b"a", [False], True, True)
+    assert await relay.ended() == (b"a", False, [False], True)
+    assert relay.response.done()
 
 
 async def test_a_relay_given_up_before_it_began_closes_its_upstream() -> None:
-    upstream, client, ends = Upstream(), Client(), []
-    response = relay(upstream, ends)
-    response.cancel()
+    relay = Relaying()
+    relay.response.cancel()
+    relay.start()
 
-    await asyncio.wait_for(response({}, client.receive, client.send), 1)
-
-    assert (client.body, client.ended_cleanly, ends, upstream.closed) == (b"", False, [False], True)
+    assert await relay.ended() == (b"", False, [False], True)
 
 
 async def test_a_relay_past_its_deadline_is_cut_off() -> None:
-    upstream, client, ends = Upstream(), Client(), []
-    deadline = asyncio.get_running_loop().time() + 0.05
-    running = asyncio.create_task(relay(upstream, ends, deadline=deadline)({}, client.receive, client.send))
-    upstream.queue.put_nowait(b"a")
+    relay = Relaying(deadline=asyncio.get_running_loop().time() + 0.05)
+    relay.start(b"a")
 
-    await asyncio.wait_for(running, 1)
-
-    assert (client.body, client.ended_cleanly, ends, upstream.closed) == (b"a", False, [False], True)
+    assert await relay.ended() == (b"a", False, [False], True)
 
 
 async def test_a_cancellation_from_outside_goes_on_after_the_relay_ended() -> None:
     # A server cancelling the request's task (a shutdown) is not the relay stopping itself: the task ends
     # cancelled, and the end still runs.
-    upstream, client, ends = Upstream(), Client(), []
-    running = asyncio.create_task(relay(upstream, ends)({}, client.receive, client.send))
-    upstream.queue.put_nowait(b"a")
-    await settle()
+    relay = Relaying()
+    await relay.relaying_a_first_chunk()
 
-    running.cancel()
+    relay.task.cancel()
+
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(running, 1)
-
-    assert (ends, upstream.closed) == ([False], True)
+        await relay.ended()
+    assert (relay.ends, relay.upstream.closed) == ([False], True)
 
 
 async def test_a_cancellation_from_outside_at_the_moment_the_client_leaves_goes_on_too() -> None:
-    upstream, client, ends = Upstream(), Client(), []
-    running = asyncio.create_task(relay(upstream, ends)({}, client.receive, client.send))
-    upstream.queue.put_nowait(b"a")
-    await settle()
+    relay = Relaying()
+    await relay.relaying_a_first_chunk()
 
-    client.gone.set()
+    relay.client.gone.set()
     await asyncio.sleep(0)  # the watcher runs and stops the relay; the task has yet to see it
-    running.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(running, 1)
+    relay.task.cancel()
 
-    assert (ends, upstream.closed) == ([False], True)
+    with pytest.raises(asyncio.CancelledError):
+        await relay.ended()
+    assert (relay.ends, relay.upstream.closed) == ([False], True)
