@@ -7,7 +7,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import ModelLabels
+from proxy.metrics import HIT_SECONDS, REQUESTS, LocalFigures, ModelLabels
 from tests.conftest import ProxyFactory
 from tests.servers import FakeUpstream
 
@@ -215,3 +215,23 @@ async def test_hits_are_counted_without_dollars_when_the_price_table_cannot_load
     saved = (await backend.statistics()).savings
     assert [(s.hits, s.input_tokens, s.cost_nanos, s.unpriced_hits) for s in saved] == [(2, 10, 0, 2)]
     await backend.close()
+
+
+def test_a_histogram_counted_in_memory_holds_each_observation_in_every_bucket_at_or_above_it() -> None:
+    figures = LocalFigures()
+    hit_seconds = figures.child(HIT_SECONDS)
+    for seconds in (0.0005, 0.0006, 2.0):
+        hit_seconds.observe(seconds)
+    figures.child(REQUESTS, "openai", "chat/completions", "HIT", "2xx", "false").inc()
+    samples = {
+        (sample.name, sample.labels.get("le", sample.labels.get("cache_status"))): sample.value
+        for family in figures.collect()
+        for sample in family.samples
+    }
+    assert samples[("openai_proxy_hit_duration_seconds_bucket", "0.0005")] == 1  # a bound holds its own value
+    assert samples[("openai_proxy_hit_duration_seconds_bucket", "0.001")] == 2
+    assert samples[("openai_proxy_hit_duration_seconds_bucket", "1.0")] == 2
+    assert samples[("openai_proxy_hit_duration_seconds_bucket", "+Inf")] == 3
+    assert samples[("openai_proxy_hit_duration_seconds_count", None)] == 3
+    assert samples[("openai_proxy_hit_duration_seconds_sum", None)] == pytest.approx(2.0011)
+    assert samples[("openai_proxy_requests_total", "HIT")] == 1
