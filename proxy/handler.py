@@ -36,6 +36,7 @@ from proxy.errors import ProxyError, error_response
 from proxy.exchange import Exchange
 from proxy.exchange import of as exchange_of
 from proxy.headers import Headers, client_response_headers, scope_headers, without_aws_signature
+from proxy.hit_answers import HitAnswer, HitAnswers
 from proxy.intake import declared_length, is_chunked, read_request_body, stream_request_body, too_large
 from proxy.request import Asked, RecentRequests, Upstream, parse_json_object, resolve_route
 from proxy.responses import (
@@ -146,6 +147,7 @@ class Proxy:
         self.clock = clock
         self.flights = Flights()
         self.recent = RecentRequests()
+        self.hit_answers = HitAnswers()
         self.stores = StoreQueue(backend, health, settings.store_backlog_bytes, statistics.store_skipped)
         self.shared_flights = shared_flights
         self._tasks: set[asyncio.Task[None]] = set()
@@ -320,11 +322,12 @@ class Proxy:
         now = self.clock()
         if not self._is_fresh(entry, now, asked.control.max_age):
             return Lookup(CacheStatus.EXPIRED, self._stale(asked, entry))
-        answer = replay(entry, asked.endpoint, asked.wants_stream, asked.wants_usage)
+        answer = self.hit_answers.answer((asked.key, asked.endpoint, asked.wants_stream, asked.wants_usage), entry)
         if answer is None:
             return Lookup(CacheStatus.MISS)
         self.statistics.hit(asked.key, entry, now)
-        return Lookup(CacheStatus.MISS, hit=self._answer(asked, entry, answer, CacheStatus.HIT))
+        _note(asked.exchange, CacheStatus.HIT)
+        return Lookup(CacheStatus.MISS, hit=answer.response(_age(entry, now)))
 
     def answer_at_once(self, scope: Scope, body: bytes) -> BufferedResponse | None:
         """The hit answering a request sent before byte for byte (`RecentRequests`) whose entry is at hand in
@@ -741,14 +744,10 @@ class Proxy:
     def _answer(
         self, asked: Asked, entry: CachedResponse, answer: Replay, status: CacheStatus, coalesced: bool = False
     ) -> BufferedResponse:
-        """A stored entry's answer (a hit, or a stale fallback), with its age. Its headers are made as bytes:
-        every hit has the same few, and encoding them was a sixth of a hit's own work."""
-        headers = [
-            (b"content-type", answer.content_type.encode("latin-1")),
-            (b"age", b"%d" % max(0, int(self.clock() - entry.created_at))),
-            *self._raw_cache_headers(asked, status, coalesced),
-        ]
-        return BufferedResponse.encoded(entry.status, answer.body, headers)
+        """A stored entry's answer (a coalesced hit, or a stale fallback), with its age. A plain hit's is
+        made by `hit_answers`, which keeps it for the next."""
+        made = HitAnswer.made(entry, answer, self._raw_cache_headers(asked, status, coalesced))
+        return made.response(_age(entry, self.clock()))
 
     @classmethod
     def _cache_headers(cls, asked: Asked, status: CacheStatus, coalesced: bool = False) -> Headers:
@@ -807,6 +806,10 @@ class Proxy:
 
 
 COALESCED = (b"x-cache-coalesced", b"true")
+
+
+def _age(entry: CachedResponse, now: float) -> int:
+    return max(0, int(now - entry.created_at))
 
 
 def _note(exchange: Exchange | None, status: CacheStatus, coalesced: bool = False) -> None:

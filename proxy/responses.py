@@ -70,10 +70,10 @@ class BufferedResponse:
         self.background = background
 
     @classmethod
-    def encoded(cls, status: int, body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> BufferedResponse:
-        """The same response from headers already encoded (lower-case names)."""
-        response = cls(status, body, [])
-        response.raw_headers[:0] = raw_headers
+    def complete(cls, status: int, body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> BufferedResponse:
+        """The same response from all its headers, already encoded (lower-case names, the length among them)."""
+        response = cls.__new__(cls)
+        response.status, response.body, response.raw_headers, response.background = status, body, raw_headers, None
         return response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

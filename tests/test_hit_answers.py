@@ -1,0 +1,90 @@
+"""The answers kept for the latest hits: reused only for the very entry and shape they were made for, and
+bounded by the bytes they keep alive."""
+
+from __future__ import annotations
+
+import orjson
+
+from cache.base import CachedResponse
+from cache.replay import replay
+from proxy.hit_answers import HitAnswers, HitShape
+
+
+def entry(content: str = "kept", created_at: float = 100.0) -> CachedResponse:
+    message = {"role": "assistant", "content": content}
+    completion = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+    body = orjson.dumps(completion)
+    return CachedResponse(200, "application/json", body, created_at, "openai", "v1/chat/completions")
+
+
+def shape(key: str = "k1", wants_stream: bool = False) -> HitShape:
+    return (key, "chat/completions", wants_stream, False)
+
+
+def test_an_answer_is_the_replay_with_the_cache_headers_and_the_age() -> None:
+    stored = entry()
+    answer = HitAnswers().answer(shape(wants_stream=True), stored)
+    assert answer is not None
+    response = answer.response(age=7)
+    replayed = replay(stored, "chat/completions", True, False)
+    assert replayed is not None
+    assert response.body == replayed.body
+    assert response.raw_headers == [
+        (b"content-type", b"text/event-stream"),
+        (b"age", b"7"),
+        (b"x-cache-status", b"HIT"),
+        (b"x-cache-key", b"k1"),
+        (b"content-length", b"%d" % len(replayed.body)),
+    ]
+
+
+def test_an_answer_is_reused_only_for_the_same_entry_and_shape() -> None:
+    answers = HitAnswers()
+    stored = entry()
+    first = answers.answer(shape(), stored)
+    assert answers.answer(shape(), stored) is first
+    assert answers.answer(shape(wants_stream=True), stored) is not first
+    replaced = entry("replaced")
+    again = answers.answer(shape(), replaced)
+    assert again is not None and again is not first and b"replaced" in again.body
+
+
+def test_an_entry_that_cannot_answer_the_shape_gives_none_and_is_not_kept() -> None:
+    answers = HitAnswers()
+    broken = CachedResponse(200, "application/json", b"not json", 1.0, "openai", "v1/chat/completions")
+    assert answers.answer(shape(wants_stream=True), broken) is None
+    assert len(answers) == 0
+
+
+def test_answers_stay_within_their_bytes_and_the_oldest_go_first() -> None:
+    answers = HitAnswers(max_bytes=64 * 1024)
+    for index in range(200):
+        assert answers.answer(shape(f"k{index}"), entry("x" * 1000)) is not None
+        assert answers.bytes <= answers.max_bytes
+    assert 0 < len(answers) < 200
+    kept_first = answers.answer(shape("k199"), entry())
+    assert kept_first is not None
+    assert answers.bytes <= answers.max_bytes
+
+
+def test_a_converted_answer_counts_the_entry_it_keeps_alive_too() -> None:
+    answers = HitAnswers()
+    stored = entry("y" * 2000)
+    answers.answer(shape(), stored)
+    plain = answers.bytes
+    answers.answer(shape("k2", wants_stream=True), stored)
+    assert answers.bytes - plain > len(stored.body) + 2000
+
+
+def test_an_answer_too_large_for_its_share_is_made_but_not_kept() -> None:
+    answers = HitAnswers(max_bytes=64 * 1024)
+    answer = answers.answer(shape(), entry("z" * 20_000))
+    assert answer is not None and len(answer.body) > 20_000
+    assert len(answers) == 0 and answers.bytes == 0
