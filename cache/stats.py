@@ -145,8 +145,11 @@ class Tally:
 
     def count_activity(self, at: float, figure: int) -> None:
         """Add one to a figure (0: requests, 1: hits, 2: misses) of the minute that holds `at`."""
-        minute = int(at) - int(at) % 60
-        self.activity.setdefault(minute, [0, 0, 0])[figure] += 1
+        minute = int(at) // 60 * 60
+        counts = self.activity.get(minute)
+        if counts is None:
+            counts = self.activity[minute] = [0, 0, 0]
+        counts[figure] += 1
 
     def merge(self, other: Tally) -> None:
         self.hits += other.hits

@@ -45,38 +45,40 @@ class Statistics:
         self._tally = Tally()
         # The last proxied requests that ended since the last flush.
         self._ended: deque[Exchange] = deque(maxlen=RECENT_REQUESTS_KEPT)
-        # Entries hit since the last flush, to price then: key -> (entry, hits)
-        self._unpriced: dict[str, tuple[CachedResponse, int]] = {}
+        # Entries hit since the last flush, added to the tally then, by their identity (a key's entry may
+        # be replaced meanwhile): id -> (key, entry, hits, time of the last)
+        self._hit: dict[int, tuple[str, CachedResponse, int, float]] = {}
         # One flush at a time: a flush asked for while another writes (GET /cache/stats during the
         # periodic one) returns only once everything counted before it is in the store.
         self._flushing = anyio.Lock()
 
     def hit(self, key: str, entry: CachedResponse, at: float) -> None:
+        """Count a hit; what it saved is worked out at the next flush, once per entry hit."""
         tally = self._tally
         tally.hits += 1
         tally.count_activity(at, 1)
-        count, _ = tally.entry_hits.get(key, (0, 0.0))
-        tally.entry_hits[key] = (count + 1, at)
-        saved = tally.saved(entry.provider, entry.model or "")
-        saved.hits += 1
-        saved.input_tokens += entry.input_tokens or 0
-        saved.output_tokens += entry.output_tokens or 0
-        saved.upstream_ms += round((entry.upstream_seconds or 0.0) * 1000)
-        _, hits = self._unpriced.get(key, (entry, 0))
-        self._unpriced[key] = (entry, hits + 1)
+        earlier = self._hit.get(id(entry))
+        self._hit[id(entry)] = (key, entry, 1 if earlier is None else earlier[2] + 1, at)
 
-    async def _price_hits(self) -> None:
-        """Add what the hits since the last flush cost to the tally's savings."""
-        unpriced, self._unpriced = self._unpriced, {}
+    async def _add_hits(self) -> None:
+        """Add the entries hit since the last flush to the tally: their hits and what those saved, priced."""
         price = None
-        if self.pricer is not None and unpriced:
+        if self.pricer is not None and self._hit:
             try:
                 price = await self.pricer()
             except RuntimeError:
                 logger.error("no price table: hits are counted without dollars (hits_without_price)")
                 self.pricer = None
-        for entry, hits in unpriced.values():
-            saved = self._tally.saved(entry.provider, entry.model or "")
+        hit, self._hit = self._hit, {}
+        tally = self._tally
+        for key, entry, hits, at in hit.values():
+            earlier, last = tally.entry_hits.get(key, (0, 0.0))
+            tally.entry_hits[key] = (earlier + hits, max(last, at))
+            saved = tally.saved(entry.provider, entry.model or "")
+            saved.hits += hits
+            saved.input_tokens += (entry.input_tokens or 0) * hits
+            saved.output_tokens += (entry.output_tokens or 0) * hits
+            saved.upstream_ms += round((entry.upstream_seconds or 0.0) * 1000) * hits
             cost = price(entry) if price is not None else None
             if cost is None:
                 saved.unpriced_hits += hits
@@ -102,7 +104,7 @@ class Statistics:
     async def flush(self) -> None:
         """Write what was gathered; on failure keep it for the next flush, so no count is lost."""
         async with self._flushing:
-            await self._price_hits()
+            await self._add_hits()
             if self._ended:
                 self._tally.merge(Tally(recent=[request_record(exchange) for exchange in self._ended]))
                 self._ended.clear()

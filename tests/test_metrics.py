@@ -235,3 +235,42 @@ def test_a_histogram_counted_in_memory_holds_each_observation_in_every_bucket_at
     assert samples[("openai_proxy_hit_duration_seconds_count", None)] == 3
     assert samples[("openai_proxy_hit_duration_seconds_sum", None)] == pytest.approx(2.0011)
     assert samples[("openai_proxy_requests_total", "HIT")] == 1
+
+
+@pytest.mark.anyio
+async def test_hits_on_an_entry_replaced_between_two_flushes_are_each_saved_and_priced_as_their_own(
+    tmp_path: object,
+) -> None:
+    from decimal import Decimal
+    from pathlib import Path
+
+    from cache import SqliteBackend
+    from cache.base import CachedResponse
+    from cache.health import CacheHealth
+    from proxy.statistics import Pricer, Statistics
+
+    def per_input_token(entry: CachedResponse) -> Decimal:
+        return Decimal("0.001") * (entry.input_tokens or 0)
+
+    async def pricer() -> Pricer:
+        return per_input_token
+
+    backend = SqliteBackend(Path(str(tmp_path)) / "c.db")
+    await backend.open()
+    statistics = Statistics(backend, CacheHealth("sqlite"), pricer)
+    older, newer = (
+        CachedResponse(
+            200, "application/json", b"{}", 1.0, "openai", "v1/chat/completions", "gpt-4o-mini", "", None, n, 1
+        )
+        for n in (5, 7)
+    )
+    statistics.hit("k", older, 2.0)
+    statistics.hit("k", older, 3.0)
+    statistics.hit("k", newer, 4.0)  # the entry was refreshed in between
+    await statistics.flush()
+    figures = await backend.statistics()
+    assert figures.hits == 3
+    assert [(s.hits, s.input_tokens, s.output_tokens, s.cost_nanos, s.unpriced_hits) for s in figures.savings] == [
+        (3, 2 * 5 + 7, 3, (2 * 5 + 7) * 1_000_000, 0)
+    ]
+    await backend.close()
