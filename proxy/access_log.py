@@ -89,28 +89,41 @@ def _stamp(second: int) -> str:
 def text_line(exchange: Exchange) -> str:
     """nginx's combined log format, then the cache status and what the proxy knows of the request:
     provider, endpoint, model, seconds, seconds to the first byte, key prefix."""
-    stamp = _stamp(int(exchange.at))
-    request = f"{exchange.method} {exchange.path} HTTP/1.1"
     ttfb = exchange.time_to_first_byte if exchange.streamed else None
-    fields = [
-        _bare(exchange.client),
-        "-",
-        "-",
-        f"[{stamp}]",
-        _quoted(request),
-        str(exchange.status),
-        str(exchange.sent_bytes),
-        '"-"',
-        _quoted(exchange.user_agent),
-        _bare(exchange.cache_status),
-        _bare(exchange.provider),
-        _bare(exchange.endpoint),
-        _quoted(exchange.model),
-        f"{exchange.duration:.3f}",
-        f"{ttfb:.3f}" if ttfb is not None else "-",
-        _bare(exchange.key[:KEY_PREFIX_LENGTH] if exchange.key else None),
-    ]
-    return " ".join(fields)
+    return (
+        f"{_bare(exchange.client)} - - [{_stamp(int(exchange.at))}] {_request(exchange.method, exchange.path)}"
+        f' {exchange.status} {exchange.sent_bytes} "-" {_quoted(exchange.user_agent)}'
+        f" {_answered(exchange.cache_status, exchange.provider, exchange.endpoint, exchange.model)}"
+        f" {exchange.duration:.3f} {'-' if ttfb is None else f'{ttfb:.3f}'}"
+        f" {_bare(exchange.key[:KEY_PREFIX_LENGTH] if exchange.key else None)}"
+    )
+
+
+def _request(method: str, path: str) -> str:
+    if len(method) + len(path) > _REMEMBERED_LENGTH:
+        return _request_form(method, path)
+    return _remembered_request(method, path)
+
+
+def _request_form(method: str, path: str) -> str:
+    return _quoted(f"{method} {path} HTTP/1.1")
+
+
+_remembered_request = functools.lru_cache(maxsize=1024)(_request_form)
+
+
+def _answered(cache_status: str | None, provider: str | None, endpoint: str | None, model: str | None) -> str:
+    """The cache status, provider, endpoint and model fields (only the model is the client's to choose)."""
+    if model is not None and len(model) > _REMEMBERED_LENGTH:
+        return _answered_form(cache_status, provider, endpoint, model)
+    return _remembered_answered(cache_status, provider, endpoint, model)
+
+
+def _answered_form(cache_status: str | None, provider: str | None, endpoint: str | None, model: str | None) -> str:
+    return f"{_bare(cache_status)} {_bare(provider)} {_bare(endpoint)} {_quoted(model)}"
+
+
+_remembered_answered = functools.lru_cache(maxsize=1024)(_answered_form)
 
 
 @functools.lru_cache(maxsize=4)
