@@ -322,11 +322,15 @@ class Proxy:
         now = self.clock()
         if not self._is_fresh(entry, now, asked.control.max_age):
             return Lookup(CacheStatus.EXPIRED, self._stale(asked, entry))
+        return self._hit(asked, entry, now, asked.exchange)
+
+    def _hit(self, asked: Asked, entry: CachedResponse, now: float, exchange: Exchange | None) -> Lookup:
+        """The lookup of a request whose entry is fresh: a hit, or a miss when the entry cannot answer it."""
         answer = self.hit_answers.answer((asked.key, asked.endpoint, asked.wants_stream, asked.wants_usage), entry)
         if answer is None:
             return Lookup(CacheStatus.MISS)
         self.statistics.hit(asked.key, entry, now)
-        _note(asked.exchange, CacheStatus.HIT)
+        _note(exchange, CacheStatus.HIT)
         return Lookup(CacheStatus.MISS, hit=answer.response(_age(entry, now)))
 
     def answer_at_once(self, scope: Scope, body: bytes) -> BufferedResponse | None:
@@ -340,15 +344,17 @@ class Proxy:
         if asked is None or not self.settings.respond_with_cache or asked.control.no_cache:
             return None
         entry = self.stores.waiting_entry(asked.key) or self.backend.held(asked.key)
-        if entry is None or not self._is_fresh(entry, self.clock(), asked.control.max_age):
+        now = self.clock()
+        if entry is None or not self._is_fresh(entry, now, asked.control.max_age):
             return None
         if entry.status >= 600 or not carries_length(entry.status) or not entry.content_type.isprintable():
             return None  # not what the server writes at once: left to its checks, on the task's way
         exchange = exchange_of(scope)
         if exchange is not None:
             exchange.provider, exchange.endpoint = asked.provider, asked.endpoint
+            exchange.model, exchange.key = asked.model, asked.key
         self.health.succeeded(Operation.READ)
-        return self._judged(asked.for_exchange(exchange), entry).hit
+        return self._hit(asked, entry, now, exchange).hit
 
     def _stale(self, asked: Asked, entry: CachedResponse) -> Stale | None:
         if not self.settings.cache_stale_if_error:
