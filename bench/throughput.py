@@ -13,7 +13,7 @@ redis-server (started on a free port by `tests/redis_servers.py`, every thread p
 Rows, for each backend in `--backends` (`sqlite`, the default store, and `redis`):
 
 - `openai-proxy HIT (<backend>)`: one prompt asked over and over, as users get it by default: the
-  hot entry is answered from the proxy's memory tier (MEMORY_CACHE_BYTES, 32 MB by default).
+  hot entry is answered from the proxy's memory tier (MEMORY_CACHE_BYTES, 16 MB by default).
 - `openai-proxy HIT (<backend>, no memory tier)`: the same with MEMORY_CACHE_BYTES=0, so every hit
   is read from the store (the SQLite file, or Redis over loopback).
 - `openai-proxy MISS (<backend>)`: a new prompt each request, default settings, zero-delay upstream.

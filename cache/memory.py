@@ -18,8 +18,9 @@ from cache.base import CacheBackend, CachedResponse, CacheError, EntryFilter, En
 logger = logging.getLogger("openai_proxy.cache")
 
 SYNC_INTERVAL = 0.5
-# Bookkeeping per entry besides its body: the key, the object, the LRU links.
-_OVERHEAD = 400
+# Bookkeeping per entry besides its body: the key, the object, the LRU links (measured with tracemalloc:
+# 535 bytes for an entry of the usual fields).
+_OVERHEAD = 560
 
 
 class HotEntries:

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     cache_ttl: float = Field(default=0, ge=0)
     cache_max_bytes: Annotated[int, NoDecode] = Field(default=0, ge=0)
     cache_max_entries: int = Field(default=0, ge=0)
-    memory_cache_bytes: Annotated[int, NoDecode] = Field(default=32 * 1024 * 1024, ge=0)
+    memory_cache_bytes: Annotated[int, NoDecode] = Field(default=16 * 1024 * 1024, ge=0)
     # Answers waiting to be stored, at most (bodies and the rest of each entry): past it, skipped.
     store_backlog_bytes: Annotated[int, NoDecode] = Field(default=64 * 1024 * 1024, gt=0)
     cache_offline: bool = False
