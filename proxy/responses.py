@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from cache.stream_usage import UsageWithheld
 from proxy.headers import Headers
+from proxy.server import CLIENT_WATCH, ClientWatch
 from proxy.upstream import body_chunks, close_quietly
 
 logger = logging.getLogger("openai_proxy.relay")
@@ -172,7 +173,15 @@ class RelayResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        watching = loop.create_task(self._stop_when_client_leaves(receive))
+        # The proxy's server says when the client leaves; under another server a task waits for it.
+        watch: ClientWatch | None = scope.get(CLIENT_WATCH)
+        watching = None
+        if watch is None:
+            watching = loop.create_task(self._stop_when_client_leaves(receive))
+        elif watch.left:
+            loop.call_soon(self._client_left)
+        else:
+            watch.on_left = self._client_left
         timer = loop.call_at(self.deadline, self._stop) if self.deadline < math.inf else None
         completed = False
         try:
@@ -188,7 +197,10 @@ class RelayResponse(Response):
                     " the client's response was cut off"
                 )
         finally:
-            watching.cancel()
+            if watching is not None:
+                watching.cancel()
+            elif watch is not None:
+                watch.on_left = None
             if timer is not None:
                 timer.cancel()
             self._task, self._done = None, True
@@ -235,6 +247,9 @@ class RelayResponse(Response):
 
     async def _stop_when_client_leaves(self, receive: Receive) -> None:
         await client_left(receive)
+        self._client_left()
+
+    def _client_left(self) -> None:
         if self.on_client_left is None or self.on_client_left():
             self._stop()
         else:

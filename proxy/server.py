@@ -37,6 +37,31 @@ class WholeAnswer(Protocol):
 
 AnswerAtOnce = Callable[[Scope, bytes], WholeAnswer | None]
 
+# Where an app finds, in a request's scope, the `ClientWatch` of that request (this server's protocol only).
+CLIENT_WATCH = "openai_proxy.client_watch"
+
+
+class ClientWatch:
+    """Tells an app when the client of one request has left before its response was complete, from the
+    server's `connection_lost`: an app that relays a long stream need not keep a task waiting on `receive`
+    for it. `on_left` is called once, when set by then (set it after checking `left`)."""
+
+    __slots__ = ("left", "on_left")
+
+    def __init__(self) -> None:
+        self.left = False
+        self.on_left: Callable[[], None] | None = None
+
+    def leave(self) -> None:
+        if self.left:
+            return
+        self.left = True
+        if self.on_left is not None:
+            try:
+                self.on_left()
+            except Exception:
+                logger.exception("reacting to a client that left failed unexpectedly")
+
 
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, whose one answer of its own (a 400 for a request that is not valid
@@ -50,6 +75,8 @@ class HttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._answer_at_once: AnswerAtOnce | None = getattr(self.app, "answer_at_once", None)
         self._reading_whole: tuple[RequestResponseCycle, ASGIApp] | None = None
+        # The request whose ASGI task runs (one at a time on a connection), and its watch.
+        self._watched: tuple[RequestResponseCycle, ClientWatch] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(HeadWithBody(transport, self.loop))
@@ -57,6 +84,13 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._reading_whole = None
         super().connection_lost(exc)
+        watched, self._watched = self._watched, None
+        if watched is not None and not watched[0].response_complete:
+            watched[1].leave()
+
+    def on_response_complete(self) -> None:
+        self._watched = None
+        super().on_response_complete()
 
     def send_400_response(self, msg: str) -> None:
         body = orjson.dumps(error_body(400, "The request is not valid HTTP/1.1 and was not forwarded.", "invalid_http"))
@@ -70,13 +104,18 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:  # type: ignore[override]
         if self._answer_at_once is None or app is not self.app or not _small_and_whole_once_read(cycle):
-            super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+            self._start_task(cycle, app)
         elif not cycle.more_body:
             self._answer_or_start(cycle, app)
         elif cycle is self.cycle:
             self._reading_whole = (cycle, app)  # until `on_message_complete`
         else:
-            super()._start_asgi_task(cycle, app)
+            self._start_task(cycle, app)
+
+    def _start_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:
+        watch = cycle.scope[CLIENT_WATCH] = ClientWatch()  # type: ignore[literal-required]
+        self._watched = (cycle, watch)
+        super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -92,7 +131,7 @@ class HttpProtocol(HttpToolsProtocol):
             except Exception:
                 logger.exception("answering a request at once failed unexpectedly; it is served as usual")
         if answer is None or not self._write_whole(cycle, answer):
-            super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+            self._start_task(cycle, app)
 
     def _write_whole(self, cycle: RequestResponseCycle, answer: WholeAnswer) -> bool:
         """Write `answer` as uvicorn would write it (its default headers first, `connection: close` when the
