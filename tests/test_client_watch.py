@@ -8,6 +8,8 @@ import asyncio
 from typing import Any
 
 import pytest
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from proxy.server import CLIENT_WATCH, ClientWatch
@@ -69,3 +71,15 @@ async def test_a_client_that_leaves_after_its_response_ended_is_not_told() -> No
     connection.protocol.connection_lost(None)
 
     assert app.told == [] and not app.watches[0].left
+
+
+async def test_the_server_adds_at_most_two_attributes_to_a_connection_of_uvicorn_s() -> None:
+    # Up to 29 attributes, Python keeps an instance's attributes in a table its class shares (300 bytes);
+    # one more, and each connection has a table of its own (1.6 kB per connection, thousands of streams).
+    ours = Connection(App(), ServerState()).protocol
+    config = uvicorn.Config(App(), log_level="warning")
+    config.load()
+    loop = asyncio.get_running_loop()
+    theirs = HttpToolsProtocol(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+    assert len(vars(ours)) - len(vars(theirs)) <= 2
+    assert len(vars(ours)) <= 29
