@@ -54,13 +54,14 @@ def begin(scope: Scope) -> Exchange:
             user_agent = value.decode("latin-1")
             break
     client = scope.get("client")
+    # Positional: a request's exchange is made on every request, hits included.
     exchange = Exchange(
-        method=scope.get("method", ""),
-        path=scope.get("path", ""),
-        client=client[0] if client else "-",
-        user_agent=user_agent,
-        started=time.perf_counter(),
-        at=time.time(),
+        scope.get("method", ""),
+        scope.get("path", ""),
+        client[0] if client else "-",
+        user_agent,
+        time.perf_counter(),  # started
+        time.time(),  # at
     )
     scope[SCOPE_KEY] = exchange
     return exchange

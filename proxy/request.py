@@ -158,18 +158,22 @@ class RecentRequests:
     def bytes_of(self, scope: Mapping[str, Any], body: bytes) -> RequestBytes | None:
         if len(body) > self._max_body:
             return None
-        sent = (scope.get("raw_path") or b"", scope.get("query_string", b""), tuple(scope["headers"]), body)
-        try:
-            hash(sent)
-        except TypeError:  # a server that gives headers as lists (ASGI allows it): not kept
-            return None
-        return sent
+        return (scope.get("raw_path") or b"", scope.get("query_string", b""), tuple(scope["headers"]), body)
 
     def get(self, request: RequestBytes | None) -> Asked | None:
-        return self._asked.get(request) if request is not None else None
+        if request is None:
+            return None
+        try:
+            return self._asked.get(request)
+        except TypeError:  # a server that gives headers as lists (ASGI allows it): never kept
+            return None
 
     def add(self, request: RequestBytes | None, asked: Asked) -> None:
         if request is None or self._entries <= 0:
+            return
+        try:
+            hash(request)
+        except TypeError:
             return
         if len(self._asked) >= self._entries:
             del self._asked[next(iter(self._asked))]  # the oldest

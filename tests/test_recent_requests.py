@@ -61,7 +61,10 @@ def test_asked_again_is_the_same_request_in_its_own_exchange() -> None:
 
 def test_headers_given_as_lists_are_not_kept() -> None:
     recent = RecentRequests()
-    assert recent.bytes_of(scope([[b"content-type", b"application/json"]]), BODY) is None  # type: ignore[list-item]
+    sent = recent.bytes_of(scope([[b"content-type", b"application/json"]]), BODY)  # type: ignore[list-item]
+    recent.add(sent, asked("k"))
+    assert recent.get(sent) is None
+    assert len(recent._asked) == 0
 
 
 def test_a_large_body_is_not_kept() -> None:
