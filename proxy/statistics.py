@@ -45,9 +45,10 @@ class Statistics:
         self._tally = Tally()
         # The last proxied requests that ended since the last flush.
         self._ended: deque[Exchange] = deque(maxlen=RECENT_REQUESTS_KEPT)
-        # Entries hit since the last flush, added to the tally then, by their identity (a key's entry may
-        # be replaced meanwhile): id -> (key, entry, hits, time of the last)
-        self._hit: dict[int, tuple[str, CachedResponse, int, float]] = {}
+        # Entries hit since the last flush, added to the tally then: key -> (entry, hits, time of the last);
+        # and the hits of entries replaced meanwhile (a refresh), to be priced as their own.
+        self._hit: dict[str, tuple[CachedResponse, int, float]] = {}
+        self._replaced: list[tuple[str, tuple[CachedResponse, int, float]]] = []
         # One flush at a time: a flush asked for while another writes (GET /cache/stats during the
         # periodic one) returns only once everything counted before it is in the store.
         self._flushing = anyio.Lock()
@@ -57,21 +58,28 @@ class Statistics:
         tally = self._tally
         tally.hits += 1
         tally.count_activity(at, 1)
-        earlier = self._hit.get(id(entry))
-        self._hit[id(entry)] = (key, entry, 1 if earlier is None else earlier[2] + 1, at)
+        earlier = self._hit.get(key)
+        if earlier is None:
+            self._hit[key] = (entry, 1, at)
+        elif earlier[0].created_at == entry.created_at:  # the same entry (read again, when not in memory)
+            self._hit[key] = (earlier[0], earlier[1] + 1, at)
+        else:
+            self._replaced.append((key, earlier))
+            self._hit[key] = (entry, 1, at)
 
     async def _add_hits(self) -> None:
         """Add the entries hit since the last flush to the tally: their hits and what those saved, priced."""
         price = None
-        if self.pricer is not None and self._hit:
+        if self.pricer is not None and (self._hit or self._replaced):
             try:
                 price = await self.pricer()
             except RuntimeError:
                 logger.error("no price table: hits are counted without dollars (hits_without_price)")
                 self.pricer = None
         hit, self._hit = self._hit, {}
+        replaced, self._replaced = self._replaced, []
         tally = self._tally
-        for key, entry, hits, at in hit.values():
+        for key, (entry, hits, at) in [*replaced, *hit.items()]:
             earlier, last = tally.entry_hits.get(key, (0, 0.0))
             tally.entry_hits[key] = (earlier + hits, max(last, at))
             saved = tally.saved(entry.provider, entry.model or "")

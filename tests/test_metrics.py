@@ -241,6 +241,7 @@ def test_a_histogram_counted_in_memory_holds_each_observation_in_every_bucket_at
 async def test_hits_on_an_entry_replaced_between_two_flushes_are_each_saved_and_priced_as_their_own(
     tmp_path: object,
 ) -> None:
+    import dataclasses
     from decimal import Decimal
     from pathlib import Path
 
@@ -260,12 +261,12 @@ async def test_hits_on_an_entry_replaced_between_two_flushes_are_each_saved_and_
     statistics = Statistics(backend, CacheHealth("sqlite"), pricer)
     older, newer = (
         CachedResponse(
-            200, "application/json", b"{}", 1.0, "openai", "v1/chat/completions", "gpt-4o-mini", "", None, n, 1
+            200, "application/json", b"{}", at, "openai", "v1/chat/completions", "gpt-4o-mini", "", None, n, 1
         )
-        for n in (5, 7)
+        for at, n in ((1.0, 5), (3.5, 7))
     )
     statistics.hit("k", older, 2.0)
-    statistics.hit("k", older, 3.0)
+    statistics.hit("k", dataclasses.replace(older), 3.0)  # read again from the store: the same entry
     statistics.hit("k", newer, 4.0)  # the entry was refreshed in between
     await statistics.flush()
     figures = await backend.statistics()
@@ -273,4 +274,27 @@ async def test_hits_on_an_entry_replaced_between_two_flushes_are_each_saved_and_
     assert [(s.hits, s.input_tokens, s.output_tokens, s.cost_nanos, s.unpriced_hits) for s in figures.savings] == [
         (3, 2 * 5 + 7, 3, (2 * 5 + 7) * 1_000_000, 0)
     ]
+    await backend.close()
+
+
+@pytest.mark.anyio
+async def test_hits_on_an_entry_read_again_from_the_store_keep_one_record_until_the_flush(tmp_path: object) -> None:
+    # Without the memory tier every hit reads a new copy of its entry: it must not make a record per hit.
+    import dataclasses
+    from pathlib import Path
+
+    from cache import SqliteBackend
+    from cache.base import CachedResponse
+    from cache.health import CacheHealth
+    from proxy.statistics import Statistics
+
+    backend = SqliteBackend(Path(str(tmp_path)) / "c.db")
+    await backend.open()
+    statistics = Statistics(backend, CacheHealth("sqlite"))
+    entry = CachedResponse(200, "application/json", b"{}", 1.0, "openai", "v1/chat/completions", "gpt-4o-mini")
+    for at in range(1000):
+        statistics.hit("k", dataclasses.replace(entry), 2.0 + at)
+    assert (len(statistics._hit), len(statistics._replaced)) == (1, 0)
+    await statistics.flush()
+    assert [(s.hits, s.unpriced_hits) for s in (await backend.statistics()).savings] == [(1000, 1000)]
     await backend.close()
