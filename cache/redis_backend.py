@@ -33,6 +33,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.maint_notifications import MaintNotificationsConfig
 
 from cache.base import ENTRY_FIELDS, CachedResponse, CacheError, EntryFilter, EntryInfo, entry_from_values, entry_values
 from cache.stats import (
@@ -95,7 +96,15 @@ def connect(url: str, *, cluster: bool, timeout: float, connect_timeout: float |
     }
     if cluster:
         return RedisCluster.from_url(url, **options)
-    pool = WaitingConnectionPool.from_url(url, max_connections=MAX_CONNECTIONS, wait=timeout, **options)
+    # With maintenance notifications on (redis-py's default, "auto"), its pool hands out a connection the
+    # server closed (a restarted Redis) without checking it, so its next command fails.
+    pool = WaitingConnectionPool.from_url(
+        url,
+        max_connections=MAX_CONNECTIONS,
+        wait=timeout,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        **options,
+    )
     return Redis(connection_pool=pool)
 
 

@@ -5,6 +5,7 @@ Each test starts (and stops, and restarts) a Redis server of its own on a spare 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -161,3 +162,22 @@ def test_the_redis_password_is_used_and_never_shown(
         assert not any(REDIS_PASSWORD in text for text in shown)
     finally:
         server.remove()
+
+
+@pytest.mark.anyio
+async def test_the_first_commands_after_redis_restarts_find_no_connection_it_closed(own_redis: RedisServer) -> None:
+    # The pool must not hand out a connection the old server closed: each one's next command would fail,
+    # and count as a new outage (redis-py skips that check while maintenance notifications are on).
+    from cache.redis_backend import RedisBackend
+
+    own_redis.start()
+    backend = RedisBackend.at(own_redis.url, timeout=TIMEOUT, prefix=f"restart-{uuid.uuid4().hex[:8]}")
+    await backend.open()  # opens several connections, left idle in the pool
+    try:
+        own_redis.stop()
+        own_redis.start()  # the same port, a new server
+        await asyncio.sleep(0.1)  # the event loop reads the old connections' end, as a serving one would
+        results = await asyncio.gather(*(backend.get(f"k{number}") for number in range(8)), return_exceptions=True)
+        assert results == [None] * 8
+    finally:
+        await backend.close()
