@@ -90,6 +90,10 @@ class TieredBackend:
         """The entry if the tier holds it: no I/O, no waiting."""
         return self.hot.get(key)
 
+    def remember(self, key: str, entry: CachedResponse) -> None:
+        """Hold an entry read from the backend by other means than `get`, as `get` would have."""
+        self.hot.put(key, entry)
+
     async def set(self, key: str, entry: CachedResponse) -> None:
         # In the tier at once, so a request arriving while the store writes is already a hit;
         # out again if the store refuses it, so the tier never holds what the store does not.

@@ -429,7 +429,11 @@ class RedisBackend:
         async def read() -> dict[bytes, bytes]:
             return cast(dict[bytes, bytes], await self.redis.hgetall(self.entry_key(key)))
 
-        fields = await self.run("cache read", read)
+        return self.entry_from(await self.run("cache read", read))
+
+    @staticmethod
+    def entry_from(fields: dict[bytes, bytes]) -> CachedResponse | None:
+        """The entry an entry key's hash holds (None when there is none)."""
         return _entry(fields) if fields else None
 
     async def set(self, key: str, entry: CachedResponse) -> None:

@@ -25,7 +25,7 @@ import orjson
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
 
-from cache.base import CacheError
+from cache.base import CachedResponse, CacheError
 from cache.redis_backend import RedisBackend, RedisClient, connect
 
 logger = logging.getLogger("openai_proxy.cache")
@@ -46,6 +46,14 @@ redis.call('XADD', stream, '*', 'e', 'end', 'complete', complete, 'stored', stor
 redis.call('PEXPIRE', stream, kept_ms)
 if redis.call('GET', lock) == token then redis.call('DEL', lock) end
 return 1
+"""
+
+# KEYS: an entry, the lock of its key's flight. ARGV: a new owner's token, the lock's lifetime in ms.
+# The entry's hash when there is one; else the lock, taken unless another instance holds it (its token).
+_READ_OR_CLAIM_SCRIPT = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields > 0 then return {1, fields} end
+return {0, redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')}
 """
 
 
@@ -238,6 +246,7 @@ class RedisFlights:
         self.reader = reader
         self.lock_ms = max(1, int(lock_timeout * 1000))
         self._end = self.redis.register_script(_END_SCRIPT)
+        self._read_or_claim = self.redis.register_script(_READ_OR_CLAIM_SCRIPT)
         self.instance = secrets.token_hex(8)
         # The flights this instance leads, by key and by stream, until their end is in Redis.
         self._leases: dict[str, Lease] = {}
@@ -262,27 +271,54 @@ class RedisFlights:
         """The list of follow requests to one instance: the streams of its flights others want mirrored."""
         return f"{self.backend.prefix}:follow:{instance}"
 
-    async def claim(self, key: str) -> Lease | RemoteLeader:
+    async def claim(self, key: str, again: bool = False) -> Lease | RemoteLeader:
         """Lead the flight of `key`, or learn which other instance's flight to follow.
         Raises CacheError when Redis fails (the caller then leads for this instance only)."""
-        previous = self._leases.get(key)
-        if previous is not None:
-            await previous.finished()  # this instance's last flight of the key is still being wound up
-        token = f"{self.instance}-{secrets.token_hex(8)}"
+        token = await self._new_token(key)
         lock = self.lock_key(key)
 
         async def take() -> Any:
             return await self.redis.set(lock, token, nx=True, px=self.lock_ms, get=True)
 
-        holder = await self.run("coalescing", take)
+        return await self._claimed(key, token, await self.run("coalescing", take), again=again)
+
+    async def read_or_claim(self, key: str) -> tuple[CachedResponse | None, Lease | RemoteLeader | None]:
+        """The entry of `key` when Redis holds one; else, as `claim` gives it, the flight to lead or follow:
+        one round trip where a lookup and a claim take two (both keys are in the entry's hash slot).
+        Raises CacheError when Redis fails."""
+        token = await self._new_token(key)
+        keys = [self.backend.entry_key(key), self.lock_key(key)]
+
+        async def read() -> Any:
+            return await self._read_or_claim(keys=keys, args=[token, self.lock_ms])
+
+        found, value = await self.run("cache read", read)
+        if found:
+            return self.backend.entry_from(dict(zip(value[::2], value[1::2], strict=True))), None
+        return None, await self._claimed(key, token, value)
+
+    async def _new_token(self, key: str) -> str:
+        previous = self._leases.get(key)
+        if previous is not None:
+            await previous.finished()  # this instance's last flight of the key is still being wound up
+        return f"{self.instance}-{secrets.token_hex(8)}"
+
+    async def _claimed(self, key: str, token: str, holder: bytes | None, again: bool = False) -> Lease | RemoteLeader:
+        """The lease of `key` when the lock was taken with `token`; else the flight of its `holder`."""
         if holder is None:
             lease = self._leases[key] = Lease(self, key, token)
             self._by_stream[lease.stream] = lease
             if self._follow_requests is None and not self._closed:
                 self._follow_requests = self._spawn(self._serve_follow_requests())
             return lease
-        holder = holder.decode()
-        return RemoteLeader(self, self.stream_key(key, holder), holder)
+        held_by = holder.decode()
+        current = self._leases.get(key)
+        if not again and instance_of(held_by) == self.instance and (current is None or current.token != held_by):
+            # A claim of this instance that never came back (Redis timed out, then ran it): no flight is
+            # behind it. Its end tells whoever follows it, and the key is claimed again, once.
+            await self.end(key, held_by, complete=False, stored=False)
+            return await self.claim(key, again=True)
+        return RemoteLeader(self, self.stream_key(key, held_by), held_by)
 
     async def _serve_follow_requests(self) -> None:
         """Mirror each flight another instance asks to follow, for as long as this instance runs."""

@@ -54,7 +54,7 @@ from proxy.storing import Landed, StoreQueue
 from proxy.upstream import RequestContent, UpstreamClient, close_quietly, read_body
 
 if TYPE_CHECKING:
-    from cache.redis_flights import RedisFlights
+    from cache.redis_flights import Lease, RedisFlights, RemoteLeader
 
 logger = logging.getLogger("openai_proxy")
 
@@ -96,6 +96,7 @@ class Miss:
     stale: Stale | None = None
     flight: Flight | None = None  # its followers', when it leads (coalescing)
     storing: bool = False
+    claim: Lease | RemoteLeader | None = None  # its cross-instance flight's, when its lookup took it
 
 
 class Cancellable(Protocol):
@@ -272,7 +273,7 @@ class Proxy:
 
     async def _cacheable(self, asked: Asked, upstream: Upstream, receive: Receive) -> ASGIApp:
         landings = self.flights.landings
-        lookup = await self._look_up(asked)
+        lookup, claim = await self._look_up_or_claim(asked)
         if lookup.hit is not None:
             return lookup.hit
         if asked.control.only_if_cached:
@@ -282,7 +283,7 @@ class Proxy:
             )
             error.headers.update(self._cache_headers(asked, lookup.status))
             raise error
-        miss = Miss(asked, upstream, lookup.status, lookup.stale)
+        miss = Miss(asked, upstream, lookup.status, lookup.stale, claim=claim)
         coalescing = self.settings.cache_lock_timeout > 0 and self.settings.respond_with_cache
         if coalescing and miss.status in (CacheStatus.MISS, CacheStatus.EXPIRED):
             followed = await self._coalesce(miss, landings, receive)
@@ -314,6 +315,32 @@ class Proxy:
             return Lookup(CacheStatus.BYPASS)
         self.health.succeeded(Operation.READ)
         return self._judged(asked, entry)
+
+    async def _look_up_or_claim(self, asked: Asked) -> tuple[Lookup, Lease | RemoteLeader | None]:
+        """`_look_up`; on Redis, for a request that would lead or follow a cross-instance flight when it
+        misses, with that flight's claim taken in the same round trip (a miss then makes one before the
+        upstream is asked, not two). The claim is None on a hit."""
+        key, control = asked.key, asked.control
+        if (
+            self.shared_flights is None
+            or self.settings.cache_lock_timeout <= 0
+            or not self.settings.respond_with_cache
+            or control.no_cache
+            or control.only_if_cached
+            or self.flights.get(key) is not None
+            or self.stores.waiting_entry(key) is not None
+            or self.backend.held(key) is not None
+        ):
+            return await self._look_up(asked), None
+        try:
+            entry, claim = await self.shared_flights.read_or_claim(key)
+        except CacheError as exc:
+            self.health.failed(Operation.READ, exc)
+            return Lookup(CacheStatus.BYPASS), None
+        self.health.succeeded(Operation.READ)
+        if entry is not None:
+            self.backend.remember(key, entry)
+        return self._judged(asked, entry), claim
 
     def _judged(self, asked: Asked, entry: CachedResponse | None) -> Lookup:
         """The lookup of a request whose entry (if any) was read: a hit, or why it is not one."""
@@ -372,33 +399,42 @@ class Proxy:
         """Follow an identical request already in flight (its answer, or None to go upstream after all), or
         lead one: `miss.flight` is then the flight its followers wait on."""
         key = miss.asked.key
-        leader = self.flights.get(key)
-        if leader is None and self.flights.stored_since(key, landings):
-            # The identical request that was in flight when this one looked stored its answer meanwhile.
-            lookup = await self._look_up(miss.asked)
-            if lookup.hit is not None:
-                return lookup.hit
-            miss.status, miss.stale = lookup.status, lookup.stale
+        claim, miss.claim = miss.claim, None
+        try:
             leader = self.flights.get(key)
-        if leader is None and miss.status is not CacheStatus.BYPASS:
-            flight = self.flights.lead(key, miss.asked.wants_stream, miss.asked.upstream_usage)
-            leader = await self._share(key, flight)
-            if leader is None:
-                flight.join()
-                miss.flight = flight
+            if leader is None and self.flights.stored_since(key, landings):
+                # The identical request that was in flight when this one looked stored its answer meanwhile.
+                lookup = await self._look_up(miss.asked)
+                if lookup.hit is not None:
+                    return lookup.hit
+                miss.status, miss.stale = lookup.status, lookup.stale
+                leader = self.flights.get(key)
+            if leader is None and miss.status is not CacheStatus.BYPASS:
+                flight = self.flights.lead(key, miss.asked.wants_stream, miss.asked.upstream_usage)
+                taken, claim = claim, None
+                leader = await self._share(key, flight, taken)
+                if leader is None:
+                    flight.join()
+                    miss.flight = flight
+        finally:
+            if claim is not None and claim.leads:
+                # Taken with the lookup, then not needed (this instance's own flight came first): released.
+                claim.finish(complete=False, stored=False)
         if leader is None:
             return None
         return await self._follow(leader, miss.asked, receive)
 
-    async def _share(self, key: str, flight: Flight) -> Flight | None:
+    async def _share(self, key: str, flight: Flight, claim: Lease | RemoteLeader | None = None) -> Flight | None:
         """Coalesce across instances (Redis): None when this instance leads, its flight then mirrored for
-        the others; else `flight`, now fed with another instance's answer, to follow like a local one."""
+        the others; else `flight`, now fed with another instance's answer, to follow like a local one.
+        `claim`: the flight's, when the lookup took it; else it is claimed here."""
         if self.shared_flights is None:
             return None
-        try:
-            claim = await self.shared_flights.claim(key)
-        except CacheError:
-            return None  # Redis fails: coalesce within this instance only
+        if claim is None:
+            try:
+                claim = await self.shared_flights.claim(key)
+            except CacheError:
+                return None  # Redis fails: coalesce within this instance only
         if claim.leads:
             flight.mirror = claim
             return None

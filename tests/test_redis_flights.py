@@ -233,3 +233,67 @@ async def test_follow_requests_are_served_again_once_redis_is_back() -> None:
         await leading.backend.close()
         server.stop()
         server.remove()
+
+
+async def test_a_lookup_either_reads_the_entry_or_claims_the_flight_in_one_round_trip(
+    redis_server: RedisServer,
+) -> None:
+    from cache.base import CachedResponse
+
+    flights = flights_at(redis_server.url)
+    trips = 0
+    run = flights.run
+
+    async def counted(what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        nonlocal trips
+        trips += 1
+        return await run(what, operation)
+
+    flights.run = counted
+    redis = Redis.from_url(redis_server.url)
+    try:
+        entry, lease = await flights.read_or_claim("missing")
+        assert entry is None and isinstance(lease, Lease) and trips == 1
+        assert (await redis.get(flights.lock_key("missing"))).decode() == lease.token
+        another_instance = RedisFlights(
+            flights.backend, connect_reader(redis_server.url, cluster=False, timeout=1.0), 5.0
+        )
+        entry, other = await another_instance.read_or_claim("missing")
+        assert entry is None and isinstance(other, RemoteLeader), "held by a flight that exists: followed"
+        await another_instance.close()
+        lease.finish(complete=False, stored=False)
+        await asyncio.wait_for(lease.finished(), 5)
+
+        stored = CachedResponse(200, "application/json", b'{"ok": true}', 1.0, "openai", "v1/chat/completions")
+        await flights.backend.set("present", stored)
+        trips = 0
+        entry, claim = await flights.read_or_claim("present")
+        assert (entry, claim, trips) == (stored, None, 1)
+        assert await redis.get(flights.lock_key("present")) is None, "a hit takes no lock"
+    finally:
+        await redis.aclose()
+        await flights.close()
+        await flights.backend.close()
+
+
+async def test_a_lock_of_this_instance_that_no_flight_holds_is_ended_and_claimed_again(
+    redis_server: RedisServer,
+) -> None:
+    # A claim whose answer never came back (Redis timed out, then ran it) left the lock held with no flight.
+    flights = flights_at(redis_server.url)
+    redis = Redis.from_url(redis_server.url)
+    try:
+        orphan = f"{flights.instance}-dead"
+        await redis.set(flights.lock_key("k"), orphan, px=60_000)
+
+        entry, claim = await flights.read_or_claim("k")
+
+        assert entry is None and isinstance(claim, Lease), "led, not followed for a lock timeout"
+        ended = [fields for _, fields in await redis.xrange(flights.stream_key("k", orphan))]
+        assert [(event[b"e"], event[b"complete"]) for event in ended] == [(b"end", b"0")], "its followers are told"
+        claim.finish(complete=False, stored=False)
+        await asyncio.wait_for(claim.finished(), 5)
+    finally:
+        await redis.aclose()
+        await flights.close()
+        await flights.backend.close()
