@@ -152,6 +152,9 @@ class Proxy:
         self.stores = StoreQueue(backend, health, settings.store_backlog_bytes, statistics.store_skipped)
         self.shared_flights = shared_flights
         self._tasks: set[asyncio.Task[None]] = set()
+        # Keys whose lookup is claiming their cross-instance flight now: done once that lookup returned (and its
+        # request, on a miss, made its local flight, which an identical request then follows).
+        self._claiming: dict[str, asyncio.Future[None]] = {}
         self.total_timeout = settings.upstream_total_timeout or math.inf
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -332,11 +335,19 @@ class Proxy:
             or self.backend.held(key) is not None
         ):
             return await self._look_up(asked), None
+        claiming = self._claiming.get(key)
+        if claiming is not None:  # an identical request's lookup is claiming: follow what it finds
+            await asyncio.shield(claiming)
+            return await self._look_up(asked), None
+        claiming = self._claiming[key] = asyncio.get_running_loop().create_future()
         try:
             entry, claim = await self.shared_flights.read_or_claim(key)
         except CacheError as exc:
             self.health.failed(Operation.READ, exc)
             return Lookup(CacheStatus.BYPASS), None
+        finally:
+            del self._claiming[key]
+            claiming.set_result(None)
         self.health.succeeded(Operation.READ)
         if entry is not None:
             self.backend.remember(key, entry)
