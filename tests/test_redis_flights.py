@@ -33,6 +33,19 @@ def flights_at(url: str) -> RedisFlights:
     return RedisFlights(backend, connect_reader(url, cluster=False, timeout=1.0), lock_timeout=5.0)
 
 
+def round_trips(flights: RedisFlights) -> list[str]:
+    """What each of the flights' Redis operations from now on was for, one per round trip."""
+    trips: list[str] = []
+    run = flights.run
+
+    async def counted(what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        trips.append(what)
+        return await run(what, operation)
+
+    flights.run = counted
+    return trips
+
+
 async def test_many_leases_mirror_their_events_in_order_each_to_its_own_stream(redis_server: RedisServer) -> None:
     flights = flights_at(redis_server.url)
     try:
@@ -40,15 +53,7 @@ async def test_many_leases_mirror_their_events_in_order_each_to_its_own_stream(r
         assert all(isinstance(lease, Lease) for lease in leases)
         for lease in leases:
             lease.mirror()  # as when another instance follows each
-        trips = 0
-        run = flights.run
-
-        async def counted(what: str, operation: Callable[[], Awaitable[T]]) -> T:
-            nonlocal trips
-            trips += 1
-            return await run(what, operation)
-
-        flights.run = counted
+        trips = round_trips(flights)
         for lease in leases:
             lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
         for chunk in range(20):  # interleaved, as streams relaying at once publish
@@ -58,7 +63,7 @@ async def test_many_leases_mirror_their_events_in_order_each_to_its_own_stream(r
             lease.finish(complete=True, stored=True)
         await asyncio.wait_for(asyncio.gather(*(lease.finished() for lease in leases)), 10)  # type: ignore[union-attr]
         # One end (and lock release) per lease, and the 1,100 events in a round trip or two, not one per lease.
-        assert trips <= len(leases) + 2
+        assert len(trips) <= len(leases) + 2
 
         redis = Redis.from_url(redis_server.url)
         try:
@@ -241,19 +246,11 @@ async def test_a_lookup_either_reads_the_entry_or_claims_the_flight_in_one_round
     from cache.base import CachedResponse
 
     flights = flights_at(redis_server.url)
-    trips = 0
-    run = flights.run
-
-    async def counted(what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        nonlocal trips
-        trips += 1
-        return await run(what, operation)
-
-    flights.run = counted
+    trips = round_trips(flights)
     redis = Redis.from_url(redis_server.url)
     try:
         entry, lease = await flights.read_or_claim("missing")
-        assert entry is None and isinstance(lease, Lease) and trips == 1
+        assert entry is None and isinstance(lease, Lease) and len(trips) == 1
         assert (await redis.get(flights.lock_key("missing"))).decode() == lease.token
         another_instance = RedisFlights(
             flights.backend, connect_reader(redis_server.url, cluster=False, timeout=1.0), 5.0
@@ -266,9 +263,9 @@ async def test_a_lookup_either_reads_the_entry_or_claims_the_flight_in_one_round
 
         stored = CachedResponse(200, "application/json", b'{"ok": true}', 1.0, "openai", "v1/chat/completions")
         await flights.backend.set("present", stored)
-        trips = 0
+        trips.clear()
         entry, claim = await flights.read_or_claim("present")
-        assert (entry, claim, trips) == (stored, None, 1)
+        assert (entry, claim, len(trips)) == (stored, None, 1)
         assert await redis.get(flights.lock_key("present")) is None, "a hit takes no lock"
     finally:
         await redis.aclose()
