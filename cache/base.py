@@ -44,6 +44,12 @@ class CachedResponse:
     prompt_preview: str | None = None
 
 
+def same_entry(one: CachedResponse, other: CachedResponse) -> bool:
+    """Whether two entries read under one key are the same stored answer: a read from the store gives a new
+    copy each time, and a replaced entry (a refresh) was created at another time."""
+    return one is other or one.created_at == other.created_at
+
+
 @dataclass(frozen=True)
 class EntryField:
     """One field of `CachedResponse`, as the stores and the export format handle it: every column, Redis

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cache.base import CachedResponse
+from cache.base import CachedResponse, same_entry
 from cache.replay import Replay, replay
 from proxy.responses import BufferedResponse, carries_length
 
@@ -44,7 +44,8 @@ class HitAnswer:
 
 class HitAnswers:
     """The answers last made, by shape, within `max_bytes` (the oldest go first). An answer is reused only
-    for the very entry it was made from: a replaced or reloaded entry gets a new one."""
+    for the entry it was made from (`same_entry`: also a new copy of it read from the store); a replaced
+    entry gets a new one."""
 
     def __init__(self, max_bytes: int = 4 * 1024 * 1024) -> None:
         self.max_bytes = max_bytes
@@ -57,7 +58,7 @@ class HitAnswers:
     def answer(self, shape: HitShape, entry: CachedResponse) -> HitAnswer | None:
         """The answer `entry` gives a request of `shape`; None when it cannot answer it faithfully."""
         kept = self._answers.get(shape)
-        if kept is not None and kept.entry is entry:
+        if kept is not None and same_entry(kept.entry, entry):
             return kept
         key, endpoint, wants_stream, wants_usage = shape
         replayed = replay(entry, endpoint, wants_stream, wants_usage)

@@ -12,7 +12,7 @@ from decimal import Decimal
 import anyio
 
 from cache import CachedResponse, CacheError, CacheHealth
-from cache.base import StatisticsStore
+from cache.base import StatisticsStore, same_entry
 from cache.health import Operation
 from cache.stats import RECENT_REQUESTS_KEPT, CacheStatistics, Tally
 from proxy.exchange import Exchange, request_record
@@ -61,7 +61,7 @@ class Statistics:
         earlier = self._hit.get(key)
         if earlier is None:
             self._hit[key] = (entry, 1, at)
-        elif earlier[0].created_at == entry.created_at:  # the same entry (read again, when not in memory)
+        elif same_entry(earlier[0], entry):
             self._hit[key] = (earlier[0], earlier[1] + 1, at)
         else:
             self._replaced.append((key, earlier))

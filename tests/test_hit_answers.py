@@ -3,6 +3,8 @@ bounded by the bytes they keep alive."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 
 from cache.base import CachedResponse
@@ -50,8 +52,9 @@ def test_an_answer_is_reused_only_for_the_same_entry_and_shape() -> None:
     stored = entry()
     first = answers.answer(shape(), stored)
     assert answers.answer(shape(), stored) is first
+    assert answers.answer(shape(), dataclasses.replace(stored)) is first, "a copy read again from the store"
     assert answers.answer(shape(wants_stream=True), stored) is not first
-    replaced = entry("replaced")
+    replaced = entry("replaced", created_at=200.0)  # a refresh
     again = answers.answer(shape(), replaced)
     assert again is not None and again is not first and b"replaced" in again.body
 
