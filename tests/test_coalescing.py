@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import httpx
@@ -124,3 +125,27 @@ def test_a_request_sent_after_a_streamed_answer_ended_does_not_follow_its_flight
         statuses = [http.post("/v1/chat/completions", json=body).headers["x-cache-status"] for _ in range(30)]
     assert statuses == ["MISS"] * 30, "each went upstream: the one before had ended, and could not be stored"
     assert upstream.calls == 30
+
+
+def test_identical_streamed_misses_sent_together_are_all_relayed_live(
+    start_proxy: ProxyFactory, upstream: FakeUpstream
+) -> None:
+    upstream.chunk_delay = 0.2
+    base = start_proxy()
+
+    async def first_bytes(count: int) -> list[float]:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=count + 2)) as http:
+
+            async def one() -> float:
+                first = None
+                async with http.stream("POST", f"{base}/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+                    async for _ in r.aiter_raw():
+                        first = first or time.perf_counter()
+                assert first is not None
+                return first
+
+            return await asyncio.gather(*(one() for _ in range(count)))
+
+    firsts = asyncio.run(first_bytes(5))
+    assert upstream.calls == 1
+    assert all(first < upstream.sent_at[-1] for first in firsts), "each got its first event while the upstream sent"
