@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Literal, Protocol
 
 import anyio
@@ -87,12 +87,22 @@ class Lease:
         self.failed = False  # a write to Redis failed: nothing more is mirrored, and the end says incomplete
         self.mirroring = False
         self._start: Event | None = None
-        self._kept: list[bytes] = []
+        self._so_far: Callable[[], bytes] | None = None
         self._finishing = False
         self._end = (False, False)
         self._ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def started(self, status: int, headers: Sequence[tuple[str, str]], streamed: bool, with_usage: bool) -> None:
+    def started(
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        streamed: bool,
+        with_usage: bool,
+        so_far: Callable[[], bytes],
+    ) -> None:
+        """`so_far()`: the flight's chunks published until now, joined (the flight keeps them, compressed;
+        this mirror keeps none of its own)."""
+        self._so_far = so_far
         self._start = {
             "e": "start",
             "status": status,
@@ -106,8 +116,6 @@ class Lease:
     def publish(self, chunk: bytes) -> None:
         if self.mirroring:
             self._flights.post(self, {"e": "chunk", "d": chunk})
-        else:
-            self._kept.append(chunk)
 
     def mirror(self) -> None:
         """Another instance follows: mirror the flight from its start (the chunks so far in one event),
@@ -117,13 +125,13 @@ class Lease:
         self.mirroring = True
         if self._start is not None:
             self._flights.post(self, self._start)
-        if self._kept:
-            self._flights.post(self, {"e": "chunk", "d": b"".join(self._kept)})
-            self._kept = []
+        so_far = self._so_far() if self._so_far is not None else b""
+        if so_far:
+            self._flights.post(self, {"e": "chunk", "d": so_far})
 
     def finish(self, complete: bool, stored: bool) -> None:
         self._finishing = True
-        self._kept = []
+        self._so_far = None
         self._end = (complete, stored)
         self._flights.post(self, None)
 

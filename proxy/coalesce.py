@@ -23,6 +23,7 @@ from starlette.types import Receive
 
 from proxy.clock import event_loop_time
 from proxy.headers import Headers
+from proxy.recorded import RecordedBody
 from proxy.responses import UpstreamBrokeOff, client_left
 
 _STORED_LANDINGS_KEPT = 1024
@@ -31,7 +32,16 @@ _STORED_LANDINGS_KEPT = 1024
 class FlightMirror(Protocol):
     """Where a leader's flight is also published, for followers in other proxy instances."""
 
-    def started(self, status: int, headers: Sequence[tuple[str, str]], streamed: bool, with_usage: bool) -> None: ...
+    def started(
+        self,
+        status: int,
+        headers: Sequence[tuple[str, str]],
+        streamed: bool,
+        with_usage: bool,
+        so_far: Callable[[], bytes],
+    ) -> None:
+        """The flight's answer began. `so_far()` is all of it published until then, for a follower that
+        joins late: the mirror keeps no chunks of its own."""
 
     def publish(self, chunk: bytes) -> None: ...
 
@@ -50,7 +60,7 @@ class Flight:
         self.with_usage = with_usage
         self.status: int | None = None
         self.headers: Headers = []
-        self.chunks: list[bytes] = []
+        self.recorded = RecordedBody()  # every chunk so far, for followers that join late and for storing
         self.done = False
         self.complete = False
         self.stored = False
@@ -77,11 +87,11 @@ class Flight:
     def started(self, status: int, headers: Headers) -> None:
         self.status, self.headers = status, headers
         if self.mirror is not None:
-            self.mirror.started(status, headers, self.streamed, self.with_usage)
+            self.mirror.started(status, headers, self.streamed, self.with_usage, self.recorded.joined)
         self._wake()
 
     def publish(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
+        self.recorded.add(chunk)
         if self.mirror is not None:
             self.mirror.publish(chunk)
         self._wake()
@@ -125,9 +135,10 @@ class Flight:
         """Every chunk of the leader's answer, from the first, as they arrive."""
         sent = 0
         while True:
-            while sent < len(self.chunks):
-                sent += 1
-                yield self.chunks[sent - 1]
+            while sent < self.recorded.size:
+                for chunk in self.recorded.since(sent):
+                    sent += len(chunk)
+                    yield chunk
             if self.done:
                 if not self.complete:
                     raise UpstreamBrokeOff("the coalesced request's upstream answer broke off", reported=True)

@@ -637,7 +637,7 @@ class Proxy:
             if landed:
                 return
             landed, flight.on_abandoned = True, None  # nothing left to give up
-            body = b"".join(flight.chunks) if complete else b""  # the flight holds every chunk anyway
+            body = flight.recorded.joined() if complete else b""  # the flight holds every chunk anyway
             if complete and len(body) <= self.settings.max_cache_entry_bytes:
                 self._store_and_land(miss, answer, body, flight)
             else:

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from cache.stream_usage import UsageWithheld
 from proxy.headers import Headers
+from proxy.recorded import RecordedBody
 from proxy.server import CLIENT_WATCH, ClientWatch
 from proxy.upstream import body_chunks, close_quietly
 
@@ -265,26 +266,27 @@ async def client_left(receive: Receive) -> None:
 class Recording:
     """A body kept as it passes, until it grows past `limit` (then it is too large to store)."""
 
-    __slots__ = ("_chunks", "_size", "_limit")
+    __slots__ = ("_recorded", "_size", "_limit")
 
     def __init__(self, limit: int) -> None:
-        self._chunks: list[bytes] = []
+        self._recorded: RecordedBody | None = RecordedBody()
         self._size = 0
         self._limit = limit
 
     def add(self, chunk: bytes) -> None:
-        if self._size <= self._limit:
+        if self._recorded is not None:
             self._size += len(chunk)
-            self._chunks.append(chunk)
             if self._size > self._limit:
-                self._chunks.clear()  # keep relaying, stop holding it
+                self._recorded = None  # keep relaying, stop holding it
+            else:
+                self._recorded.add(chunk)
 
     @property
     def whole(self) -> bool:
-        return self._size <= self._limit
+        return self._recorded is not None
 
     def body(self) -> bytes:
-        return b"".join(self._chunks)
+        return self._recorded.joined() if self._recorded is not None else b""
 
 
 def as_asked(chunks: AsyncGenerator[bytes, None], withhold_usage: bool) -> AsyncGenerator[bytes, None]:

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from cache.base import CacheError
 from cache.redis_backend import RedisBackend
 from cache.redis_flights import Lease, RedisFlights, RemoteLeader, connect_reader
+from proxy.coalesce import Flight
 from tests.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -31,6 +32,14 @@ def anyio_backend() -> str:
 def flights_at(url: str) -> RedisFlights:
     backend = RedisBackend.at(url, prefix=f"test-flights-{uuid.uuid4().hex}")
     return RedisFlights(backend, connect_reader(url, cluster=False, timeout=1.0), lock_timeout=5.0)
+
+
+def flight_of(lease: Lease, with_usage: bool = False) -> Flight:
+    """A streamed flight mirrored to `lease` and started, as the proxy's handler leads one."""
+    flight = Flight(streamed=True, with_usage=with_usage)
+    flight.mirror = lease
+    flight.started(200, [("content-type", "text/event-stream")])
+    return flight
 
 
 def round_trips(flights: RedisFlights) -> list[str]:
@@ -54,11 +63,10 @@ async def test_many_leases_mirror_their_events_in_order_each_to_its_own_stream(r
         for lease in leases:
             lease.mirror()  # as when another instance follows each
         trips = round_trips(flights)
-        for lease in leases:
-            lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
+        flights_mirrored = [flight_of(lease) for lease in leases]  # type: ignore[arg-type]
         for chunk in range(20):  # interleaved, as streams relaying at once publish
-            for number, lease in enumerate(leases):
-                lease.publish(b"lease %d chunk %d" % (number, chunk))
+            for number, flight in enumerate(flights_mirrored):
+                flight.publish(b"lease %d chunk %d" % (number, chunk))
         for lease in leases:
             lease.finish(complete=True, stored=True)
         await asyncio.wait_for(asyncio.gather(*(lease.finished() for lease in leases)), 10)  # type: ignore[union-attr]
@@ -91,8 +99,7 @@ async def test_a_lease_ends_even_when_redis_cannot_be_reached() -> None:
         assert isinstance(lease, Lease)
         lease.mirror()  # another instance follows
         server.stop()
-        lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
-        lease.publish(b"chunk")
+        flight_of(lease).publish(b"chunk")
         lease.finish(complete=True, stored=True)
 
         await asyncio.wait_for(lease.finished(), 10)
@@ -160,15 +167,15 @@ async def test_a_lease_mirrors_nothing_until_another_instance_follows_then_every
     try:
         lease = await leading.claim("key")
         assert isinstance(lease, Lease)
-        lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=True)
+        flight = flight_of(lease, with_usage=True)
         for number in range(3):
-            lease.publish(b"chunk %d;" % number)
+            flight.publish(b"chunk %d;" % number)
         await asyncio.sleep(0.2)
         assert await redis.xlen(lease.stream) == 0, "nobody follows: nothing is mirrored"
 
         remote = await following.claim("key")
         receiver, relaying = await followed_until_a_chunk_came(remote)
-        lease.publish(b"chunk 3;")
+        flight.publish(b"chunk 3;")
         lease.finish(complete=True, stored=True)
 
         assert await asyncio.wait_for(relaying, 5) == (True, True)
@@ -187,8 +194,7 @@ async def test_a_lease_nobody_follows_writes_only_its_end_and_releases_its_lock(
     try:
         lease = await flights.claim("key")
         assert isinstance(lease, Lease)
-        lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
-        lease.publish(b"chunk")
+        flight_of(lease).publish(b"chunk")
         lease.finish(complete=True, stored=False)
         lease.mirror()  # a follow request that came too late: the end alone tells the follower
         await asyncio.wait_for(lease.finished(), 5)
@@ -224,8 +230,7 @@ async def test_follow_requests_are_served_again_once_redis_is_back() -> None:
 
         lease = await claimed(leading, "after")  # its pooled connections went with the old server
         assert isinstance(lease, Lease)
-        lease.started(200, [("content-type", "text/event-stream")], streamed=True, with_usage=False)
-        lease.publish(b"chunk;")
+        flight_of(lease).publish(b"chunk;")
         remote = await claimed(following, "after")
         receiver, relaying = await followed_until_a_chunk_came(remote)
         lease.finish(complete=True, stored=True)

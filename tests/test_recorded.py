@@ -1,0 +1,97 @@
+"""A streamed answer recorded as it passes: compressed in blocks, read whole or from any byte, by a flight's
+followers whenever they join."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tracemalloc
+
+import pytest
+
+from proxy.coalesce import Flight
+from proxy.recorded import BLOCK_BYTES, RecordedBody
+from proxy.responses import Recording
+
+
+def event(number: int) -> bytes:
+    """A chat.completion.chunk event as OpenAI streams them."""
+    return (
+        b'data: {"id":"chatcmpl-AbC123","object":"chat.completion.chunk","created":1733400000,'
+        b'"model":"gpt-4o-mini-2024-07-18","system_fingerprint":"fp_0ba0d124f1","choices":[{"index":0,'
+        b'"delta":{"content":" token%d"},"logprobs":null,"finish_reason":null}]}\n\n' % number
+    )
+
+
+def test_the_whole_answer_and_every_suffix_read_back_as_added() -> None:
+    rng = random.Random(7)
+    chunks = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 900))) for _ in range(60)]
+    chunks += [event(number) for number in range(80)]
+    recorded = RecordedBody()
+    for chunk in chunks:
+        recorded.add(chunk)
+    whole = b"".join(chunks)
+    assert len(whole) > 5 * BLOCK_BYTES, "several blocks are compressed"
+
+    assert recorded.size == len(whole)
+    assert recorded.joined() == whole
+    for offset in [0, 1, BLOCK_BYTES - 1, BLOCK_BYTES, *rng.sample(range(len(whole)), 200), len(whole)]:
+        assert b"".join(recorded.since(offset)) == whole[offset:]
+
+
+def test_the_latest_chunks_are_read_as_the_objects_added() -> None:
+    recorded = RecordedBody()
+    recorded.add(event(0))
+    latest = event(1)
+    recorded.add(latest)
+    assert recorded.since(len(event(0)))[0] is latest, "a follower reading live gets no copy"
+
+
+def test_a_stream_is_held_in_a_fraction_of_its_size() -> None:
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        recorded = RecordedBody()
+        for number in range(300):
+            recorded.add(event(number))  # each event dropped once added, as a relay does
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < recorded.size / 4, f"{held} bytes held for a {recorded.size}-byte stream"
+
+
+def test_a_recording_past_its_limit_holds_nothing_and_says_so() -> None:
+    recording = Recording(limit=3 * BLOCK_BYTES)
+    for number in range(40):
+        recording.add(event(number))
+    assert recording.whole
+    assert recording.body() == b"".join(event(number) for number in range(40))
+    for number in range(40, 200):
+        recording.add(event(number))
+    assert not recording.whole
+    assert recording.body() == b""
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_followers_joining_before_during_and_after_compression_each_read_the_whole_stream(
+    anyio_backend: str,
+) -> None:
+    flight = Flight(streamed=True, with_usage=False)
+    flight.started(200, [("content-type", "text/event-stream")])
+    events = [event(number) for number in range(120)]
+
+    async def follower() -> bytes:
+        return b"".join([chunk async for chunk in flight.live_chunks()])
+
+    followers = [asyncio.ensure_future(follower())]
+    for number, chunk in enumerate(events):
+        flight.publish(chunk)
+        if number in (3, 40, 100):
+            followers.append(asyncio.ensure_future(follower()))
+        await asyncio.sleep(0)
+    flight.finish(complete=True, stored=False)
+    followers.append(asyncio.ensure_future(follower()))
+
+    assert await asyncio.gather(*followers) == [b"".join(events)] * 5
+    assert flight.recorded.joined() == b"".join(events)
