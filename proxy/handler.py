@@ -30,7 +30,7 @@ from cache.stream_usage import ask_for_usage
 from cache.usage import reported_model, reported_usage
 from providers import AuthStyle, Provider
 from proxy.access import presents_key, proxy_key_required
-from proxy.clock import event_loop_time
+from proxy.clock import event_loop_time, within
 from proxy.coalesce import Flight, FlightMirror, Flights, wait_while_listened
 from proxy.errors import ProxyError, error_response
 from proxy.exchange import Exchange
@@ -510,10 +510,10 @@ class Proxy:
         """A follower's copy of the leader's stream, as it arrives."""
         headers = [*flight.headers, *self._cache_headers(asked, CacheStatus.HIT, coalesced=True)]
 
-        async def ended(completed: bool) -> None:
+        def ended(completed: bool) -> None:
             flight.leave()
             if completed:
-                await self._count_hit(asked.key)
+                self._spawn(self._count_hit(asked.key))
 
         withhold = flight.with_usage and not asked.wants_usage
         return RelayResponse(200, headers, as_asked(flight.live_chunks(), withhold), on_end=ended)
@@ -596,16 +596,16 @@ class Proxy:
             return self._lead(miss, miss.flight, answer, relayed, headers, deadline)
         provider = miss.upstream.provider.name
         if not miss.storing:
-            chunks = as_asked(upstream_chunks(answer.response, provider), asked.asks_usage)
+            chunks = upstream_chunks(answer.response, provider, withhold_usage=asked.asks_usage)
             return RelayResponse(status, headers, chunks, deadline=deadline)
         recording = Recording(self.settings.max_cache_entry_bytes)
 
-        async def ended(completed: bool) -> None:
+        def ended(completed: bool) -> None:
             if completed and recording.whole:
                 self._store(asked, answer, recording.body())
 
-        chunks = upstream_chunks(answer.response, provider, on_chunk=recording.add)
-        return RelayResponse(status, headers, as_asked(chunks, asked.asks_usage), on_end=ended, deadline=deadline)
+        chunks = upstream_chunks(answer.response, provider, on_chunk=recording.add, withhold_usage=asked.asks_usage)
+        return RelayResponse(status, headers, chunks, on_end=ended, deadline=deadline)
 
     def _lead(
         self, miss: Miss, flight: Flight, answer: Answer, relayed: Headers, headers: Headers, deadline: float
@@ -643,16 +643,22 @@ class Proxy:
             else:
                 self.flights.land(key, flight, complete=complete, stored=False)
 
-        async def ended(completed: bool) -> None:
+        def ended(completed: bool) -> None:
             land(completed)
             leave()
 
         provider = miss.upstream.provider.name
-        chunks = upstream_chunks(answer.response, provider, on_chunk=flight.publish, on_complete=lambda: land(True))
+        chunks = upstream_chunks(
+            answer.response,
+            provider,
+            on_chunk=flight.publish,
+            on_complete=lambda: land(True),
+            withhold_usage=miss.asked.asks_usage,
+        )
         relay = RelayResponse(
             status,
             headers,
-            as_asked(chunks, miss.asked.asks_usage),
+            chunks,
             on_end=ended,
             deadline=deadline,
             on_client_left=leave,
@@ -665,12 +671,16 @@ class Proxy:
         body too. Raises ProxyError when the upstream fails."""
         asked_at = event_loop_time()
         body = None
-        with anyio.move_on_after(self.total_timeout) as deadline:
-            response = await self.http.open(upstream.provider, method, upstream.url, upstream.headers, content)
-            if whole:
-                body = await read_body(response, upstream.provider)
-        if deadline.cancelled_caught:
-            raise self._past_total_timeout(upstream.provider)
+        deadline = within(self.total_timeout)
+        try:
+            async with deadline:
+                response = await self.http.open(upstream.provider, method, upstream.url, upstream.headers, content)
+                if whole:
+                    body = await read_body(response, upstream.provider)
+        except TimeoutError:
+            if deadline.expired():
+                raise self._past_total_timeout(upstream.provider) from None
+            raise
         return Answer(response, body, asked_at, self.clock())
 
     async def _answer_or_stale(self, miss: Miss, asking: Awaitable[Answer]) -> Answer | ASGIApp:
@@ -845,11 +855,15 @@ class Proxy:
         _note(exchange, CacheStatus.BYPASS)
         headers = [*upstream.headers, *extra_headers]
         deadline = event_loop_time() + self.total_timeout
+        waited = within(self.total_timeout)
         try:
-            with anyio.move_on_after(self.total_timeout) as waited:
-                response = await self.http.open(upstream.provider, method, upstream.url, headers, content)
-            if waited.cancelled_caught:
-                raise self._past_total_timeout(upstream.provider)
+            try:
+                async with waited:
+                    response = await self.http.open(upstream.provider, method, upstream.url, headers, content)
+            except TimeoutError:
+                if waited.expired():
+                    raise self._past_total_timeout(upstream.provider) from None
+                raise
         except ProxyError as error:
             error.headers.update([("x-cache-status", CacheStatus.BYPASS.value)])
             raise

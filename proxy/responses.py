@@ -103,23 +103,36 @@ async def upstream_chunks(
     provider: str,
     on_chunk: Callable[[bytes], None] | None = None,
     on_complete: Callable[[], None] | None = None,
+    withhold_usage: bool = False,
 ) -> AsyncGenerator[bytes, None]:
-    """The decoded upstream body as it arrives, each chunk also given to `on_chunk`; `on_complete` runs once
-    the whole body arrived, before the end is passed on.
+    """The decoded upstream body as it arrives, each chunk also given to `on_chunk` as it came; `on_complete`
+    runs once the whole body arrived, before the end is passed on. With `withhold_usage`, the chat stream
+    is passed on as a client that did not ask for usage gets it (`as_asked`), here rather than in a
+    generator of its own: this runs for every event of every stream.
 
     The upstream response is closed however this ends.
     """
+    withheld = UsageWithheld() if withhold_usage else None
     try:
         async for chunk in body_chunks(response):
             if on_chunk is not None:
                 on_chunk(chunk)
-            yield chunk
+            if withheld is None:
+                yield chunk
+            else:
+                passed = withheld.feed(chunk)
+                if passed:
+                    yield passed
         if on_complete is not None:
             on_complete()
     except httpx.HTTPError as exc:
         raise UpstreamBrokeOff(f"upstream {provider} broke off its response ({type(exc).__name__})") from exc
     finally:
         await close_quietly(response)
+    if withheld is not None:
+        rest = withheld.end()
+        if rest:
+            yield rest
 
 
 class RelayResponse(Response):
@@ -140,7 +153,7 @@ class RelayResponse(Response):
         status: int,
         headers: Headers,
         chunks: AsyncGenerator[bytes, None],
-        on_end: Callable[[bool], Awaitable[None]] | None = None,
+        on_end: Callable[[bool], None] | None = None,
         deadline: float = math.inf,
         on_client_left: Callable[[], bool] | None = None,
     ) -> None:
@@ -205,10 +218,10 @@ class RelayResponse(Response):
             if timer is not None:
                 timer.cancel()
             self._task, self._done = None, True
-            # Shielded, so a shutdown cannot cut short what must happen at the end (storing, releasing waiters).
+            # Not awaited, so nothing (a shutdown) can cut short what must happen at the end: queueing the
+            # answer to be stored, releasing the flight's followers.
             if self.on_end is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.on_end(completed)
+                self.on_end(completed)
 
     async def _relay_until_stopped(self, send: Send) -> bool:
         """`_relay`, False when `_stop` cut it short; any other cancellation goes on."""

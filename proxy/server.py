@@ -233,6 +233,10 @@ class HeadWithBody(asyncio.Transport):
         return self._transport.is_closing()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "socket":
+            # uvicorn asks for the socket only to read the two addresses, and uvloop builds a socket object
+            # on first use (9 us a connection); without one, uvicorn reads them as "sockname" and "peername".
+            return default
         return self._transport.get_extra_info(name, default)
 
     def pause_reading(self) -> None:

@@ -77,7 +77,7 @@ class Relaying:
     def __init__(self, watched: bool = False, **options: Any) -> None:
         self.upstream, self.client, self.ends = Upstream(), Client(watched), list[bool]()
 
-        async def on_end(completed: bool) -> None:
+        def on_end(completed: bool) -> None:
             self.ends.append(completed)
 
         headers = [("content-type", "text/event-stream")]

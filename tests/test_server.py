@@ -5,10 +5,14 @@ writes, since loopback delivers two writes as fast as one.)"""
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 import pytest
+import uvicorn
 
-from proxy.server import HeadWithBody
+from proxy.server import HeadWithBody, HttpProtocol
+from tests.processes import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -77,3 +81,29 @@ async def test_other_writes_are_not_held() -> None:
     transport.write(b"0\r\n\r\n")
 
     assert recorder.writes == [b"0\r\n\r\n"]
+
+
+async def test_the_app_is_told_both_ends_of_a_real_connection() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = json.dumps({"client": scope["client"], "server": scope["server"]}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, http=HttpProtocol, lifespan="off", log_level="warning")
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nhost: test\r\nconnection: close\r\n\r\n")
+        answer = await reader.read()
+        ends = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+        assert ends == {"client": list(writer.get_extra_info("sockname")), "server": ["127.0.0.1", port]}
+        writer.close()
+    finally:
+        server.should_exit = True
+        await serving
