@@ -28,14 +28,15 @@ The upstream is a fake of its own (`serve-upstream`, a raw asyncio server on uvl
 on CPU 1) that paces each answer: `--events` chat.completion.chunk events `--gap-ms` apart, then
 `data: [DONE]`; each event carries when it was due and when it was sent (CLOCK_MONOTONIC, which every
 process on the machine shares). The clients are raw asyncio connections in this process, also on CPU 1.
-Reported: the streams that completed whole; time from sending a request to its first event; relay delay
-(the client's receipt less the upstream's send stamp, every event); the upstream's own send lag (sent less
-due) and this process's event-loop lag, which say whether CPU 1 kept up; and the proxy's memory per open
-stream: (RSS while every stream was open - RSS before they opened) / streams, the RSS being the sample
-(one a second) taken while the most streams were open, normally all of them; if they never all were,
-the division is by the streams open then. Goals: every stream completes, p99 time to first event under
-1 s, p99 relay delay under 50 ms, under 50 kB per open stream. A stream still open `--ramp` + its paced
-length + 30 s after the first was asked is given up, and does not count as complete.
+Reported: the streams that completed whole; time from sending a request to its first event; relay delay (the
+client's receipt less the upstream's send stamp, every event); the upstream's own send lag (sent less due) and
+this process's event-loop lag, which say whether CPU 1 kept up; the proxy's CPU time (user and system) from
+the first stream asked to the last ended, per stream and per event, which decides how many streams one core
+relays on time; and the proxy's memory per open stream: (RSS while every stream was open - RSS before they
+opened) / streams, the RSS being the sample (one a second) taken while the most streams were open, normally
+all of them; if they never all were, the division is by the streams open then. Goals: every stream completes,
+p99 time to first event under 1 s, p99 relay delay under 50 ms, under 50 kB per open stream. A stream still
+open `--ramp` + its paced length + 30 s after the first was asked is given up, and does not count as complete.
 Before the proxy, unless `--no-floor`, the same streams go through the relay floor (`bench/floor.py
 --relay-to`: a raw ASGI app on the same uvicorn, pinned to CPU 0 too, relaying each request through aiohttp's
 pool and nothing else), from the same upstream and clients: its figures, and the proxy's as multiples of
@@ -71,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.processes import (  # noqa: E402
     backend_env,
+    cpu_seconds,
     free_port,
     rss_mb,
     start_floor,
@@ -677,6 +679,7 @@ class StreamFindings:
     rss_before: float
     busiest: tuple[int, float] | None  # the most streams open at an RSS sample, and that RSS
     rss_peak: float
+    cpu_seconds: float  # the server's CPU time (user and system) from the first stream asked to the last ended
     stats: dict[str, Any]
     log: list[str]
 
@@ -732,10 +735,12 @@ def stream_through(
     time.sleep(2)
     rss_before = rss_mb(server.pid)
     sampler = RssSampler(server.pid).start()
+    cpu_before = cpu_seconds(server.pid)
     try:
         records, lags = uvloop.run(stream_load(port, args))
     finally:
         sampler.stop()
+    cpu = cpu_seconds(server.pid) - cpu_before
     busiest = busiest_sample(sampler.samples, records)
     stats: dict[str, Any] = {}
     if proxied:
@@ -743,7 +748,7 @@ def stream_through(
         stats = cache_stats(f"http://127.0.0.1:{port}")
     peak = max([rss_before, *(rss for _, rss in sampler.samples)])
     stop(server)
-    return StreamFindings(records, lags, rss_before, busiest, peak, stats, [])
+    return StreamFindings(records, lags, rss_before, busiest, peak, cpu, stats, [])
 
 
 def _ms(values_ns: Sequence[float]) -> list[float]:
@@ -820,6 +825,16 @@ def stream_goals(figures: StreamFigures, per_stream_kb: float | None, streams: i
     ]
 
 
+def cpu_line(findings: StreamFindings, args: argparse.Namespace) -> str:
+    """The server's CPU time for the streams: what decides, on one core, how many it can relay on time."""
+    per_stream_ms = findings.cpu_seconds * 1000 / args.streams
+    per_event_us = findings.cpu_seconds * 1e6 / (args.streams * (args.events + 1))
+    return (
+        f"CPU for the streams: {findings.cpu_seconds:.2f} s, {per_stream_ms:.2f} ms a stream,"
+        f" {per_event_us:.1f} us an event (its share of the stream's set-up included)"
+    )
+
+
 def memory_line(findings: StreamFindings, per_stream_kb: float | None, streams: int) -> str:
     line = f"proxy RSS: before the streams {findings.rss_before:.1f} MB, peak {findings.rss_peak:.1f} MB"
     if findings.busiest is None or per_stream_kb is None:
@@ -845,18 +860,19 @@ def stream_report(floor: StreamFindings | None, findings: StreamFindings, args: 
         spread_line("upstream send lag, sent - due (ms)", figures.send_lags_ms),
         spread_line("client event-loop lag (ms)", figures.loop_lags_ms),
         upstream_note(figures),
+        "proxy " + cpu_line(findings, args),
         memory_line(findings, per_stream_kb, args.streams),
         f"store 2 s after: entries {stats['entries']} (with {WARM_UP_STREAMS} warm-up streams), stores_skipped"
         f" {stats['stores_skipped']}, misses counted {stats['misses']}",
         *findings.log,
-        *([] if floor is None else floor_lines(floor, figures, per_stream_kb, args)),
+        *([] if floor is None else floor_lines(floor, figures, per_stream_kb, findings.cpu_seconds, args)),
         *stream_goals(figures, per_stream_kb, args.streams),
     ]
     return "\n".join(lines) + "\n"
 
 
 def floor_lines(
-    floor: StreamFindings, proxy: StreamFigures, proxy_kb: float | None, args: argparse.Namespace
+    floor: StreamFindings, proxy: StreamFigures, proxy_kb: float | None, proxy_cpu: float, args: argparse.Namespace
 ) -> list[str]:
     """The same streams through the relay floor, measured just before, and the proxy's figures against it."""
     figures = StreamFigures.of(floor, args.events)
@@ -875,10 +891,11 @@ def floor_lines(
         "  " + spread_line("time to first event (ms)", figures.first_event_ms),
         "  " + spread_line("relay delay, every event (ms)", figures.delays_ms),
         "  " + upstream_note(figures),
+        "  floor " + cpu_line(floor, args),
         "  " + memory_line(floor, per_stream_kb, args.streams).replace("proxy RSS", "floor RSS"),
         f"  proxy / floor: first event p99 {ratio(p99(proxy.first_event_ms), p99(figures.first_event_ms))}, relay"
-        f" delay p99 {ratio(p99(proxy.delays_ms), p99(figures.delays_ms))}, memory per open stream"
-        f" {ratio(proxy_kb, per_stream_kb)}",
+        f" delay p99 {ratio(p99(proxy.delays_ms), p99(figures.delays_ms))}, CPU {ratio(proxy_cpu, floor.cpu_seconds)},"
+        f" memory per open stream {ratio(proxy_kb, per_stream_kb)}",
     ]
 
 
