@@ -12,7 +12,10 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from proxy.upstream import UpstreamTransport, is_nearby
+from providers import BUILTIN_PROVIDERS
+from proxy.aws import AwsSigner
+from proxy.settings import Settings
+from proxy.upstream import UpstreamClient, UpstreamTransport, is_nearby, read_body
 from tests.conftest import ProxyFactory
 from tests.servers import FakeUpstream, Recorded, SocketServer, chat_completion
 
@@ -50,7 +53,12 @@ def test_public_hosts_are_remote(host: str) -> None:
 
 
 class KeepAliveServer(SocketServer):
-    """Answers every request with a small JSON body and keeps the connection open."""
+    """Answers every request with a small JSON body and keeps the connection open; keeps each request's
+    head and body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[tuple[bytes, bytes]] = []
 
     def serve(self, connection: socket.socket) -> None:
         data = b""
@@ -63,6 +71,7 @@ class KeepAliveServer(SocketServer):
                 if len(rest) < length:
                     break
                 data = rest[length:]
+                self.requests.append((head, rest[:length]))
                 connection.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
 
 
@@ -94,6 +103,34 @@ async def test_a_nearby_connection_is_reused_within_its_keepalive_and_never_afte
         assert server.connections == 2, "idle past its keep-alive: a new connection, not one the server may be closing"
     finally:
         await transport.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize(("method", "body"), [("POST", b'{"model": "m"}'), ("POST", b""), ("GET", None)])
+async def test_a_request_goes_upstream_with_one_host_and_its_body_framed_by_its_length(
+    server: KeepAliveServer, anyio_backend: str, method: str, body: bytes | None
+) -> None:
+    client = UpstreamClient(UpstreamTransport(), httpx.Timeout(5), AwsSigner(Settings(_env_file=None)))  # type: ignore[call-arg]
+    provider = next(provider for provider in BUILTIN_PROVIDERS if provider.name == "openai")
+    headers = [("content-type", "application/json"), ("x-client", "kept")]
+    try:
+        response = await client.open(provider, method, f"{server.url}/v1/models", headers, body)
+        assert await read_body(response, provider) == b"{}"
+    finally:
+        await client.aclose()
+
+    ((head, sent),) = server.requests
+    lines = head.split(b"\r\n")
+    assert lines[0] == f"{method} /v1/models HTTP/1.1".encode()
+    fields = [(name.strip().lower(), value.strip()) for name, _, value in (line.partition(b":") for line in lines[1:])]
+    port = server.url.rsplit(":", 1)[1].encode()
+    assert [value for name, value in fields if name == b"host"] == [b"127.0.0.1:" + port]
+    assert (b"x-client", b"kept") in fields
+    assert sent == (body or b"")
+    lengths = [value for name, value in fields if name == b"content-length"]
+    assert lengths == ([b"%d" % len(body)] if method == "POST" and body is not None else [])
+    assert b"transfer-encoding" not in dict(fields)
 
 
 @pytest.mark.parametrize(
