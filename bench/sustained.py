@@ -681,6 +681,7 @@ class StreamFindings:
     rss_peak: float
     cpu_seconds: float  # the server's CPU time (user and system) from the first stream asked to the last ended
     stats: dict[str, Any]
+    stats_waited: float  # seconds after the last stream ended at which `stats` were read
     log: list[str]
 
 
@@ -743,12 +744,13 @@ def stream_through(
     cpu = cpu_seconds(server.pid) - cpu_before
     busiest = busiest_sample(sampler.samples, records)
     stats: dict[str, Any] = {}
+    waited = 0.0
     if proxied:
-        time.sleep(2)  # the last stores
-        stats = cache_stats(f"http://127.0.0.1:{port}")
+        whole = sum(record.whole(args.events) for record in records)
+        stats, waited = caught_up_stats(f"http://127.0.0.1:{port}", whole + WARM_UP_STREAMS)
     peak = max([rss_before, *(rss for _, rss in sampler.samples)])
     stop(server)
-    return StreamFindings(records, lags, rss_before, busiest, peak, cpu, stats, [])
+    return StreamFindings(records, lags, rss_before, busiest, peak, cpu, stats, waited, [])
 
 
 def _ms(values_ns: Sequence[float]) -> list[float]:
@@ -862,8 +864,9 @@ def stream_report(floor: StreamFindings | None, findings: StreamFindings, args: 
         upstream_note(figures),
         "proxy " + cpu_line(findings, args),
         memory_line(findings, per_stream_kb, args.streams),
-        f"store 2 s after: entries {stats['entries']} (with {WARM_UP_STREAMS} warm-up streams), stores_skipped"
-        f" {stats['stores_skipped']}, misses counted {stats['misses']}",
+        f"store {findings.stats_waited:.0f} s after (once every complete stream was stored or counted as skipped,"
+        f" or the entries stood still): entries {stats['entries']} (with {WARM_UP_STREAMS} warm-up streams),"
+        f" stores_skipped {stats['stores_skipped']}, misses counted {stats['misses']}",
         *findings.log,
         *([] if floor is None else floor_lines(floor, figures, per_stream_kb, findings.cpu_seconds, args)),
         *stream_goals(figures, per_stream_kb, args.streams),
