@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from cache.base import CachedResponse, same_entry
 from cache.replay import Replay, replay
 from proxy.responses import BufferedResponse, carries_length
+from proxy.server import header_lines
 
-# Bookkeeping per answer besides its body: the shape, the object, the header tuples.
-_OVERHEAD = 600
+# Bookkeeping per answer besides its body: the shape (its key included), the object, the header tuples and
+# their written lines (tracemalloc: 980 bytes for a chat answer).
+_OVERHEAD = 1000
 HIT = (b"x-cache-status", b"HIT")
 
 # What a hit's answer depends on besides its entry: the key, the endpoint, whether the request wants a
@@ -21,12 +23,15 @@ HitShape = tuple[str, str, bool, bool]
 
 @dataclass(frozen=True, slots=True)
 class HitAnswer:
-    """A hit's answer for one entry: its headers are `content_type`, the age, then `after_age`."""
+    """A hit's answer for one entry: its headers are `content_type`, the age, then `after_age`. They are
+    also kept as the server writes them (`written_around_age`: the lines before and after the age; None
+    when the server would refuse one), so that a hit answered at once writes no header again."""
 
     entry: CachedResponse
     body: bytes
     content_type: tuple[bytes, bytes]
     after_age: tuple[tuple[bytes, bytes], ...]
+    written_around_age: tuple[bytes, bytes] | None
 
     @classmethod
     def made(cls, entry: CachedResponse, replayed: Replay, cache_headers: list[tuple[bytes, bytes]]) -> HitAnswer:
@@ -34,11 +39,15 @@ class HitAnswer:
         if carries_length(entry.status):
             cache_headers = [*cache_headers, (b"content-length", b"%d" % len(replayed.body))]
         content_type = (b"content-type", replayed.content_type.encode("latin-1"))
-        return cls(entry, replayed.body, content_type, tuple(cache_headers))
+        before, after = header_lines([content_type]), header_lines(cache_headers)
+        written = (before, after) if before is not None and after is not None else None
+        return cls(entry, replayed.body, content_type, tuple(cache_headers), written)
 
     def response(self, age: int) -> BufferedResponse:
+        written = self.written_around_age
+        head = None if written is None else b"%sage: %d\r\n%s" % (written[0], age, written[1])
         return BufferedResponse.complete(
-            self.entry.status, self.body, [self.content_type, (b"age", b"%d" % age), *self.after_age]
+            self.entry.status, self.body, [self.content_type, (b"age", b"%d" % age), *self.after_age], head
         )
 
 

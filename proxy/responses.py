@@ -55,7 +55,7 @@ class BufferedResponse:
     """A complete response with exactly `headers` (repeats kept) plus its Content-Length, sent as two
     ASGI messages; `background` runs once it was sent."""
 
-    __slots__ = ("status", "body", "raw_headers", "background")
+    __slots__ = ("status", "body", "raw_headers", "head", "background")
 
     def __init__(
         self,
@@ -69,13 +69,18 @@ class BufferedResponse:
         self.raw_headers = _encode(headers)
         if carries_length(status):
             self.raw_headers.append((b"content-length", b"%d" % len(body)))
+        self.head: bytes | None = None
         self.background = background
 
     @classmethod
-    def complete(cls, status: int, body: bytes, raw_headers: list[tuple[bytes, bytes]]) -> BufferedResponse:
-        """The same response from all its headers, already encoded (lower-case names, the length among them)."""
+    def complete(
+        cls, status: int, body: bytes, raw_headers: list[tuple[bytes, bytes]], head: bytes | None = None
+    ) -> BufferedResponse:
+        """The same response from all its headers, already encoded (lower-case names, the length among them);
+        `head`: the same headers as the server writes them (`header_lines`), when the caller keeps them so."""
         response = cls.__new__(cls)
-        response.status, response.body, response.raw_headers, response.background = status, body, raw_headers, None
+        response.status, response.body, response.raw_headers = status, body, raw_headers
+        response.head, response.background = head, None
         return response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -33,6 +33,32 @@ class WholeAnswer(Protocol):
     status: int
     raw_headers: list[tuple[bytes, bytes]]  # lower-case names, Content-Length among them
     body: bytes
+    # The same headers as written (`header_lines(raw_headers)`), when the app keeps them so; else None.
+    head: bytes | None
+
+
+def header_lines(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+    """Headers as written in a response's head, one `name: value` line each; None when uvicorn would refuse
+    one of them."""
+    lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+    if _UNSAFE_NAME.search(b"".join(name for name, _ in headers)) or _UNSAFE_VALUE.search(
+        b"".join(value for _, value in headers)
+    ):
+        return None
+    return lines
+
+
+# The server's default headers (uvicorn makes a new list each second, for the date) as written, kept for
+# the list they were written from.
+_written_defaults: tuple[list[tuple[bytes, bytes]], bytes | None] = ([], b"")
+
+
+def _default_lines(defaults: list[tuple[bytes, bytes]]) -> bytes | None:
+    global _written_defaults
+    written = _written_defaults
+    if written[0] is not defaults:
+        written = _written_defaults = (defaults, header_lines(defaults))
+    return written[1]
 
 
 AnswerAtOnce = Callable[[Scope, bytes], WholeAnswer | None]
@@ -146,22 +172,14 @@ class HttpProtocol(HttpToolsProtocol):
         not know or a header it would refuse (the task then answers, as uvicorn does: the proxy never gives
         such an answer at once, so it is never counted twice)."""
         status_line = STATUS_LINE.get(answer.status)
-        headers = [*self.server_state.default_headers, *answer.raw_headers]
-        if (
-            status_line is None
-            or _UNSAFE_NAME.search(b"".join(name for name, _ in headers))
-            or _UNSAFE_VALUE.search(b"".join(value for _, value in headers))
-        ):
+        defaults = _default_lines(self.server_state.default_headers)
+        head = answer.head if answer.head is not None else header_lines(answer.raw_headers)
+        if status_line is None or defaults is None or head is None:
             return False
-        written = [status_line]
-        for name, value in headers:
-            written.extend((name, b": ", value, b"\r\n"))
-        if not cycle.keep_alive:
-            written.append(b"connection: close\r\n")
-        written.extend((b"\r\n", answer.body))
+        closing = b"" if cycle.keep_alive else b"connection: close\r\n"
         cycle.response_started = cycle.response_complete = True
         cycle.waiting_for_100_continue = False
-        self.transport.write(b"".join(written))
+        self.transport.write(b"".join((status_line, defaults, head, closing, b"\r\n", answer.body)))
         if not cycle.keep_alive:
             self.transport.close()
         self.on_response_complete()

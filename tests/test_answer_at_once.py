@@ -274,6 +274,7 @@ class Unwritable:
     status: int = 200
     raw_headers: list[tuple[bytes, bytes]] = field(default_factory=lambda: [(b"x-bad", b"a\x01b")])
     body: bytes = b"{}"
+    head: bytes | None = None
 
 
 class UnwritableAnswers(BrokenAnswers):

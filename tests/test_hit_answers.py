@@ -10,6 +10,7 @@ import orjson
 from cache.base import CachedResponse
 from cache.replay import replay
 from proxy.hit_answers import HitAnswers, HitShape
+from proxy.server import header_lines
 
 
 def entry(content: str = "kept", created_at: float = 100.0) -> CachedResponse:
@@ -45,6 +46,18 @@ def test_an_answer_is_the_replay_with_the_cache_headers_and_the_age() -> None:
         (b"x-cache-key", b"k1"),
         (b"content-length", b"%d" % len(replayed.body)),
     ]
+
+
+def test_an_answer_carries_its_headers_as_the_server_writes_them_unless_the_server_would_refuse_one() -> None:
+    answers = HitAnswers()
+    for age in (0, 7, 123456):
+        response = answers.answer(shape(), entry()).response(age)  # type: ignore[union-attr]
+        assert response.head is not None
+        assert response.head == header_lines(response.raw_headers)
+        assert b"age: %d\r\n" % age in response.head
+    injected = dataclasses.replace(entry(), content_type="application/json\r\nset-cookie: stolen=1")
+    response = answers.answer(shape("k2"), injected).response(0)  # type: ignore[union-attr]
+    assert response.head is None, "the server checks these headers itself, and refuses to write them at once"
 
 
 def test_an_answer_is_reused_only_for_the_same_entry_and_shape() -> None:
