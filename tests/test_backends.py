@@ -57,8 +57,14 @@ def build_backend(
         return SqliteBackend(tmp_path / "contract.db", max_entries=max_entries, max_bytes=max_bytes)
     cluster = name == "redis-cluster"
     server = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
+    # A busy test machine can hold an event loop (or a new connection) for longer than the default 0.5 s.
     return RedisBackend.at(
-        server.url, cluster=cluster, prefix=f"test-{tmp_path.name}", max_entries=max_entries, max_bytes=max_bytes
+        server.url,
+        cluster=cluster,
+        timeout=2.0,
+        prefix=f"test-{tmp_path.name}",
+        max_entries=max_entries,
+        max_bytes=max_bytes,
     )
 
 

@@ -30,7 +30,7 @@ def anyio_backend() -> str:
 
 
 def flights_at(url: str) -> RedisFlights:
-    backend = RedisBackend.at(url, prefix=f"test-flights-{uuid.uuid4().hex}")
+    backend = RedisBackend.at(url, timeout=2.0, prefix=f"test-flights-{uuid.uuid4().hex}")
     return RedisFlights(backend, connect_reader(url, cluster=False, timeout=1.0), lock_timeout=5.0)
 
 
