@@ -97,10 +97,11 @@ def _admin_endpoint(endpoint: AdminEndpoint) -> AdminEndpoint:
     async def answer(admin: AdminApi, request: Request) -> Response:
         try:
             admin.access.authorize(request)
-            # Counts gathered since the last flush, and answers just sent, belong in every answer.
-            await admin.statistics.flush()
+            # Answers just sent, and counts gathered since the last flush, belong in every answer: the answers
+            # first, so that the hits on an answer still waiting to be stored are counted on its entry.
             if admin.waiting is not None:
                 await admin.waiting.settled()
+            await admin.statistics.flush()
             return await endpoint(admin, request)
         except ControlError as exc:
             return error_response(ProxyError(400, str(exc), "invalid_parameter"))
