@@ -162,6 +162,21 @@ class TestUpstreamFaults:
         assert response.status_code == 504
         assert "UPSTREAM_TOTAL_TIMEOUT" in response.json()["error"]["message"]
 
+    def test_a_request_passed_through_whose_answer_misses_the_total_deadline_is_a_504_bypass(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        async def late(request: Request, recorded: Recorded) -> Response:
+            await asyncio.sleep(1)
+            return JSONResponse({"object": "list", "data": []})
+
+        upstream.handler = late
+        base = start_proxy(upstream_timeout=5, upstream_total_timeout=0.3)
+        response = httpx.get(f"{base}/v1/models", timeout=10)
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "upstream_timeout"
+        assert "UPSTREAM_TOTAL_TIMEOUT" in response.json()["error"]["message"]
+        assert response.headers["x-cache-status"] == "BYPASS"
+
     def test_stored_answers_never_replay_another_requests_date_or_server(
         self, start_proxy: ProxyFactory, upstream: FakeUpstream
     ) -> None:
