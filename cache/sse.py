@@ -150,29 +150,56 @@ def encode_event(data: Any, name: str | None = None) -> bytes:
 # JSON may write any character as an escape (`\u0065` for `e`), so bytes holding an escaped ASCII
 # character could spell any word: they always count as a mention.
 _ESCAPED_ASCII = rb"\\u00[0-7][0-9a-fA-F]"
+_ESCAPE_START = b"\\u00"
 
 
-def mention(*patterns: bytes) -> re.Pattern[bytes]:
-    """What finds an event that could hold one of `patterns` (regular expressions over its bytes)."""
-    return re.compile(b"|".join([*patterns, _ESCAPED_ASCII]))
+class Mention:
+    """What finds the bytes that could hold one of some words: a word itself (unless what follows it matches
+    `unless_followed_by`) or any escaped ASCII character. Each is looked for as literal bytes first, which
+    is fast, and only where those occur is the rest checked: a regular expression searching a recorded
+    stream for all of them at once tries every byte of it (a tenth of a relayed event's cost, once per stream)."""
+
+    __slots__ = ("_literals", "_at")
+
+    def __init__(self, words: Sequence[bytes], unless_followed_by: bytes | None = None) -> None:
+        guard = b"(?!" + unless_followed_by + b")" if unless_followed_by else b""
+        self._literals = (*words, _ESCAPE_START)
+        # Every alternative begins with one of the literals, so a mention starts where this matches.
+        self._at = re.compile(b"|".join([*(re.escape(word) + guard for word in words), _ESCAPED_ASCII]))
+
+    def find(self, data: bytes, start: int = 0) -> int:
+        """Where the first mention at or after `start` begins; -1 when there is none."""
+        first = -1
+        for literal in self._literals:
+            end = len(data) if first < 0 else first + len(literal) - 1  # so as to begin before `first`
+            position = data.find(literal, start, end)
+            while position >= 0 and self._at.match(data, position) is None:
+                position = data.find(literal, position + 1, end)
+            if position >= 0:
+                first = position
+        return first
 
 
-def events_mentioning(stream: bytes, mentioned: re.Pattern[bytes]) -> list[SseEvent]:
-    """The complete events of `stream` whose bytes match `mentioned` (see `mention`), in order: all a rule
-    that looks for what they mention needs to parse, usually a few events of hundreds, found in C."""
+def mention(*words: bytes, unless_followed_by: bytes | None = None) -> Mention:
+    """What finds an event that could hold one of `words` (literal bytes; see `Mention`)."""
+    return Mention(words, unless_followed_by)
+
+
+def events_mentioning(stream: bytes, mentioned: Mention) -> list[SseEvent]:
+    """The complete events of `stream` in which `mentioned` finds a mention, in order: all a rule that looks
+    for what they mention needs to parse, usually a few events of hundreds, found in C."""
     if b"\r" in stream:
         events, _ = split_events(stream)
-        return [parse_event(raw) for raw in events if mentioned.search(raw)]
+        return [parse_event(raw) for raw in events if mentioned.find(raw) >= 0]
     found = []
-    taken = 0
-    for match in mentioned.finditer(stream):
-        if match.start() < taken:
-            continue  # within the event just taken
-        end = stream.find(b"\n\n", match.end())
+    position = mentioned.find(stream)
+    while position >= 0:
+        end = stream.find(b"\n\n", position)
         if end < 0:
             break  # in the bytes after the last complete event
         taken = end + 2
-        found.append(parse_event(stream[_event_start(stream, match.start()) : taken]))
+        found.append(parse_event(stream[_event_start(stream, position) : taken]))
+        position = mentioned.find(stream, taken)
     return found
 
 
@@ -189,7 +216,7 @@ def _event_start(stream: bytes, position: int) -> int:
 
 
 # An event that is an error names it: `error` (an event name, a type, a key) or `response.failed`.
-_ERROR_MENTION = mention(rb"error", rb"failed")
+_ERROR_MENTION = mention(b"error", b"failed")
 
 
 def stream_completed(
@@ -200,7 +227,7 @@ def stream_completed(
 
     Bytes after the last blank line count as a final event: the upstream ended its response there.
     """
-    if finished is None and not _ERROR_MENTION.search(stream):
+    if finished is None and _ERROR_MENTION.find(stream) < 0:
         # No event can be an error: only the last one with data needs reading (hundreds are not parsed).
         last = _last_data_event(stream)
         terminators = _TERMINATORS.get(endpoint)

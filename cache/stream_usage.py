@@ -18,6 +18,7 @@ from cache.sse import encode_event, parse_event, split_events
 # a quote is escaped, so the pattern can only match a member; the result is still checked.
 _NULL_USAGE = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
 _USAGE = b'"usage"'
+_LAST_NULL_USAGE = b',"usage":null}\n\n'
 
 
 def ask_for_usage(body: bytes, payload: dict[str, Any]) -> bytes:
@@ -47,8 +48,11 @@ class UsageWithheld:
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        if not self._pending and chunk.endswith(b"\n\n") and _USAGE not in chunk:
-            return chunk  # whole events, none with usage: the usual chunk, passed on as it is
+        if not self._pending and chunk.endswith(b"\n\n"):
+            if _USAGE not in chunk:
+                return chunk  # whole events, none with usage: the usual chunk, passed on as it is
+            if chunk.find(b"\n\n") == len(chunk) - 2:
+                return _event_without_usage(chunk)  # one whole event, as a chunk of a model's stream usually is
         pending = self._pending + chunk if self._pending else chunk
         events, self._pending = split_events(pending)
         return b"".join([_event_without_usage(event) for event in events])
@@ -62,6 +66,12 @@ class UsageWithheld:
 def _event_without_usage(raw: bytes) -> bytes:
     if _USAGE not in raw:
         return raw
+    if raw.endswith(_LAST_NULL_USAGE) and raw.startswith(b"data:") and raw.count(b"\n") == 2 and raw.count(_USAGE) == 1:
+        # OpenAI's own chunk, which ends its one data line with `"usage":null`: every chunk but the last
+        # of a stream that asked for usage. Its final brace closes the top-level object, so the member before
+        # it is a top-level one (a quote cannot follow a comma inside a JSON string); cut here, without
+        # parsing the event twice (7.5 us an event, against 0.4 for a chunk without usage).
+        return raw[: -len(_LAST_NULL_USAGE)] + b"}\n\n"
     chunk = _json(_data(raw))
     if not isinstance(chunk, dict) or "usage" not in chunk:
         return raw

@@ -141,8 +141,8 @@ def reported_model(endpoint: str, content_type: str, body: bytes) -> str | None:
 
 
 # The events of a stream that can carry its usage; the others, hundreds in a long answer, are not parsed.
-_CHAT_USAGE = mention(rb'"usage"(?![ \t]*:[ \t]*null)')  # every chunk may say `"usage":null`
-_MESSAGES_USAGE = mention(rb"message_start", rb"message_delta")
+_CHAT_USAGE = mention(b'"usage"', unless_followed_by=rb"[ \t]*:[ \t]*null")  # every chunk may say `"usage":null`
+_MESSAGES_USAGE = mention(b"message_start", b"message_delta")
 
 
 def _usage_holder(endpoint: str, content_type: str, body: bytes) -> Any:

@@ -506,3 +506,24 @@ def test_a_long_stream_without_errors_is_judged_by_its_last_event() -> None:
 
     assert stream_completed("chat/completions", long_stream) is True
     assert stream_completed("chat/completions", long_stream.removesuffix(chunks[-1])) is False
+
+
+_MENTION_PIECES = [b"error", b"err", b"ror", b"failed", b'"usage"', b'"usage":null', b'"usage" :\tnull', b'"usage":1']
+_MENTION_PIECES += [b"\\u0065", b"\\u00e9", b"\\u00", b"\\", b"u00", b"x", b"\n\n", b"o"]
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from(_MENTION_PIECES), max_size=14), st.integers(min_value=0, max_value=40))
+def test_a_mention_is_found_where_a_regular_expression_search_finds_it(pieces: list[bytes], start: int) -> None:
+    data = b"".join(pieces)
+    words = mention(b"error", b"failed")
+    overlapping = mention(b"rror", b"err", b"or\\u")  # one may begin inside another, or inside an escape
+    usage = mention(b'"usage"', unless_followed_by=rb"[ \t]*:[ \t]*null")
+
+    def searched(pattern: bytes) -> int:
+        match = re.compile(pattern).search(data, start)
+        return match.start() if match else -1
+
+    assert words.find(data, start) == searched(rb"error|failed|\\u00[0-7][0-9a-fA-F]")
+    assert overlapping.find(data, start) == searched(rb"rror|err|or\\u|\\u00[0-7][0-9a-fA-F]")
+    assert usage.find(data, start) == searched(rb'"usage"(?![ \t]*:[ \t]*null)|\\u00[0-7][0-9a-fA-F]')

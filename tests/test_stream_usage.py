@@ -63,6 +63,23 @@ def test_other_placements_of_usage_are_withheld_too(chunk: dict[str, Any]) -> No
     assert json.loads(passed.split(b"data: ", 1)[1]) == {k: v for k, v in chunk.items() if k != "usage"}
 
 
+_SCALARS = st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text()
+_JSON = st.recursive(
+    _SCALARS | st.sampled_from(['"usage":null}', ',"usage":null}', "usage"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(st.dictionaries(st.text(max_size=6).filter(lambda name: name != "usage"), _JSON, min_size=1, max_size=4))
+def test_a_compact_chunk_ending_in_null_usage_loses_just_that_member(chunk: dict[str, Any]) -> None:
+    # OpenAI's own chunk (compact, `"usage":null` last) is cut without being parsed: the cut must be the member.
+    event = b"data: " + orjson.dumps({**chunk, "usage": None}) + b"\n\n"
+
+    assert without_usage(event) == b"data: " + orjson.dumps(chunk) + b"\n\n"
+    assert UsageWithheld().feed(event) == b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
 @given(st.lists(st.integers(min_value=0, max_value=len(compact_stream(True))), max_size=12))
 def test_a_stream_split_anywhere_passes_as_the_whole_does(cuts: list[int]) -> None:
     recorded = compact_stream(True)
