@@ -18,7 +18,7 @@ from cache.stream_usage import UsageWithheld
 from proxy.headers import Headers
 from proxy.recorded import RecordedBody
 from proxy.server import CLIENT_WATCH, ClientWatch
-from proxy.upstream import body_chunks, close_quietly
+from proxy.upstream import BodyReader, close_quietly
 
 logger = logging.getLogger("openai_proxy.relay")
 
@@ -118,8 +118,9 @@ async def upstream_chunks(
     The upstream response is closed however this ends.
     """
     withheld = UsageWithheld() if withhold_usage else None
+    body = BodyReader(response)
     try:
-        async for chunk in body_chunks(response):
+        while chunk := await body.read():
             if on_chunk is not None:
                 on_chunk(chunk)
             if withheld is None:
@@ -133,6 +134,7 @@ async def upstream_chunks(
     except httpx.HTTPError as exc:
         raise UpstreamBrokeOff(f"upstream {provider} broke off its response ({type(exc).__name__})") from exc
     finally:
+        body.stop_watching()
         await close_quietly(response)
     if withheld is not None:
         rest = withheld.end()

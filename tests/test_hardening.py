@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,86 @@ class TestUpstreamFaults:
         assert upstream.calls == 1, "the follower followed the leader's flight"
         upstream.chunk_delay = 0
         assert post(base, STREAM).headers["x-cache-status"] == "MISS", "the cut-off stream was not stored"
+
+    def test_a_stream_silent_for_upstream_timeout_mid_answer_is_cut_off_and_not_stored(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        chunks = chat_chunks(1, "m")
+
+        async def stalls(request: Request, recorded: Recorded) -> Response:
+            async def events() -> Any:
+                yield chunks[0]
+                await asyncio.sleep(0.2)  # the silence follows bytes that came after the relay began
+                yield chunks[1]
+                await asyncio.sleep(4)
+                for chunk in chunks[2:]:
+                    yield chunk
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        upstream.handler = stalls
+        base = start_proxy(upstream_timeout=0.4)
+        received = b""
+        started = time.monotonic()
+        with pytest.raises(httpx.RemoteProtocolError):
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=10) as response:
+                for part in response.iter_bytes():
+                    received += part
+        assert received == chunks[0] + chunks[1]
+        assert time.monotonic() - started < 3, "cut off once UPSTREAM_TIMEOUT passed, not when the upstream went on"
+        upstream.handler = None
+        assert post(base, STREAM).headers["x-cache-status"] == "MISS", "the cut-off stream was not stored"
+
+    def test_a_json_answer_silent_for_upstream_timeout_mid_body_is_a_504(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        body = json.dumps(chat_completion(1, "m")).encode()
+
+        async def stalls(request: Request, recorded: Recorded) -> Response:
+            async def parts() -> Any:
+                yield body[:10]
+                await asyncio.sleep(0.2)  # the silence follows bytes that came after the body began to be read
+                yield body[10:20]
+                await asyncio.sleep(4)
+                yield body[20:]
+
+            return StreamingResponse(parts(), media_type="application/json")
+
+        upstream.handler = stalls
+        response = post(start_proxy(upstream_timeout=0.4))
+        assert response.status_code == 504
+        assert response.json()["error"]["code"] == "upstream_timeout"
+
+    def test_a_stream_whose_every_pause_is_shorter_than_upstream_timeout_completes(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        upstream.chunk_delay = 0.2  # six events: over a second in all, more than twice UPSTREAM_TIMEOUT
+        base = start_proxy(upstream_timeout=0.5)
+        response = post(base, STREAM)
+        assert response.status_code == 200
+        assert response.content.endswith(b"data: [DONE]\n\n")
+        upstream.chunk_delay = 0
+        wait_until_stored(base, 1)
+        assert post(base, STREAM).headers["x-cache-status"] == "HIT"
+
+    def test_a_client_that_stops_reading_longer_than_upstream_timeout_still_gets_the_whole_stream(
+        self, start_proxy: ProxyFactory, upstream: FakeUpstream
+    ) -> None:
+        # Far more than the socket buffers between them hold: the proxy waits to send, not for the upstream,
+        # and that wait is not the upstream's silence.
+        text = "x" * 4000
+        event = b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text}}]}).encode() + b"\n\n"
+        events = [event] * 6000 + [b"data: [DONE]\n\n"]
+
+        async def large(request: Request, recorded: Recorded) -> Response:
+            return upstream.stream(events)
+
+        upstream.handler = large
+        base = start_proxy(upstream_timeout=0.4)
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=STREAM, timeout=10) as response:
+            time.sleep(1.5)
+            body = response.read()
+        assert body == b"".join(events)
 
     def test_a_stream_whose_headers_miss_the_total_deadline_is_a_504(
         self, start_proxy: ProxyFactory, upstream: FakeUpstream

@@ -15,9 +15,9 @@ from starlette.responses import JSONResponse, Response
 from providers import BUILTIN_PROVIDERS
 from proxy.aws import AwsSigner
 from proxy.settings import Settings
-from proxy.upstream import UpstreamClient, UpstreamTransport, is_nearby, read_body
+from proxy.upstream import BodyReader, UpstreamClient, UpstreamTransport, is_nearby, read_body
 from tests.conftest import ProxyFactory
-from tests.servers import FakeUpstream, Recorded, SocketServer, chat_completion
+from tests.servers import FakeUpstream, Recorded, SocketServer, chat_chunks, chat_completion
 
 
 @pytest.mark.parametrize(
@@ -131,6 +131,37 @@ async def test_a_request_goes_upstream_with_one_host_and_its_body_framed_by_its_
     lengths = [value for name, value in fields if name == b"content-length"]
     assert lengths == ([b"%d" % len(body)] if method == "POST" and body is not None else [])
     assert b"transfer-encoding" not in dict(fields)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_body_is_read_from_aiohttps_own_stream_with_its_timer_for_every_chunk_off(
+    upstream: FakeUpstream, anyio_backend: str
+) -> None:
+    # BodyReader reads the stream under httpx-aiohttp's and counts UPSTREAM_TIMEOUT itself (tests/test_hardening.py);
+    # should httpx-aiohttp keep its response elsewhere, this fails rather than the relay quietly slowing down.
+    chunks = chat_chunks(1, "m")
+
+    async def paced(request: Request, recorded: Recorded) -> Response:
+        return upstream.stream(chunks)
+
+    upstream.handler, upstream.chunk_delay = paced, 0.05
+    client = UpstreamClient(UpstreamTransport(), httpx.Timeout(5), AwsSigner(Settings(_env_file=None)))  # type: ignore[call-arg]
+    provider = next(provider for provider in BUILTIN_PROVIDERS if provider.name == "openai")
+    try:
+        response = await client.open(provider, "POST", f"{upstream.url}/v1/chat/completions", [], b"{}")
+        protocol = response.stream._aiohttp_response.connection.protocol  # type: ignore[attr-defined]
+        assert protocol.read_timeout == 5
+        body = BodyReader(response)
+        assert protocol.read_timeout is None
+        received = b""
+        while chunk := await body.read():
+            received += chunk
+        assert received == b"".join(chunks)
+        body.stop_watching()
+        await response.aclose()
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize(
