@@ -74,6 +74,7 @@ def create_app(
     transport = http if http is not None else UpstreamTransport(settings.upstream_max_connections)
     client = UpstreamClient(transport, timeout, AwsSigner(settings))
     proxy = Proxy(settings, tiered, health, client, statistics, clock, store.flights)
+    statistics.entry_waiting = proxy.stores.is_waiting
     access_log = AccessLog(settings.log_format) if settings.access_log else None
     pages = _own_pages(settings, tiered, proxy.stores, health, statistics, prices, metrics, clock)
     lifespan = Lifespan(tiered, proxy.stores, health, prices, statistics, client, store.flights, access_log)

@@ -28,6 +28,10 @@ NANOS_PER_DOLLAR = 1_000_000_000
 Pricer = Callable[[CachedResponse], Decimal | None]
 
 
+def _nothing_waits(key: str) -> bool:
+    return False
+
+
 class Statistics:
     def __init__(
         self,
@@ -49,6 +53,11 @@ class Statistics:
         # and the hits of entries replaced meanwhile (a refresh), to be priced as their own.
         self._hit: dict[str, tuple[CachedResponse, int, float]] = {}
         self._replaced: list[tuple[str, tuple[CachedResponse, int, float]]] = []
+        # Whether an answer is still waiting to be stored under a key (the proxy's store queue says). The store
+        # counts hits only on entries it holds, so a waiting entry's own hits (count, time of the last) are
+        # held back until it is stored, or given up; its savings are counted at once.
+        self.entry_waiting: Callable[[str], bool] = _nothing_waits
+        self._held_entry_hits: dict[str, tuple[int, float]] = {}
         # One flush at a time: a flush asked for while another writes (GET /cache/stats during the
         # periodic one) returns only once everything counted before it is in the store.
         self._flushing = anyio.Lock()
@@ -78,10 +87,12 @@ class Statistics:
                 self.pricer = None
         hit, self._hit = self._hit, {}
         replaced, self._replaced = self._replaced, []
+        held, self._held_entry_hits = self._held_entry_hits, {}
         tally = self._tally
+        for key, (hits, at) in held.items():
+            self._count_entry_hits(key, hits, at)
         for key, (entry, hits, at) in [*replaced, *hit.items()]:
-            earlier, last = tally.entry_hits.get(key, (0, 0.0))
-            tally.entry_hits[key] = (earlier + hits, max(last, at))
+            self._count_entry_hits(key, hits, at)
             saved = tally.saved(entry.provider, entry.model or "")
             saved.hits += hits
             saved.input_tokens += (entry.input_tokens or 0) * hits
@@ -92,6 +103,11 @@ class Statistics:
                 saved.unpriced_hits += hits
             else:
                 saved.cost_nanos += int(cost * NANOS_PER_DOLLAR) * hits
+
+    def _count_entry_hits(self, key: str, hits: int, at: float) -> None:
+        counts = self._held_entry_hits if self.entry_waiting(key) else self._tally.entry_hits
+        earlier, last = counts.get(key, (0, 0.0))
+        counts[key] = (earlier + hits, max(last, at))
 
     def miss(self) -> None:
         self._tally.misses += 1

@@ -61,6 +61,10 @@ class StoreQueue:
         """Entries not yet in the store: queued, or being written."""
         return len(self._queue) + len(self._writing)
 
+    def is_waiting(self, key: str) -> bool:
+        """Whether an answer waits to be stored under `key` (queued, or being written)."""
+        return key in self._by_key
+
     def waiting_entry(self, key: str) -> CachedResponse | None:
         waiting = self._by_key.get(key)
         return waiting.entry if waiting is not None else None

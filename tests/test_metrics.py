@@ -298,3 +298,45 @@ async def test_hits_on_an_entry_read_again_from_the_store_keep_one_record_until_
     await statistics.flush()
     assert [(s.hits, s.unpriced_hits) for s in (await backend.statistics()).savings] == [(1000, 1000)]
     await backend.close()
+
+
+@pytest.mark.anyio
+async def test_hits_on_an_answer_still_waiting_to_be_stored_count_on_its_entry_once_it_is(tmp_path: object) -> None:
+    # The store counts a hit on an entry only when it holds the entry: a hit on an answer still waiting to be
+    # stored (a hit before the write, which a slow store makes common) is held until the entry is there.
+    from pathlib import Path
+
+    from cache import SqliteBackend
+    from cache.base import CachedResponse, EntryFilter
+    from cache.health import CacheHealth
+    from proxy.statistics import Statistics
+
+    backend = SqliteBackend(Path(str(tmp_path)) / "c.db")
+    await backend.open()
+    try:
+        statistics = Statistics(backend, CacheHealth("sqlite"))
+        waiting = {"k"}
+        statistics.entry_waiting = waiting.__contains__
+        entry = CachedResponse(200, "application/json", b"{}", 1.0, "openai", "v1/chat/completions", "gpt-4o-mini")
+        statistics.hit("k", entry, 2.0)
+        await statistics.flush()
+        assert (await backend.statistics()).hits == 1, "counted at once in the totals"
+        await backend.set("k", entry)
+        waiting.clear()
+        statistics.hit("k", entry, 3.0)
+        await statistics.flush()
+        [stored] = await backend.list_entries(EntryFilter(), 0, 10)
+        assert (stored.hits, stored.last_hit_at) == (2, 3.0)
+        assert (await backend.statistics()).hits == 2
+    finally:
+        await backend.close()
+
+
+def test_the_statistics_ask_the_proxys_own_store_queue_what_waits(tmp_path: object) -> None:
+    from pathlib import Path
+
+    from openai_proxy import create_app
+    from proxy.settings import Settings
+
+    app = create_app(Settings(_env_file=None, cache_db=Path(str(tmp_path)) / "c.db"))  # type: ignore[call-arg]
+    assert app.statistics.entry_waiting == app.proxy.stores.is_waiting
