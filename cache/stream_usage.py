@@ -69,8 +69,8 @@ def _event_without_usage(raw: bytes) -> bytes:
     if raw.endswith(_LAST_NULL_USAGE) and raw.startswith(b"data:") and raw.count(b"\n") == 2 and raw.count(_USAGE) == 1:
         # OpenAI's own chunk, which ends its one data line with `"usage":null`: every chunk but the last
         # of a stream that asked for usage. Its final brace closes the top-level object, so the member before
-        # it is a top-level one (a quote cannot follow a comma inside a JSON string); cut here, without
-        # parsing the event twice (7.5 us an event, against 0.4 for a chunk without usage).
+        # it is a top-level one (a quote cannot follow a comma inside a JSON string): it is cut here. Parsing
+        # the event twice, as below, cost 7.5 us an event; this, 1.6.
         return raw[: -len(_LAST_NULL_USAGE)] + b"}\n\n"
     chunk = _json(_data(raw))
     if not isinstance(chunk, dict) or "usage" not in chunk:
