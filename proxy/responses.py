@@ -18,7 +18,7 @@ from cache.stream_usage import UsageWithheld
 from proxy.headers import Headers
 from proxy.recorded import RecordedBody
 from proxy.server import CLIENT_WATCH, ClientWatch
-from proxy.upstream import BodyReader, close_quietly
+from proxy.upstream import BodyReader
 
 logger = logging.getLogger("openai_proxy.relay")
 
@@ -134,8 +134,7 @@ async def upstream_chunks(
     except httpx.HTTPError as exc:
         raise UpstreamBrokeOff(f"upstream {provider} broke off its response ({type(exc).__name__})") from exc
     finally:
-        body.stop_watching()
-        await close_quietly(response)
+        await body.close()
     if withheld is not None:
         rest = withheld.end()
         if rest:

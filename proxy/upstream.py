@@ -189,9 +189,10 @@ class BodyReader:
     still covers the wait for the response's head.
     """
 
-    __slots__ = ("_content", "_chunks", "_silence", "_loop", "_waiting_since", "_watch")
+    __slots__ = ("_response", "_content", "_chunks", "_silence", "_loop", "_waiting_since", "_watch")
 
     def __init__(self, response: httpx.Response) -> None:
+        self._response = response
         stream = response.stream
         raw: aiohttp.ClientResponse | None = getattr(stream, "_aiohttp_response", None)
         self._content: aiohttp.StreamReader | None = None
@@ -235,10 +236,12 @@ class BodyReader:
         else:
             self._watch = self._loop.call_at((now if since is None else since) + self._silence, self._check_silence)
 
-    def stop_watching(self) -> None:
+    async def close(self) -> None:
+        """Stop watching for silence and close the response (`close_quietly`), however the reading ended."""
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
+        await close_quietly(self._response)
 
 
 async def read_body(response: httpx.Response, provider: Provider) -> bytes:
@@ -251,8 +254,7 @@ async def read_body(response: httpx.Response, provider: Provider) -> bytes:
     except httpx.HTTPError as exc:
         raise as_proxy_error(exc, provider) from exc
     finally:
-        body.stop_watching()
-        await close_quietly(response)
+        await body.close()
 
 
 async def close_quietly(response: httpx.Response) -> None:

@@ -158,8 +158,8 @@ async def test_a_body_is_read_from_aiohttps_own_stream_with_its_timer_for_every_
         while chunk := await body.read():
             received += chunk
         assert received == b"".join(chunks)
-        body.stop_watching()
-        await response.aclose()
+        await body.close()
+        assert response.is_closed
     finally:
         await client.aclose()
 
