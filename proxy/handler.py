@@ -572,14 +572,14 @@ class Proxy:
             return answer
         body = answer.body or b""
 
-        async def store() -> None:
+        def store() -> None:
             if flight is not None:
                 self._store_and_land(miss, answer, body, flight)
             elif miss.storing:
                 self._store(asked, answer, body)
 
         headers = [*client_response_headers(answer.headers), *self._cache_headers(asked, miss.status)]
-        return BufferedResponse(answer.response.status_code, body, headers, background=store)
+        return BufferedResponse(answer.response.status_code, body, headers, on_sent=store)
 
     async def _relay_miss(self, miss: Miss) -> ASGIApp:
         """A streamed answer relayed as it arrives and recorded; with a flight, read for everyone listening

@@ -6,10 +6,9 @@ import asyncio
 import contextvars
 import logging
 import math
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
-import anyio
 import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -53,16 +52,17 @@ def carries_length(status: int) -> bool:
 
 class BufferedResponse:
     """A complete response with exactly `headers` (repeats kept) plus its Content-Length, sent as two
-    ASGI messages; `background` runs once it was sent."""
+    ASGI messages; `on_sent` runs once it was sent, or once sending it failed (the client left): the answer
+    is complete either way, and others may be waiting for it to be stored."""
 
-    __slots__ = ("status", "body", "raw_headers", "head", "background")
+    __slots__ = ("status", "body", "raw_headers", "head", "on_sent")
 
     def __init__(
         self,
         status: int,
         body: bytes,
         headers: Headers,
-        background: Callable[[], Awaitable[None]] | None = None,
+        on_sent: Callable[[], None] | None = None,
     ) -> None:
         self.status = status
         self.body = body
@@ -70,7 +70,7 @@ class BufferedResponse:
         if carries_length(status):
             self.raw_headers.append((b"content-length", b"%d" % len(body)))
         self.head: bytes | None = None
-        self.background = background
+        self.on_sent = on_sent
 
     @classmethod
     def complete(
@@ -80,7 +80,7 @@ class BufferedResponse:
         `head`: the same headers as the server writes them (`header_lines`), when the caller keeps them so."""
         response = cls.__new__(cls)
         response.status, response.body, response.raw_headers = status, body, raw_headers
-        response.head, response.background = head, None
+        response.head, response.on_sent = head, None
         return response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -88,10 +88,8 @@ class BufferedResponse:
             await send({"type": "http.response.start", "status": self.status, "headers": self.raw_headers})
             await send({"type": "http.response.body", "body": self.body})
         finally:
-            # Even when the client left: the answer is complete, and waiters may depend on it.
-            if self.background is not None:
-                with anyio.CancelScope(shield=True):
-                    await self.background()
+            if self.on_sent is not None:
+                self.on_sent()
 
 
 class UpstreamBrokeOff(Exception):

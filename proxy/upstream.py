@@ -10,7 +10,6 @@ from functools import lru_cache
 from typing import Any
 
 import aiohttp
-import anyio
 import httpx
 import yarl
 from httpx_aiohttp import AiohttpTransport
@@ -19,6 +18,7 @@ from providers import AuthStyle, Provider
 from proxy.aws import AwsSigner
 from proxy.errors import ProxyError
 from proxy.headers import Headers
+from proxy.shielded import shielded
 
 logger = logging.getLogger("openai_proxy.upstream")
 
@@ -260,8 +260,7 @@ async def read_body(response: httpx.Response, provider: Provider) -> bytes:
 async def close_quietly(response: httpx.Response) -> None:
     # Shielded: this runs while a client disconnect cancels the relay, and must still release
     # the upstream connection (closing it is what tells the provider to stop generating).
-    with anyio.CancelScope(shield=True):
-        try:
-            await response.aclose()
-        except httpx.HTTPError as exc:
-            logger.debug("closing an upstream response failed: %s", type(exc).__name__)
+    try:
+        await shielded(response.aclose())
+    except httpx.HTTPError as exc:
+        logger.debug("closing an upstream response failed: %s", type(exc).__name__)
