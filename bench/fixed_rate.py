@@ -14,6 +14,9 @@ Measured, at each rate in turn, for each target with the same load generator:
 - `floor` (unless `--no-floor`), for reference: bench/floor.py, uvicorn as the proxy runs it with a raw
   ASGI app answering the same ~1 kB, pinned to the proxy's core: how much of the proxy's added latency
   any Python server on that core would add (nginx answers in C, on the generator's core);
+- `floor relay` (unless `--no-floor`), for reference: bench/floor.py with `--relay-to` the upstream, the same
+  raw ASGI app relaying each request through aiohttp's pool and doing nothing else, on the proxy's core: how
+  much of a miss's added latency any Python relay on that core would add, a new prompt every request;
 - `proxy MISS`: the proxy (default settings, a fresh store: SQLite in a temporary folder, or Redis) in
   front of that upstream, a new prompt every request;
 - `proxy HIT`: the proxy asked one prompt over and over, its entry warmed first.
@@ -23,7 +26,7 @@ unanswered 5 s after the last was due), answers whose X-Cache-Status is not the 
 p99.9 and max latency, how late the generator started requests, the connections it had to open because
 every one was busy (the server fell behind), and the server's CPU time per request (user and system, from
 /proc). Then the proxy's added latency, the proxy's figure less the direct one at p50 and p99, for misses
-and hits, against the goals: added p50 under 0.5 ms, added p99 under 2 ms (and the floor's, beside them).
+and hits, against the goals: added p50 under 0.5 ms, added p99 under 2 ms (and the floors', beside them).
 
 Method: the proxy is pinned to CPU 0; nginx, the benchmark's redis-server and this process (the load
 generator, one thread) to CPU 1. The generator is an open loop: request n is due at start + n / rate; a
@@ -455,12 +458,15 @@ class Servers:
     upstream: Server
     proxy: Server
     floor: Server | None  # bench/floor.py on the proxy's core, unless --no-floor
+    relay_floor: Server | None  # the same, relaying to the upstream
 
 
 def measure_rate(rate: int, servers: Servers, seconds: float) -> list[Row]:
     rows = [(rate, "direct", measure(Target(servers.upstream, new_prompts, None), rate, seconds))]
     if servers.floor is not None:
         rows.append((rate, "floor", measure(Target(servers.floor, new_prompts, None), rate, seconds)))
+    if servers.relay_floor is not None:
+        rows.append((rate, "floor relay", measure(Target(servers.relay_floor, new_prompts, None), rate, seconds)))
     rows.append((rate, "proxy MISS", measure(Target(servers.proxy, new_prompts, b"MISS"), rate, seconds)))
     settle(servers.proxy.port)
     warm_hit(f"http://127.0.0.1:{servers.proxy.port}/v1/chat/completions")
@@ -474,20 +480,26 @@ def measure_all(args: argparse.Namespace, folder: Path, redis_url: str | None) -
         fake = start_nginx(folder, "upstream", 1, UPSTREAM_SERVER.format(upstream=upstream, answer=ANSWER))
         started.callback(stop_nginx, fake)
         wait_until_up(f"http://127.0.0.1:{upstream}/", fake)
-        floor = None
+        floor = relay_floor = None
         if not args.no_floor:
-            floor_port = free_port()
-            floor_process = start_floor(floor_port)
-            started.callback(stop, floor_process)
-            wait_until_up(f"http://127.0.0.1:{floor_port}/", floor_process)
-            floor = Server(floor_port, floor_process.pid)
+            floor = start_floor_server(started, None)
+            relay_floor = start_floor_server(started, f"http://127.0.0.1:{upstream}")
         port = free_port()
         proxy = start_proxy(port, upstream, folder / "cache.db", backend_env(args.backend, redis_url))
         started.callback(stop, proxy)
         wait_for_proxy(port, proxy, args.backend)
-        servers = Servers(Server(upstream, fake.pid), Server(port, proxy.pid), floor)
+        servers = Servers(Server(upstream, fake.pid), Server(port, proxy.pid), floor, relay_floor)
         rows = [row for rate in args.rates for row in measure_rate(rate, servers, args.seconds)]
     return rows
+
+
+def start_floor_server(started: ExitStack, relay_to: str | None) -> Server:
+    """bench/floor.py on CPU 0 (a relay to `relay_to`, when given), stopped with `started`."""
+    port = free_port()
+    process = start_floor(port, relay_to=relay_to)
+    started.callback(stop, process)
+    wait_until_up(f"http://127.0.0.1:{port}/", process)
+    return Server(port, process.pid)
 
 
 def table(rows: list[Row]) -> str:
@@ -507,7 +519,7 @@ def table(rows: list[Row]) -> str:
 
 def added_latency(rows: list[Row]) -> list[str]:
     """The proxy's figure less the direct one, at p50 and p99, for misses and hits, against the goals; and the
-    floor's, for reference."""
+    floors', for reference."""
     direct = {rate: figures for rate, target, figures in rows if target == "direct"}
     lines = [f"added latency, less direct (goals for the proxy: p50 under {GOAL_ADDED_P50_MS} ms, p99 under"
              f" {GOAL_ADDED_P99_MS:.0f} ms):"]  # fmt: skip
@@ -516,8 +528,8 @@ def added_latency(rows: list[Row]) -> list[str]:
             continue
         added_p50 = figures.p50_ms - direct[rate].p50_ms
         added_p99 = figures.p99_ms - direct[rate].p99_ms
-        if target == "floor":
-            goals = ", for reference: what uvicorn and a raw ASGI app on CPU 0 add here"
+        if target.startswith("floor"):
+            goals = ", for reference: " + FLOOR_MEANING[target]
             lines.append(f"{rate:>6} req/s {target:<11} p50 {added_p50:+7.3f} ms, p99 {added_p99:+7.3f} ms{goals}")
             continue
         lines.append(
@@ -525,6 +537,12 @@ def added_latency(rows: list[Row]) -> list[str]:
             f" p99 {added_p99:+7.3f} ms ({verdict(added_p99 < GOAL_ADDED_P99_MS)})"
         )
     return lines
+
+
+FLOOR_MEANING = {
+    "floor": "what uvicorn and a raw ASGI app on CPU 0 add here (for hits)",
+    "floor relay": "what uvicorn and a raw ASGI relay through aiohttp on CPU 0 add here (for misses)",
+}
 
 
 def generator_check(rows: list[Row]) -> list[str]:
@@ -574,7 +592,7 @@ def main() -> None:
     parser.add_argument("--rates", type=parse_rates, default=[500, 1000], help="requests a second (default 500,1000)")
     parser.add_argument("--seconds", type=float, default=20, help="seconds measured per target and rate (default 20)")
     parser.add_argument("--backend", choices=["sqlite", "redis"], default="sqlite", help="the proxy's store")
-    parser.add_argument("--no-floor", action="store_true", help="skip the floor row (bench/floor.py on CPU 0)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the floor rows (bench/floor.py on CPU 0)")
     args = parser.parse_args()
     needed = ["nginx", "taskset", *(["redis-server"] if args.backend == "redis" else [])]
     for tool in needed:
