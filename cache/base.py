@@ -15,6 +15,11 @@ class CacheError(Exception):
     """The cache store could not do what was asked. Requests are then served from upstream."""
 
 
+class StoreBusy(CacheError):
+    """Every connection to the store stayed busy for the wait allowed: the store works, the proxy asks more of
+    it than its connections carry (an overloaded proxy). A write may be tried again; nothing failed."""
+
+
 @dataclass(frozen=True)
 class CachedResponse:
     """A complete upstream answer, as replayed on a hit, with what the admin API shows of it.

@@ -35,7 +35,16 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
-from cache.base import ENTRY_FIELDS, CachedResponse, CacheError, EntryFilter, EntryInfo, entry_from_values, entry_values
+from cache.base import (
+    ENTRY_FIELDS,
+    CachedResponse,
+    CacheError,
+    EntryFilter,
+    EntryInfo,
+    StoreBusy,
+    entry_from_values,
+    entry_values,
+)
 from cache.stats import (
     ACTIVITY_KEPT_SECONDS,
     RECENT_REQUESTS_KEPT,
@@ -108,6 +117,10 @@ def connect(url: str, *, cluster: bool, timeout: float, connect_timeout: float |
     return Redis(connection_pool=pool)
 
 
+class PoolBusy(RedisConnectionError):
+    """No connection of the pool came free in time: Redis may be well, its connections are all in use."""
+
+
 class WaitingConnectionPool(ConnectionPool):
     """redis-py's plain pool, which fails a command when every connection is busy, made to wait up to `wait`
     seconds for one instead, as its BlockingConnectionPool does. That one takes a condition variable and a
@@ -126,7 +139,7 @@ class WaitingConnectionPool(ConnectionPool):
                 async with asyncio.timeout(self._wait):
                     await self._free.acquire()
             except TimeoutError:
-                raise RedisConnectionError(
+                raise PoolBusy(
                     f"no Redis connection came free within {self._wait:g} s ({self.max_connections} busy)"
                 ) from None
         else:
@@ -401,6 +414,8 @@ class RedisBackend:
             result = await operation()
         except (RedisError, OSError) as exc:
             message = f"{self.describe()}: {what} failed: {exc}"
+            if isinstance(exc, PoolBusy):  # not a sign that Redis is down: no reason to skip it
+                raise StoreBusy(message) from exc
             if isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
                 self._failures += 1
                 self._retry_at = time.monotonic() + RETRY_AFTER

@@ -7,7 +7,8 @@ answers its key (`waiting_entry`), so the next identical request is a hit before
 One writer task takes the queue in order, `CONCURRENT_WRITES` entries at a time, so a store that
 batches (SQLite's group commit, Redis's pooled connections) gets them together. Past `max_bytes` an
 answer is served but not stored, counted (`stores_skipped`), and the episode is logged once when it
-begins and once when the store caught up.
+begins and once when the store caught up. A write the store was too busy to take (`StoreBusy`: every
+connection in use) waits again, first in line: backpressure within the same bound, never a lost answer.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from cache import CachedResponse, CacheError, CacheHealth
-from cache.base import EntryFilter, EntryStore
+from cache.base import EntryFilter, EntryStore, StoreBusy
 from cache.health import Operation
 
 logger = logging.getLogger("openai_proxy.cache")
@@ -53,6 +54,7 @@ class StoreQueue:
         self._queue: deque[_Waiting] = deque()
         self._by_key: dict[str, _Waiting] = {}  # the latest waiting entry of each key
         self._writing: list[_Waiting] = []
+        self._busy: list[_Waiting] = []  # written while the store was too busy: to be written again
         self._writer: asyncio.Task[None] | None = None
         self._skipped_in_episode = 0
 
@@ -135,37 +137,52 @@ class StoreQueue:
                 else:
                     await asyncio.gather(*(self._write(waiting) for waiting in taken))
                 self._writing = []
+                if self._busy:
+                    self._queue.extendleft(reversed(self._busy))
+                    self._busy = []
         finally:
-            for waiting in self._queue:  # cancelled (a shutdown that could not wait): never written
+            for waiting in (*self._busy, *self._queue):  # cancelled (a shutdown that could not wait): never written
                 self._release(waiting.cost)
                 if waiting.landed is not None:
                     waiting.landed(False)
             self._queue.clear()
             self._by_key.clear()
             self._writing = []
+            self._busy = []
             self._writer = None
 
     async def _write(self, waiting: _Waiting) -> None:
-        stored = False
+        stored = written = busy = False
         try:
             if waiting.forgotten:
                 return
             await self.store.set(waiting.key, waiting.entry)
+            written = True
             if waiting.forgotten:
                 await self.store.delete(waiting.key)
             else:
                 stored = True
             self.health.succeeded(Operation.WRITE)
+        except StoreBusy as exc:
+            if written:  # deleting an entry forgotten meanwhile: a failed write like any other
+                self.health.failed(Operation.WRITE, exc)
+            elif self._by_key.get(waiting.key) is waiting:  # else a newer answer for its key waits: that one goes
+                busy = True
+                self._busy.append(waiting)
         except CacheError as exc:
             self.health.failed(Operation.WRITE, exc)
         except Exception:
             logger.exception("storing an answer failed unexpectedly; it was not stored")
         finally:
-            if self._by_key.get(waiting.key) is waiting:
-                del self._by_key[waiting.key]
-            self._release(waiting.cost)
-            if waiting.landed is not None:
-                waiting.landed(stored)
+            if not busy:
+                self._done(waiting, stored)
+
+    def _done(self, waiting: _Waiting, stored: bool) -> None:
+        if self._by_key.get(waiting.key) is waiting:
+            del self._by_key[waiting.key]
+        self._release(waiting.cost)
+        if waiting.landed is not None:
+            waiting.landed(stored)
 
     def _release(self, cost: int) -> None:
         self.bytes -= cost

@@ -21,10 +21,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
 from cache import sqlite as sqlite_module
-from cache.base import EntryFilter, EntryInfo
-from cache.redis_backend import RedisBackend, WaitingConnectionPool
+from cache.base import EntryFilter, EntryInfo, StoreBusy
+from cache.health import CacheHealth
+from cache.redis_backend import FAILURES_TO_SKIP, RedisBackend, WaitingConnectionPool
 from cache.sqlite import SCHEMA_VERSION
 from cache.stats import ACTIVITY_KEPT_SECONDS, RECENT_REQUESTS_KEPT, ActivityPoint, RequestRecord, SavedFigures, Tally
+from proxy.storing import StoreQueue
 
 pytestmark = pytest.mark.anyio
 
@@ -1056,3 +1058,35 @@ async def test_past_its_connections_a_command_waits_for_one_and_fails_only_after
         assert pool._free._value == 2, "every connection is free again"
     finally:
         await client.aclose()
+
+
+async def test_a_busy_pool_is_no_outage_and_an_answer_it_had_no_connection_for_is_stored_later(
+    request: pytest.FixtureRequest,
+) -> None:
+    """An overloaded proxy finds every connection busy: that is not Redis down (which makes requests skip it
+    for a while), and an answer waiting to be stored waits again rather than being lost."""
+    server = request.getfixturevalue("redis_server")
+    pool = WaitingConnectionPool.from_url(server.url, max_connections=1, wait=0.2, socket_timeout=3)
+    backend = RedisBackend(Redis(connection_pool=pool), where="test", prefix=f"busy-{uuid.uuid4().hex}")
+    await backend.open()
+    health = CacheHealth("redis", operations_fail_apart=False)
+    skipped: list[int] = []
+    queue = StoreQueue(backend, health, 1 << 20, on_skipped=lambda: skipped.append(1))
+    try:
+        # The only connection held 1.6 s, longer than a command may wait for one.
+        held = asyncio.ensure_future(backend.redis.blpop([f"busy-{uuid.uuid4().hex}"], timeout=1.6))
+        await asyncio.sleep(0.05)
+        for _ in range(FAILURES_TO_SKIP + 1):
+            with pytest.raises(StoreBusy, match="no Redis connection came free within 0.2 s"):
+                await backend.get("k")
+        landed: list[bool] = []
+        assert queue.put("k", entry(), landed.append)
+        await asyncio.sleep(0.5)  # two writes at least found no connection free
+        assert queue.waiting == 1 and landed == [], "the answer still waits to be stored"
+        await held
+        await queue.drain()
+        assert landed == [True] and skipped == []
+        assert await backend.get("k") == entry(), "read at once: Redis was never skipped as down"
+        assert health.state().ok, "the store never failed"
+    finally:
+        await backend.close()

@@ -20,7 +20,7 @@ import pytest
 
 import proxy.handler
 from cache import CachedResponse, CacheError, CacheHealth
-from cache.base import EntryFilter
+from cache.base import EntryFilter, StoreBusy
 from openai_proxy import ProxyApp, create_app
 from proxy.settings import Settings
 from proxy.storing import CONCURRENT_WRITES, WAITING_ENTRY_OVERHEAD, StoreQueue
@@ -105,6 +105,40 @@ async def test_a_failing_store_lands_its_answers_unstored_and_goes_on() -> None:
     queue.put("k3", entry(10), landed.append)
     await queue.drain()
     assert landed[-1] is True and store.stored == ["k3"], "the queue goes on after a failure"
+
+
+class BusyStore:
+    """A store whose first `busy` writes find every connection in use (StoreBusy)."""
+
+    name = "busy"
+
+    def __init__(self, busy: int) -> None:
+        self.busy = busy
+        self.stored: list[str] = []
+
+    async def set(self, key: str, entry: CachedResponse) -> None:
+        await asyncio.sleep(0)
+        if self.busy:
+            self.busy -= 1
+            raise StoreBusy("no connection came free")
+        self.stored.append(key)
+
+
+@pytest.mark.anyio
+async def test_answers_the_store_was_too_busy_for_wait_again() -> None:
+    store = BusyStore(busy=CONCURRENT_WRITES + 3)
+    skipped: list[int] = []
+    health = CacheHealth("busy")
+    queue = StoreQueue(store, health, 1 << 30, on_skipped=lambda: skipped.append(1))  # type: ignore[arg-type]
+    landed: list[bool] = []
+    keys = [f"k{n}" for n in range(CONCURRENT_WRITES + 10)]
+    for key in keys:
+        queue.put(key, entry(10), landed.append)
+    assert all(queue.is_waiting(key) for key in keys)
+    await queue.drain()
+    assert sorted(store.stored) == sorted(keys), "every answer stored, once"
+    assert landed == [True] * len(keys) and skipped == [] and queue.bytes == 0
+    assert health.state().ok, "a busy store is not a failing one"
 
 
 @pytest.mark.anyio
