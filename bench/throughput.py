@@ -18,18 +18,20 @@ Rows, for each backend in `--backends` (`sqlite`, the default store, and `redis`
   is read from the store (the SQLite file, or Redis over loopback).
 - `openai-proxy MISS (<backend>)`: a new prompt each request, default settings, zero-delay upstream.
 
-Then `raw ASGI app (uvicorn floor)` (unless `--no-floor`): bench/floor.py, a raw ASGI app that reads the
-body and answers ANSWER, served by uvicorn with the proxy's own options (httptools, uvloop, no access log,
-one worker), pinned and measured as the HIT rows are. It is the most the proxy's server can do, so after the
-table come, for each backend's HIT row, hits / floor in req/s (goal: 60% or more) and hit p99 / floor p99
-(goal: within 2x). The floor is also measured on uvicorn's own httptools protocol (`raw ASGI app, uvicorn's
-own protocol`), which writes a response's head and body in two system calls where the proxy's makes one, and
-hits / that floor is printed beside, for reference. Then `nginx proxy_cache` HIT and MISS (unless
-`--no-nginx`). `--scale N` also measures hits on entries that are only in SQLite (not in the memory tier)
-with N entries stored, against the same test with 1,000 entries, plus start-up time and RSS. After the table
-come the streaming latency figures (`bench/stream_latency.py`, unless `--no-streaming`) and the
-cross-instance coalescing result (`bench/coalescing.py`, unless `--no-coalescing`): 50 identical requests at
-once split across two proxies that share one Redis, with the upstream requests they cost.
+Then `raw ASGI app (uvicorn floor), beside HIT (<backend>)` (unless `--no-floor`): bench/floor.py, a raw
+ASGI app that reads the body and answers ANSWER, served by uvicorn with the proxy's own options (httptools,
+uvloop, no access log, one worker), pinned and measured as the HIT rows are, its runs alternated with the
+default HIT row's (floor, proxy, floor, proxy, ...), so a machine whose speed drifts over minutes moves both
+alike. It is the most the proxy's server can do, so after the table come, for each backend's HIT row, hits /
+floor in req/s (goal: 60% or more) and hit p99 / floor p99 (goal: within 2x), each as the median of the
+alternated pairs' ratios and their range. The floor is also measured on uvicorn's own httptools protocol
+(`raw ASGI app, uvicorn's own protocol`), which writes a response's head and body in two system calls where
+the proxy's makes one, and hits / that floor is printed beside, for reference. Then `nginx proxy_cache` HIT
+and MISS (unless `--no-nginx`). `--scale N` also measures hits on entries that are only in SQLite (not in
+the memory tier) with N entries stored, against the same test with 1,000 entries, plus start-up time and
+RSS. After the table come the streaming latency figures (`bench/stream_latency.py`, unless `--no-streaming`)
+and the cross-instance coalescing result (`bench/coalescing.py`, unless `--no-coalescing`): 50 identical
+requests at once split across two proxies that share one Redis, with the upstream requests they cost.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ import re
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,6 +217,30 @@ def measure(url: str, script: Path, args: argparse.Namespace) -> Figures:
     return median_of([run_wrk(url, script, args.duration, args.connections) for _ in range(args.runs)])
 
 
+@dataclass
+class Paired:
+    """Runs of the proxy and the floor alternated: their medians and each pair's ratios (proxy / floor)."""
+
+    proxy: Figures
+    floor: Figures
+    rate_ratios: list[float]
+    p99_ratios: list[float]
+
+
+def measure_paired(url: str, floor_url: str, script: Path, args: argparse.Namespace) -> Paired:
+    proxy_runs, floor_runs = [], []
+    for _ in range(args.runs):
+        floor_runs.append(run_wrk(floor_url, script, args.duration, args.connections))
+        proxy_runs.append(run_wrk(url, script, args.duration, args.connections))
+    pairs = list(zip(proxy_runs, floor_runs, strict=True))
+    return Paired(
+        median_of(proxy_runs),
+        median_of(floor_runs),
+        [proxy.requests_per_second / floor.requests_per_second for proxy, floor in pairs],
+        [proxy.p99_ms / floor.p99_ms for proxy, floor in pairs],
+    )
+
+
 def populate(database: Path, count: int) -> None:
     """`count` entries as the proxy would store them, written straight into the cache file."""
     import asyncio
@@ -268,9 +296,16 @@ def warm_hit(url: str) -> None:
 
 
 def backend_rows(
-    backend: str, folder: Path, upstream: int, redis_url: str | None, args: argparse.Namespace, notes: list[str]
+    backend: str,
+    folder: Path,
+    upstream: int,
+    redis_url: str | None,
+    args: argparse.Namespace,
+    notes: list[str],
+    floor_url: str | None,
 ) -> list[tuple[str, Figures]]:
-    """HIT without and with the memory tier, then MISS, on one backend (a fresh store)."""
+    """HIT without and with the memory tier, then MISS, on one backend (a fresh store); with `floor_url`, the
+    floor's runs alternated with the HIT row's, and the ratios in `notes`."""
     env = backend_env(backend, redis_url)
     database = folder / f"cache-{backend}.db"
     # First with no memory tier, while the store holds only the one entry, as for the default HIT.
@@ -289,7 +324,12 @@ def backend_rows(
         wait_for_proxy(port, proxy, backend)
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         warm_hit(url)
-        hit = measure(url, folder / "hit.lua", args)
+        paired = None
+        if floor_url is None:
+            hit = measure(url, folder / "hit.lua", args)
+        else:
+            paired = measure_paired(url, floor_url, folder / "hit.lua", args)
+            hit = paired.proxy
         miss = measure(url, folder / "miss.lua", args)
         notes.append(f"openai-proxy ({backend}) RSS after the runs: {rss_mb(proxy.pid):.0f} MB")
     finally:
@@ -299,6 +339,9 @@ def backend_rows(
         (f"openai-proxy HIT ({backend}, no memory tier)", no_memory),
         (f"openai-proxy MISS ({backend})", miss),
     ]
+    if paired is not None:
+        rows.append((f"{FLOOR_ROW}, beside HIT ({backend})", paired.floor))
+        notes.extend(floor_ratios(f"openai-proxy HIT ({backend})", paired))
     if args.compare_watching:
         port = free_port()
         proxy = start_proxy(port, upstream, database, {**env, "METRICS": "false", "ACCESS_LOG": "false"})
@@ -317,33 +360,40 @@ def backend_rows(
     return rows
 
 
-def floor_row(folder: Path, args: argparse.Namespace, stock_protocol: bool = False) -> tuple[str, Figures]:
+def stock_floor_row(folder: Path, args: argparse.Namespace) -> tuple[str, Figures]:
     port = free_port()
-    floor = start_floor(port, stock_protocol)
+    floor = start_floor(port, stock_protocol=True)
     try:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         wait_until_up(url, floor)
-        return STOCK_FLOOR_ROW if stock_protocol else FLOOR_ROW, measure(url, folder / "hit.lua", args)
+        return STOCK_FLOOR_ROW, measure(url, folder / "hit.lua", args)
     finally:
         stop(floor)
 
 
-def floor_ratios(rows: list[tuple[str, Figures]], backends: list[str]) -> list[str]:
-    """Each backend's HIT row against the floor: its share of the floor's req/s, its p99 over the floor's."""
+def floor_ratios(name: str, paired: Paired) -> list[str]:
+    """A HIT row against the floor in alternated runs: its share of the floor's req/s, its p99 over the floor's
+    (the median of the pairs' ratios, and their range)."""
+    share, p99_ratio = statistics.median(paired.rate_ratios), statistics.median(paired.p99_ratios)
+    goal_share = f"goal: {GOAL_HITS_OF_FLOOR:.0%} or more, {verdict(share >= GOAL_HITS_OF_FLOOR)}"
+    goal_p99 = f"goal: within {GOAL_HIT_P99_OVER_FLOOR:.0f}x, {verdict(p99_ratio <= GOAL_HIT_P99_OVER_FLOOR)}"
+    shares = ", ".join(f"{ratio:.0%}" for ratio in paired.rate_ratios)
+    p99s = ", ".join(f"{ratio:.2f}x" for ratio in paired.p99_ratios)
+    return [
+        f"{name}: hits / floor {share:.0%} ({goal_share}; alternated pairs: {shares})",
+        f"{name}: hit p99 / floor p99 {p99_ratio:.2f}x ({goal_p99}; alternated pairs: {p99s})",
+    ]
+
+
+def stock_ratios(rows: list[tuple[str, Figures]], backends: list[str]) -> list[str]:
+    """Each backend's HIT row against the floor on uvicorn's own protocol, for reference."""
     measured = dict(rows)
-    floor = measured[FLOOR_ROW]
-    lines = []
-    for backend in backends:
-        name = f"openai-proxy HIT ({backend})"
-        share = measured[name].requests_per_second / floor.requests_per_second
-        p99_ratio = measured[name].p99_ms / floor.p99_ms
-        goal_share = f"goal: {GOAL_HITS_OF_FLOOR:.0%} or more, {verdict(share >= GOAL_HITS_OF_FLOOR)}"
-        goal_p99 = f"goal: within {GOAL_HIT_P99_OVER_FLOOR:.0f}x, {verdict(p99_ratio <= GOAL_HIT_P99_OVER_FLOOR)}"
-        lines.append(f"{name}: hits / floor {share:.0%} ({goal_share})")
-        stock = measured[STOCK_FLOOR_ROW].requests_per_second
-        lines.append(f"{name}: hits / uvicorn's own protocol's floor {measured[name].requests_per_second / stock:.0%}")
-        lines.append(f"{name}: hit p99 / floor p99 {p99_ratio:.2f}x ({goal_p99})")
-    return lines
+    stock = measured[STOCK_FLOOR_ROW].requests_per_second
+    return [
+        f"openai-proxy HIT ({backend}): hits / uvicorn's own protocol's floor"
+        f" {measured[f'openai-proxy HIT ({backend})'].requests_per_second / stock:.0%}"
+        for backend in backends
+    ]
 
 
 def verdict(holds: bool) -> str:
@@ -370,7 +420,7 @@ def main() -> None:
         help="cache backends to measure, comma-separated (default sqlite,redis)",
     )
     parser.add_argument("--scale", type=int, default=0, help="also measure with this many entries stored")
-    parser.add_argument("--no-floor", action="store_true", help="skip the raw ASGI app (uvicorn floor) row")
+    parser.add_argument("--no-floor", action="store_true", help="skip the raw ASGI app (uvicorn floor) rows")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx proxy_cache reference")
     parser.add_argument("--no-streaming", action="store_true", help="skip the streaming latency figures")
     parser.add_argument("--no-coalescing", action="store_true", help="skip the cross-instance coalescing test")
@@ -397,18 +447,25 @@ def main() -> None:
         fake = start_nginx(folder, "upstream", 1, UPSTREAM_SERVER.format(upstream=upstream, answer=ANSWER))
         try:
             wait_until_up(f"http://127.0.0.1:{upstream}/", fake)
-            for backend in args.backends:
-                if backend == "redis":
-                    redis = start_redis()
-                    try:
-                        rows += backend_rows(backend, folder, upstream, redis.url, args, notes)
-                    finally:
-                        redis.remove()
-                else:
-                    rows += backend_rows(backend, folder, upstream, None, args, notes)
+            with ExitStack() as floor_running:
+                floor_url = None
+                if not args.no_floor:
+                    floor_port = free_port()
+                    floor = start_floor(floor_port)
+                    floor_running.callback(stop, floor)
+                    floor_url = f"http://127.0.0.1:{floor_port}/v1/chat/completions"
+                    wait_until_up(floor_url, floor)
+                for backend in args.backends:
+                    if backend == "redis":
+                        redis = start_redis()
+                        try:
+                            rows += backend_rows(backend, folder, upstream, redis.url, args, notes, floor_url)
+                        finally:
+                            redis.remove()
+                    else:
+                        rows += backend_rows(backend, folder, upstream, None, args, notes, floor_url)
             if not args.no_floor:
-                rows.append(floor_row(folder, args))
-                rows.append(floor_row(folder, args, stock_protocol=True))
+                rows.append(stock_floor_row(folder, args))
             if not args.no_nginx:
                 server = REFERENCE_SERVER.format(dir=folder, upstream=upstream, reference=reference)
                 nginx = start_nginx(folder, "reference", 0, server)
@@ -433,7 +490,7 @@ def main() -> None:
     )
     out.write(table(rows) + "\n")
     if not args.no_floor:
-        for line in floor_ratios(rows, args.backends):
+        for line in stock_ratios(rows, args.backends):
             out.write(line + "\n")
     for note in notes:
         out.write(note + "\n")
