@@ -30,6 +30,9 @@ logger = logging.getLogger("openai_proxy.cache")
 WAITING_ENTRY_OVERHEAD = 2 * 1024
 CONCURRENT_WRITES = 64
 DRAIN_SECONDS = 10.0
+# How long the writer pauses before it writes again what the store was too busy to take (a busy Redis
+# pool has already made each write wait REDIS_TIMEOUT).
+BUSY_PAUSE_SECONDS = 0.05
 SETTLE_SECONDS = 1.0
 
 Landed = Callable[[bool], None]  # told whether the store has the entry, once that is known
@@ -140,6 +143,7 @@ class StoreQueue:
                 if self._busy:
                     self._queue.extendleft(reversed(self._busy))
                     self._busy = []
+                    await asyncio.sleep(BUSY_PAUSE_SECONDS)  # never a busy loop, whatever the store
         finally:
             for waiting in (*self._busy, *self._queue):  # cancelled (a shutdown that could not wait): never written
                 self._release(waiting.cost)

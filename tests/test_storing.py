@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import http.client
+import itertools
 import json
 import logging
 import sqlite3
@@ -139,6 +140,37 @@ async def test_answers_the_store_was_too_busy_for_wait_again() -> None:
     assert sorted(store.stored) == sorted(keys), "every answer stored, once"
     assert landed == [True] * len(keys) and skipped == [] and queue.bytes == 0
     assert health.state().ok, "a busy store is not a failing one"
+
+
+@pytest.mark.anyio
+async def test_a_store_busy_at_once_does_not_hold_the_event_loop() -> None:
+    """A store that says it is busy without waiting at all still leaves the event loop to others between
+    two tries."""
+    ticks = 0
+    seen: list[int] = []
+
+    class BusyAtOnce:
+        name = "busy-at-once"
+
+        async def set(self, key: str, entry: CachedResponse) -> None:
+            seen.append(ticks)
+            if len(seen) <= 3:
+                raise StoreBusy("no connection came free")
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0)
+            ticks += 1
+
+    ticker = asyncio.ensure_future(tick())
+    queue = StoreQueue(BusyAtOnce(), CacheHealth("busy"), 1 << 20, on_skipped=lambda: None)  # type: ignore[arg-type]
+    landed: list[bool] = []
+    queue.put("k", entry(10), landed.append)
+    await queue.drain()
+    ticker.cancel()
+    assert landed == [True] and len(seen) == 4
+    assert all(later > earlier for earlier, later in itertools.pairwise(seen)), "the loop ran between two tries"
 
 
 @pytest.mark.anyio
