@@ -81,7 +81,7 @@ def test_a_task_cancelled_outright_is_cancelled_as_under_anyio_shield() -> None:
         async def under_shielded(log: list[str]) -> None:
             await shielded(_waits(log))
 
-        for run, log in zip((under_anyio, under_shielded), logs):
+        for run, log in zip((under_anyio, under_shielded), logs, strict=True):
             task = asyncio.ensure_future(run(log))
             await asyncio.sleep(0.01)
             task.cancel()
