@@ -51,7 +51,7 @@ class UsageWithheld:
         if not self._pending and chunk.endswith(b"\n\n"):
             if _USAGE not in chunk:
                 return chunk  # whole events, none with usage: the usual chunk, passed on as it is
-            if chunk.find(b"\n\n") == len(chunk) - 2:
+            if chunk.find(b"\n\n") == len(chunk) - 2 and b"\r" not in chunk:
                 return _event_without_usage(chunk)  # one whole event, as a chunk of a model's stream usually is
         pending = self._pending + chunk if self._pending else chunk
         events, self._pending = split_events(pending)

@@ -247,6 +247,38 @@ async def test_a_deleted_or_purged_entry_that_waits_is_never_left_in_the_store()
     assert len(store.stored) == CONCURRENT_WRITES + 2
 
 
+@pytest.mark.anyio
+async def test_a_busy_write_of_an_answer_since_replaced_or_forgotten_is_not_tried_again() -> None:
+    """Busy writes are tried again only for the latest answer of their key; and the deletion of an entry
+    forgotten while it was written, when the store is busy, is a failed write (the health says so)."""
+    store = BlockedStore(failure=StoreBusy("no connection came free"))
+    queue, _, health = queue_for(store, max_bytes=1 << 20)
+    landed: list[tuple[str, bool]] = []
+    queue.put("k", entry(10), lambda ok: landed.append(("first", ok)))
+    await asyncio.sleep(0)  # being written
+    queue.put("k", entry(20), lambda ok: landed.append(("second", ok)))  # a newer answer for the same key
+    store.opened.set()
+    await asyncio.sleep(0.01)
+    assert landed == [("first", False)], "the older answer, busy, is not written again: the newer one waits"
+    store.failure = None
+    await queue.drain()
+    assert landed == [("first", False), ("second", True)] and store.stored == ["k"]
+    assert queue.bytes == 0 and health.state().ok
+
+    async def busy_delete(key: str) -> bool:
+        raise StoreBusy("no connection came free")
+
+    store.delete = busy_delete  # type: ignore[attr-defined]
+    store.opened.clear()
+    queue.put("gone", entry(10), lambda ok: landed.append(("gone", ok)))
+    await asyncio.sleep(0)
+    queue.forget(key="gone")
+    store.opened.set()
+    await queue.drain()
+    assert landed[-1] == ("gone", False) and queue.waiting == 0
+    assert not health.state().ok and "no connection came free" in str(health.state().reason)
+
+
 def chat(number: int) -> dict[str, object]:
     return {"model": "m", "messages": [{"role": "user", "content": f"unique prompt {number}"}]}
 

@@ -96,6 +96,15 @@ def test_each_complete_event_is_passed_on_at_once() -> None:
     assert withheld.feed(second[10:]) == chat_chunks(1, "m")[1]
 
 
+def test_a_chunk_whose_events_end_in_crlf_and_lf_alike_loses_every_usage() -> None:
+    """One chunk, two events: the first ended by CRLF CRLF, the second by LF LF (the only blank line the
+    one-event shortcut sees). Both are events, and both lose the usage."""
+    first, second = compact_stream(True).split(b"\n\n")[:2]
+    mixed = first + b"\r\n\r\n" + second + b"\n\n"
+    passed = UsageWithheld().feed(mixed)
+    assert passed.count(b"data: ") == 2 and b'"usage"' not in passed
+
+
 def test_an_unfinished_last_event_is_passed_on_at_the_end() -> None:
     withheld = UsageWithheld()
     assert withheld.feed(b"data: [DONE]") == b""
