@@ -19,12 +19,12 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol
 
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive
 
+from proxy.client import Client
 from proxy.clock import event_loop_time
 from proxy.headers import Headers
 from proxy.recorded import RecordedBody
-from proxy.responses import UpstreamBrokeOff, client_left
+from proxy.responses import UpstreamBrokeOff
 
 _STORED_LANDINGS_KEPT = 1024
 
@@ -180,15 +180,17 @@ class Flights:
         self.landings += 1
 
 
-async def wait_while_listened(flight: Flight, ready: str, deadline: float, receive: Receive) -> bool:
+async def wait_while_listened(flight: Flight, ready: str, deadline: float, client: Client) -> bool:
     """`flight.wait_until(ready)` until `deadline` (anyio's clock); ClientDisconnect if the client leaves."""
     waited = asyncio.ensure_future(flight.wait_until(ready, deadline - event_loop_time()))
-    left = asyncio.ensure_future(client_left(receive))
+    stop_watching = client.when_leaving(waited.cancel)
     try:
-        await asyncio.wait((waited, left), return_when=asyncio.FIRST_COMPLETED)
+        return await waited
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        raise ClientDisconnect() from None
     finally:
+        stop_watching()
         waited.cancel()
-        left.cancel()
-    if not waited.done() or waited.cancelled():
-        raise ClientDisconnect()
-    return waited.result()

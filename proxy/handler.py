@@ -30,6 +30,7 @@ from cache.stream_usage import ask_for_usage
 from cache.usage import reported_model, reported_usage
 from providers import AuthStyle, Provider
 from proxy.access import presents_key, proxy_key_required
+from proxy.client import Client
 from proxy.clock import event_loop_time, within
 from proxy.coalesce import Flight, FlightMirror, Flights, wait_while_listened
 from proxy.errors import ProxyError, error_response
@@ -45,7 +46,6 @@ from proxy.responses import (
     RelayResponse,
     as_asked,
     carries_length,
-    client_left,
     upstream_chunks,
 )
 from proxy.settings import Settings
@@ -199,14 +199,14 @@ class Proxy:
         sent = self.recent.bytes_of(scope, body)
         asked = self.recent.get(sent)
         if asked is not None:
-            return await self._cacheable(asked.for_exchange(exchange), upstream, receive)
+            return await self._cacheable(asked.for_exchange(exchange), upstream, Client(scope, receive))
         payload = parse_json_object(body)
         if payload is None:
             self._refuse_if_offline()
             return await self._relay_through(upstream, "POST", body, exchange)
         asked = self._asked(upstream, endpoint, body, payload, exchange)
         self.recent.add(sent, asked)
-        return await self._cacheable(asked, upstream, receive)
+        return await self._cacheable(asked, upstream, Client(scope, receive))
 
     def _asked(
         self, upstream: Upstream, endpoint: str, body: bytes, payload: dict[str, Any], exchange: Exchange | None
@@ -274,7 +274,7 @@ class Proxy:
 
     # Cacheable requests
 
-    async def _cacheable(self, asked: Asked, upstream: Upstream, receive: Receive) -> ASGIApp:
+    async def _cacheable(self, asked: Asked, upstream: Upstream, client: Client) -> ASGIApp:
         landings = self.flights.landings
         lookup, claim = await self._look_up_or_claim(asked)
         if lookup.hit is not None:
@@ -289,7 +289,7 @@ class Proxy:
         miss = Miss(asked, upstream, lookup.status, lookup.stale, claim=claim)
         coalescing = self.settings.cache_lock_timeout > 0 and self.settings.respond_with_cache
         if coalescing and miss.status in (CacheStatus.MISS, CacheStatus.EXPIRED):
-            followed = await self._coalesce(miss, landings, receive)
+            followed = await self._coalesce(miss, landings, client)
             if followed is not None:
                 return followed
         if miss.status is not CacheStatus.BYPASS:
@@ -299,7 +299,7 @@ class Proxy:
         try:
             if asked.wants_stream:
                 return await self._relay_miss(miss)
-            return await self._fetch(miss, receive)
+            return await self._fetch(miss, client)
         except BaseException:
             if miss.flight is not None:
                 self.flights.land(asked.key, miss.flight, complete=False, stored=False)
@@ -406,7 +406,7 @@ class Proxy:
 
     # Coalescing
 
-    async def _coalesce(self, miss: Miss, landings: int, receive: Receive) -> ASGIApp | None:
+    async def _coalesce(self, miss: Miss, landings: int, client: Client) -> ASGIApp | None:
         """Follow an identical request already in flight (its answer, or None to go upstream after all), or
         lead one: `miss.flight` is then the flight its followers wait on."""
         key = miss.asked.key
@@ -433,7 +433,7 @@ class Proxy:
                 claim.finish(complete=False, stored=False)
         if leader is None:
             return None
-        return await self._follow(leader, miss.asked, receive)
+        return await self._follow(leader, miss.asked, client)
 
     async def _share(self, key: str, flight: Flight, claim: Lease | RemoteLeader | None = None) -> Flight | None:
         """Coalesce across instances (Redis): None when this instance leads, its flight then mirrored for
@@ -469,7 +469,7 @@ class Proxy:
         flight.on_abandoned = stop_reading
         return flight
 
-    async def _follow(self, flight: Flight, asked: Asked, receive: Receive) -> ASGIApp | None:
+    async def _follow(self, flight: Flight, asked: Asked, client: Client) -> ASGIApp | None:
         """The answer of an identical request already in flight, or None to go upstream after all (also when
         the stored answer is already too old for this request). The client listens to the flight until it
         is answered or leaves (ClientDisconnect)."""
@@ -478,13 +478,13 @@ class Proxy:
         try:
             deadline = event_loop_time() + self.settings.cache_lock_timeout
             # The leader's shape is known once it started (another instance's leader says so then).
-            if not await wait_while_listened(flight, "started", deadline, receive):
+            if not await wait_while_listened(flight, "started", deadline, client):
                 return None
             live = flight.status == 200 and is_event_stream(_content_type(flight.headers))
             if live and flight.can_relay_to(asked.wants_stream, asked.wants_usage):
                 relaying = True
                 return self._relay_live(flight, asked)
-            if not await wait_while_listened(flight, "done", deadline, receive) or not flight.stored:
+            if not await wait_while_listened(flight, "done", deadline, client) or not flight.stored:
                 return None
         finally:
             if not relaying:
@@ -561,11 +561,11 @@ class Proxy:
 
     # Misses
 
-    async def _fetch(self, miss: Miss, receive: Receive) -> ASGIApp:
+    async def _fetch(self, miss: Miss, client: Client) -> ASGIApp:
         """A complete (not streamed) upstream answer, stored once it was sent, so storing never delays it."""
         asked, flight = miss.asked, miss.flight
         fetched = self._while_listened(
-            self._ask_upstream(miss.upstream, "POST", asked.body, whole=True), flight, receive
+            self._ask_upstream(miss.upstream, "POST", asked.body, whole=True), flight, client
         )
         answer = await self._answer_or_stale(miss, fetched)
         if not isinstance(answer, Answer):
@@ -699,32 +699,34 @@ class Proxy:
             return self._serve_stale(miss)
         return answer
 
-    async def _while_listened(self, work: Awaitable[T], flight: Flight | None, receive: Receive) -> T:
+    async def _while_listened(self, work: Awaitable[T], flight: Flight | None, client: Client) -> T:
         """The result of `work`, given up (ClientDisconnect) once no client is left to answer: when this
         request's client leaves, `work` goes on only for the followers of its `flight`."""
         task = asyncio.ensure_future(work)
         if flight is not None:
             flight.on_abandoned = lambda: self._abandon(flight, task)
-        left = asyncio.ensure_future(client_left(receive))
-        try:
-            await asyncio.wait((task, left), return_when=asyncio.FIRST_COMPLETED)
+        gone = False
+
+        def left() -> None:
+            nonlocal gone
+            gone = True
             if not task.done():
                 if flight is None:
                     task.cancel()
                 else:
                     flight.leave()
-            try:
-                return await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if not left.done() or (current is not None and current.cancelling()):
-                    raise
-                raise ClientDisconnect() from None
-        except BaseException:
-            task.cancel()
-            raise
+
+        stop_watching = client.when_leaving(left)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not gone or (current is not None and current.cancelling()):
+                raise
+            raise ClientDisconnect() from None
         finally:
-            left.cancel()
+            stop_watching()
+            task.cancel()
             if flight is not None:
                 flight.on_abandoned = None  # nothing left to give up; the task is freed with its answer
 

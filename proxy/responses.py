@@ -14,9 +14,9 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from cache.stream_usage import UsageWithheld
+from proxy.client import Client
 from proxy.headers import Headers
 from proxy.recorded import RecordedBody
-from proxy.server import CLIENT_WATCH, ClientWatch
 from proxy.upstream import BodyReader
 
 logger = logging.getLogger("openai_proxy.relay")
@@ -147,8 +147,8 @@ class RelayResponse(Response):
     upstream that breaks off ends the client's response the same way: the connection is closed
     without a clean end of body, so the client can tell the answer is incomplete.
 
-    It runs in the request's task with plain asyncio: a task watching for the client to leave and a timer
-    for the deadline, each of which stops the relay by cancelling that task once (an anyio task group
+    It runs in the request's task with plain asyncio: the client's leaving (`Client`) and a timer for the
+    deadline each stop the relay by cancelling that task once (an anyio task group
     and its cancel scopes cost a long stream's first event ten times as much).
     """
 
@@ -191,15 +191,7 @@ class RelayResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        # The proxy's server says when the client leaves; under another server a task waits for it.
-        watch: ClientWatch | None = scope.get(CLIENT_WATCH)
-        watching = None
-        if watch is None:
-            watching = loop.create_task(self._stop_when_client_leaves(receive))
-        elif watch.left:
-            loop.call_soon(self._client_left)
-        else:
-            watch.on_left = self._client_left
+        stop_watching = Client(scope, receive).when_leaving(self._client_left)
         timer = loop.call_at(self.deadline, self._stop) if self.deadline < math.inf else None
         completed = False
         try:
@@ -215,10 +207,7 @@ class RelayResponse(Response):
                     " the client's response was cut off"
                 )
         finally:
-            if watching is not None:
-                watching.cancel()
-            elif watch is not None:
-                watch.on_left = None
+            stop_watching()
             if timer is not None:
                 timer.cancel()
             self._task, self._done = None, True
@@ -263,21 +252,11 @@ class RelayResponse(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         return True
 
-    async def _stop_when_client_leaves(self, receive: Receive) -> None:
-        await client_left(receive)
-        self._client_left()
-
     def _client_left(self) -> None:
         if self.on_client_left is None or self.on_client_left():
             self._stop()
         else:
             self._client_gone = True  # reading on for others: nothing more is sent
-
-
-async def client_left(receive: Receive) -> None:
-    """Return once the client has disconnected (its request body already read)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class Recording:

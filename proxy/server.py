@@ -76,7 +76,7 @@ class ClientWatch:
 
     def __init__(self) -> None:
         self.left = False
-        self.on_left: Callable[[], None] | None = None
+        self.on_left: Callable[[], object] | None = None
 
     def leave(self) -> None:
         if self.left:
