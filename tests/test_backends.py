@@ -659,12 +659,18 @@ async def test_an_entry_of_exactly_max_bytes_is_stored_alone(open_backend: Opene
 
 
 class TinySqlite(SqliteBackend):
-    """A real SQLite store on a "disk" that holds only a few pages more than it starts with."""
+    """A real SQLite store on a "disk" that holds only a few pages more than it starts with (a limit each
+    connection that writes is given)."""
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         await super()._prepare(db)
-        pages = await self._scalar(db, "PRAGMA page_count")
-        await db.execute(f"PRAGMA max_page_count={pages + 16}")
+        self.page_limit = await self._scalar(db, "PRAGMA page_count") + 16
+        await db.execute(f"PRAGMA max_page_count={self.page_limit}")
+
+    async def _connect(self) -> None:
+        await super()._connect()
+        assert self._point_writer is not None
+        self._point_writer.execute(f"PRAGMA max_page_count={self.page_limit}")
 
 
 class TestSqliteOpening:
@@ -849,6 +855,70 @@ class TestSqliteOpening:
 
             assert await backend.get("k") == ENTRY
             holder.close()
+        finally:
+            await backend.close()
+
+    async def test_a_lone_write_is_made_on_the_event_loop_without_a_checkpoint(self, tmp_path: Path) -> None:
+        backend = SqliteBackend(tmp_path / "cache.db")
+        await backend.open()
+        try:
+            assert backend._db is not None
+            statements: list[str] = []
+            await backend._db.set_trace_callback(statements.append)
+            writing = backend.set("k", ENTRY)
+            with pytest.raises(StopIteration):
+                writing.send(None)  # done without waiting on anything: no trip to the database thread
+            assert statements == []
+            with sqlite3.connect(tmp_path / "cache.db") as other:
+                assert other.execute("SELECT count(*) FROM entries WHERE key = 'k'").fetchone() == (1,)
+            assert await backend.get("k") == ENTRY
+            assert backend._point_writer is not None
+            # A checkpoint would hold up every request: the thread's connection makes them.
+            assert backend._point_writer.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+            assert backend._point_writer.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+        finally:
+            await backend.close()
+
+    async def test_a_write_another_connection_holds_the_lock_for_waits_for_it_in_the_thread(
+        self, tmp_path: Path
+    ) -> None:
+        backend = SqliteBackend(tmp_path / "cache.db")
+        await backend.open()
+        holder = sqlite3.connect(tmp_path / "cache.db", isolation_level=None)
+        try:
+            holder.execute("BEGIN IMMEDIATE")  # another process writing
+            first = asyncio.ensure_future(backend.set("k", entry(body=b"first")))
+            await asyncio.sleep(0.2)
+            assert not first.done(), "the write waits for the lock (in the thread) instead of failing"
+            second = asyncio.ensure_future(backend.set("k", entry(body=b"second")))
+            await asyncio.sleep(0.05)
+            holder.execute("COMMIT")
+            await asyncio.wait_for(asyncio.gather(first, second), 5)
+
+            stored = await backend.get("k")
+            assert stored is not None and stored.body == b"second", "writes keep their order"
+            await backend.set("k", entry(body=b"third"))  # on the loop again
+            stored = await backend.get("k")
+            assert stored is not None and stored.body == b"third"
+        finally:
+            holder.close()
+            await backend.close()
+
+    async def test_a_bounded_store_writes_in_the_thread_and_evicts(self, tmp_path: Path) -> None:
+        backend = SqliteBackend(tmp_path / "cache.db", max_entries=2)
+        await backend.open()
+        try:
+            assert backend._db is not None
+            statements: list[str] = []
+            await backend._db.set_trace_callback(statements.append)
+            for number in range(4):
+                await backend.set(f"k{number}", ENTRY)
+            assert [await backend.get(f"k{number}") is not None for number in range(4)] == [False, False, True, True]
+            # In the thread, where eviction runs in the same transaction.
+            inserted = {
+                statement.split("VALUES ('")[1].split("'")[0] for statement in statements if "INTO entries" in statement
+            }
+            assert inserted == {"k0", "k1", "k2", "k3"}
         finally:
             await backend.close()
 
