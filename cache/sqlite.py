@@ -179,7 +179,7 @@ class SqliteBackend:
         self._point_writer: sqlite3.Connection | None = None
         self._open_error = "not opened yet"
         # One connection serves every coroutine; a transaction must not take in another's statements.
-        self._transaction = asyncio.Lock()
+        self._transaction = _Turns()
         self._batch: _Batch | None = None
         self._file_id: tuple[int, int] | None = None
         # Set while the file is closed and opened again: reads wait for that rather than fail.
@@ -398,8 +398,8 @@ class SqliteBackend:
             raise batch.error
 
     def _write_at_once(self, row: tuple[Any, ...]) -> bool:
-        """Store one row on the event loop, as its own transaction, when nothing else is being written or
-        waits to be (writes keep their order) and the store is unbounded (no eviction to run with it):
+        """Store one row on the event loop, as its own transaction, when nothing else is being written in
+        the thread or waits to be (writes keep their order) and the store is unbounded (no eviction to run with it):
         True when it is stored. A trip to the database thread costs more CPU than the statement itself
         (144 us against 60 us for a 1 kB row here), and storing a miss at a time is what a store that keeps
         up does. False when the write would wait for a lock: it then goes to the thread, which waits."""
@@ -408,7 +408,7 @@ class SqliteBackend:
             writer is None
             or self._reopening is not None
             or self._batch is not None
-            or self._transaction.locked()
+            or self._transaction.taken
             or self.max_entries
             or self.max_bytes
         ):
@@ -646,6 +646,29 @@ def _point_connection(path: Path, writes: bool) -> sqlite3.Connection:
         connection.close()
         raise
     return connection
+
+
+class _Turns:
+    """The database thread's connection, taken by one transaction at a time in the order they asked;
+    `taken` counts the one that holds it and those that wait."""
+
+    __slots__ = ("_lock", "taken")
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self.taken = 0
+
+    async def __aenter__(self) -> None:
+        self.taken += 1
+        try:
+            await self._lock.acquire()
+        except BaseException:
+            self.taken -= 1
+            raise
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+        self.taken -= 1
 
 
 class _Corrupt(CacheError):

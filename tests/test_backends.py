@@ -904,6 +904,23 @@ class TestSqliteOpening:
             holder.close()
             await backend.close()
 
+    async def test_a_write_after_a_deletion_waiting_in_the_thread_comes_after_it(self, tmp_path: Path) -> None:
+        backend = SqliteBackend(tmp_path / "cache.db")
+        await backend.open()
+        try:
+            await backend.set("k", entry(body=b"old"))
+            async with backend._transaction:  # a statistics write, say
+                deleting = asyncio.ensure_future(backend.delete("k"))
+                await asyncio.sleep(0.01)
+            # The lock is free, and the deletion has yet to take it.
+            await backend.set("k", entry(body=b"new"))
+            await deleting
+
+            stored = await backend.get("k")
+            assert stored is not None and stored.body == b"new"
+        finally:
+            await backend.close()
+
     async def test_a_bounded_store_writes_in_the_thread_and_evicts(self, tmp_path: Path) -> None:
         backend = SqliteBackend(tmp_path / "cache.db", max_entries=2)
         await backend.open()
