@@ -1,5 +1,6 @@
 """Whether the cache store currently works, with each outage logged once when it starts and ends; a store
-that fails and works by turns is logged at most once per `FLAP_SECONDS`, not once per turn."""
+that fails and works by turns is logged at most once per `FLAP_SECONDS`, not once per turn. A store too
+busy to take an operation (`StoreBusy`) works: that is the proxy's overload, logged apart, never an outage."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from cache.base import CacheError
+from cache.base import CacheError, StoreBusy
 
 logger = logging.getLogger("openai_proxy.cache")
 
@@ -62,10 +63,18 @@ class CacheHealth:
         # When the last logged outage of each operation ended, and the brief outages since, not logged.
         self._logged_end: dict[Operation | None, float] = {}
         self._brief: dict[Operation | None, int] = {}
+        # When the store's being busy was last logged, and the busy operations since.
+        self._busy_logged_at: float | None = None
+        self._busy_since_logged = 0
 
     def failed(self, operation: Operation, exc: CacheError) -> None:
+        """`operation` failed with `exc`: an outage begins (or goes on), unless the store was only too busy
+        to take it (`StoreBusy`). The metrics count both."""
         if self.on_failure is not None:
             self.on_failure(operation)
+        if isinstance(exc, StoreBusy):
+            self._busy(exc)
+            return
         tracked = operation if self.apart else None
         self._failures[tracked] = str(exc)
         now = self.clock()
@@ -84,6 +93,21 @@ class CacheHealth:
         logger.error(
             "cache store (%s) %s, serving from upstream until it recovers%s: %s", self.backend, what, flaps, exc
         )
+
+    def _busy(self, exc: StoreBusy) -> None:
+        """Logged at most once per `FLAP_SECONDS`, with the busy operations since the last line."""
+        self._busy_since_logged += 1
+        now = self.clock()
+        if self._busy_logged_at is not None and now - self._busy_logged_at < FLAP_SECONDS:
+            return
+        logger.warning(
+            "cache store (%s) too busy: the proxy asks more than its connections carry (operations that found every"
+            " connection in use: %d; lookups went upstream, writes wait their turn): %s",
+            self.backend,
+            self._busy_since_logged,
+            exc,
+        )
+        self._busy_logged_at, self._busy_since_logged = now, 0
 
     def succeeded(self, operation: Operation) -> None:
         if not self._outages:

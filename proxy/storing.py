@@ -168,8 +168,10 @@ class StoreQueue:
                 stored = True
             self.health.succeeded(Operation.WRITE)
         except StoreBusy as exc:
-            if written:  # deleting an entry forgotten meanwhile: a failed write like any other
-                self.health.failed(Operation.WRITE, exc)
+            if written:  # deleting an entry forgotten meanwhile: it stays stored, a failed write like any other
+                self.health.failed(
+                    Operation.WRITE, CacheError(f"deleting an entry forgotten while it was stored: {exc}")
+                )
             elif self._by_key.get(waiting.key) is waiting:  # else a newer answer for its key waits: that one goes
                 busy = True
                 self._busy.append(waiting)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from cache.base import CacheError
+from cache.base import CacheError, StoreBusy
 from cache.health import FLAP_LOGGED_AFTER, FLAP_SECONDS, CacheHealth, Operation
 
 READ, WRITE = Operation.READ, Operation.WRITE
@@ -107,3 +107,37 @@ def test_reads_and_writes_that_fail_apart_are_logged_apart(clock: Clock, caplog:
         "cache store (sqlite) writes work again",
         "cache store (sqlite) reads work again",
     ]
+
+
+def test_a_store_too_busy_is_no_outage_and_is_logged_at_most_once_per_flap_window(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="openai_proxy.cache")
+    failures: list[Operation] = []
+    health = CacheHealth("redis", operations_fail_apart=False, on_failure=failures.append, clock=clock)
+    busy = StoreBusy("no Redis connection came free within 0.5 s")
+    for _ in range(30):  # 3 s of an overloaded proxy: busy lookups and statistics writes
+        health.failed(READ, busy)
+        health.failed(WRITE, busy)
+        clock.now += 0.1
+        assert health.state().ok, "the store works: /healthz says so"
+    clock.now += FLAP_SECONDS
+    health.failed(READ, busy)
+
+    assert lines(caplog) == [
+        "cache store (redis) too busy: the proxy asks more than its connections carry (operations that found every"
+        " connection in use: 1; lookups went upstream, writes wait their turn): no Redis connection came free"
+        " within 0.5 s",
+        "cache store (redis) too busy: the proxy asks more than its connections carry (operations that found every"
+        " connection in use: 60; lookups went upstream, writes wait their turn): no Redis connection came free"
+        " within 0.5 s",
+    ]
+    assert len(failures) == 61, "the metrics count every operation that was not done"
+
+
+def test_a_busy_store_that_then_fails_is_an_outage(health: CacheHealth, caplog: pytest.LogCaptureFixture) -> None:
+    health.failed(READ, StoreBusy("no connection came free"))
+    health.failed(READ, CacheError("connection refused"))
+
+    assert not health.state().ok and health.state().reason == "connection refused"
+    assert lines(caplog)[-1] == "cache store (redis) fails, serving from upstream until it recovers: connection refused"
