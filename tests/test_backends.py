@@ -665,7 +665,8 @@ class TinySqlite(SqliteBackend):
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         await super()._prepare(db)
         self.page_limit = await self._scalar(db, "PRAGMA page_count") + 16
-        await db.execute(f"PRAGMA max_page_count={self.page_limit}")
+        async with db.execute(f"PRAGMA max_page_count={self.page_limit}"):
+            pass  # the pragma answers a row: its cursor is closed, or it would hold a read open
 
     async def _connect(self) -> None:
         await super()._connect()
@@ -902,6 +903,30 @@ class TestSqliteOpening:
             assert stored is not None and stored.body == b"third"
         finally:
             holder.close()
+            await backend.close()
+
+    async def test_a_batch_of_writes_makes_one_on_the_event_loop_and_the_rest_in_the_thread(
+        self, tmp_path: Path
+    ) -> None:
+        backend = SqliteBackend(tmp_path / "cache.db")
+        await backend.open()
+        try:
+            assert backend._db is not None
+            statements: list[str] = []
+            await backend._db.set_trace_callback(statements.append)
+            await asyncio.gather(*(backend.set(f"k{number}", ENTRY) for number in range(10)))
+            in_thread = {
+                statement.split("VALUES ('")[1].split("'")[0] for statement in statements if "INTO entries" in statement
+            }
+            assert in_thread == {f"k{number}" for number in range(1, 10)}
+            assert sum(statement == "BEGIN IMMEDIATE" for statement in statements) <= 2, "group commits"
+            assert all([await backend.get(f"k{number}") == ENTRY for number in range(10)])
+
+            await asyncio.sleep(0)  # the next turn of the loop
+            statements.clear()
+            await backend.set("lone", ENTRY)
+            assert statements == [], "a lone write in a later turn is made on the event loop again"
+        finally:
             await backend.close()
 
     async def test_a_write_after_a_deletion_waiting_in_the_thread_comes_after_it(self, tmp_path: Path) -> None:
