@@ -658,6 +658,18 @@ async def test_an_entry_of_exactly_max_bytes_is_stored_alone(open_backend: Opene
     assert (stats.entries, stats.bytes, stats.evictions) == (1, 100, 1)
 
 
+async def thread_statements(backend: SqliteBackend) -> list[str]:
+    """The statements the store's thread connection runs from now on (the writes not made on the event loop)."""
+    assert backend._db is not None
+    statements: list[str] = []
+    await backend._db.set_trace_callback(statements.append)
+    return statements
+
+
+def keys_stored(statements: list[str]) -> set[str]:
+    return {statement.split("VALUES ('")[1].split("'")[0] for statement in statements if "INTO entries" in statement}
+
+
 class TinySqlite(SqliteBackend):
     """A real SQLite store on a "disk" that holds only a few pages more than it starts with (a limit each
     connection that writes is given)."""
@@ -863,9 +875,7 @@ class TestSqliteOpening:
         backend = SqliteBackend(tmp_path / "cache.db")
         await backend.open()
         try:
-            assert backend._db is not None
-            statements: list[str] = []
-            await backend._db.set_trace_callback(statements.append)
+            statements = await thread_statements(backend)
             writing = backend.set("k", ENTRY)
             with pytest.raises(StopIteration):
                 writing.send(None)  # done without waiting on anything: no trip to the database thread
@@ -911,14 +921,9 @@ class TestSqliteOpening:
         backend = SqliteBackend(tmp_path / "cache.db")
         await backend.open()
         try:
-            assert backend._db is not None
-            statements: list[str] = []
-            await backend._db.set_trace_callback(statements.append)
+            statements = await thread_statements(backend)
             await asyncio.gather(*(backend.set(f"k{number}", ENTRY) for number in range(10)))
-            in_thread = {
-                statement.split("VALUES ('")[1].split("'")[0] for statement in statements if "INTO entries" in statement
-            }
-            assert in_thread == {f"k{number}" for number in range(1, 10)}
+            assert keys_stored(statements) == {f"k{number}" for number in range(1, 10)}
             assert sum(statement == "BEGIN IMMEDIATE" for statement in statements) <= 2, "group commits"
             assert all([await backend.get(f"k{number}") == ENTRY for number in range(10)])
 
@@ -950,17 +955,12 @@ class TestSqliteOpening:
         backend = SqliteBackend(tmp_path / "cache.db", max_entries=2)
         await backend.open()
         try:
-            assert backend._db is not None
-            statements: list[str] = []
-            await backend._db.set_trace_callback(statements.append)
+            statements = await thread_statements(backend)
             for number in range(4):
                 await backend.set(f"k{number}", ENTRY)
             assert [await backend.get(f"k{number}") is not None for number in range(4)] == [False, False, True, True]
             # In the thread, where eviction runs in the same transaction.
-            inserted = {
-                statement.split("VALUES ('")[1].split("'")[0] for statement in statements if "INTO entries" in statement
-            }
-            assert inserted == {"k0", "k1", "k2", "k3"}
+            assert keys_stored(statements) == {"k0", "k1", "k2", "k3"}
         finally:
             await backend.close()
 
