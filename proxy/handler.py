@@ -45,7 +45,6 @@ from proxy.responses import (
     Recording,
     RelayResponse,
     as_asked,
-    carries_length,
     upstream_chunks,
 )
 from proxy.settings import Settings
@@ -360,15 +359,15 @@ class Proxy:
         now = self.clock()
         if not self._is_fresh(entry, now, asked.control.max_age):
             return Lookup(CacheStatus.EXPIRED, self._stale(asked, entry))
-        return self._hit(asked, entry, now, asked.exchange)
+        return self._hit(asked, entry, now)
 
-    def _hit(self, asked: Asked, entry: CachedResponse, now: float, exchange: Exchange | None) -> Lookup:
+    def _hit(self, asked: Asked, entry: CachedResponse, now: float) -> Lookup:
         """The lookup of a request whose entry is fresh: a hit, or a miss when the entry cannot answer it."""
         answer = self.hit_answers.answer((asked.key, asked.endpoint, asked.wants_stream, asked.wants_usage), entry)
         if answer is None:
             return Lookup(CacheStatus.MISS)
         self.statistics.hit(asked.key, entry, now)
-        _note(exchange, CacheStatus.HIT)
+        _note(asked.exchange, CacheStatus.HIT)
         return Lookup(CacheStatus.MISS, hit=answer.response(_age(entry, now)))
 
     def answer_at_once(self, scope: Scope, body: bytes) -> BufferedResponse | None:
@@ -381,18 +380,21 @@ class Proxy:
         asked = self.recent.get(self.recent.bytes_of(scope, body))
         if asked is None or not self.settings.respond_with_cache or asked.control.no_cache:
             return None
-        entry = self.stores.waiting_entry(asked.key) or self.backend.held(asked.key)
+        key = asked.key
+        entry = self.stores.waiting_entry(key) or self.backend.held(key)
         now = self.clock()
         if entry is None or not self._is_fresh(entry, now, asked.control.max_age):
             return None
-        if entry.status >= 600 or not carries_length(entry.status) or not entry.content_type.isprintable():
-            return None  # not what the server writes at once: left to its checks, on the task's way
+        answer = self.hit_answers.answer((key, asked.endpoint, asked.wants_stream, asked.wants_usage), entry)
+        if answer is None or not answer.written_at_once:
+            return None
         exchange = exchange_of(scope)
         if exchange is not None:
-            exchange.provider, exchange.endpoint = asked.provider, asked.endpoint
-            exchange.model, exchange.key = asked.model, asked.key
+            exchange.provider, exchange.endpoint, exchange.model = asked.provider, asked.endpoint, asked.model
+            exchange.key, exchange.cache_status = key, HIT_STATUS
         self.health.succeeded(Operation.READ)
-        return self._hit(asked, entry, now, exchange).hit
+        self.statistics.hit(key, entry, now)
+        return answer.response(_age(entry, now))
 
     def _stale(self, asked: Asked, entry: CachedResponse) -> Stale | None:
         if not self.settings.cache_stale_if_error:
@@ -875,6 +877,7 @@ class Proxy:
 
 
 COALESCED = (b"x-cache-coalesced", b"true")
+HIT_STATUS = CacheStatus.HIT.value
 
 
 def _age(entry: CachedResponse, now: float) -> int:

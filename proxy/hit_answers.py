@@ -4,7 +4,7 @@ of a stream) or encoding its headers again: only its age is new."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cache.base import CachedResponse, same_entry
 from cache.replay import Replay, replay
@@ -21,17 +21,21 @@ HIT = (b"x-cache-status", b"HIT")
 HitShape = tuple[str, str, bool, bool]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class HitAnswer:
     """A hit's answer for one entry: its headers are `content_type`, the age, then `after_age`. They are
     also kept as the server writes them (`written_around_age`: the lines before and after the age; None
-    when the server would refuse one), so that a hit answered at once writes no header again."""
+    when the server would refuse one), so that a hit answered at once writes no header again.
+
+    The response last made is kept with its age (`last`): the hits of one second all get that response,
+    which nothing changes once made."""
 
     entry: CachedResponse
     body: bytes
     content_type: tuple[bytes, bytes]
     after_age: tuple[tuple[bytes, bytes], ...]
     written_around_age: tuple[bytes, bytes] | None
+    last: tuple[int, BufferedResponse] | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def made(cls, entry: CachedResponse, replayed: Replay, cache_headers: list[tuple[bytes, bytes]]) -> HitAnswer:
@@ -43,12 +47,29 @@ class HitAnswer:
         written = (before, after) if before is not None and after is not None else None
         return cls(entry, replayed.body, content_type, tuple(cache_headers), written)
 
+    @property
+    def written_at_once(self) -> bool:
+        """Whether the server may write this answer at once, without an ASGI task: a status it knows, with a
+        body, and a content type it would not refuse. Any other goes the task's way, through its checks."""
+        entry = self.entry
+        return (
+            self.written_around_age is not None
+            and entry.status < 600
+            and carries_length(entry.status)
+            and entry.content_type.isprintable()
+        )
+
     def response(self, age: int) -> BufferedResponse:
+        last = self.last
+        if last is not None and last[0] == age:
+            return last[1]
         written = self.written_around_age
         head = None if written is None else b"%sage: %d\r\n%s" % (written[0], age, written[1])
-        return BufferedResponse.complete(
+        response = BufferedResponse.complete(
             self.entry.status, self.body, [self.content_type, (b"age", b"%d" % age), *self.after_age], head
         )
+        self.last = (age, response)
+        return response
 
 
 class HitAnswers:

@@ -104,3 +104,31 @@ def test_an_answer_too_large_for_its_share_is_made_but_not_kept() -> None:
     answer = answers.answer(shape(), entry("z" * 20_000))
     assert answer is not None and len(answer.body) > 20_000
     assert len(answers) == 0 and answers.bytes == 0
+
+
+def test_the_hits_of_one_second_share_one_response_and_another_age_gets_its_own() -> None:
+    answer = HitAnswers().answer(shape(), entry())
+    assert answer is not None
+    first = answer.response(3)
+    assert answer.response(3) is first, "made once for every hit of that age"
+    older = answer.response(4)
+    assert older is not first
+    assert older.head is not None and b"age: 4\r\n" in older.head
+    assert (b"age", b"4") in older.raw_headers
+    again = answer.response(3)
+    assert again.head == first.head and again.raw_headers == first.raw_headers and again.body == first.body
+    assert first.head is not None and b"age: 3\r\n" in first.head, "a response once made never changes"
+
+
+def test_an_answer_is_written_at_once_only_when_the_server_would_write_it_itself() -> None:
+    answers = HitAnswers()
+    plain = answers.answer(shape("plain"), entry())
+    assert plain is not None and plain.written_at_once
+    refused_header = dataclasses.replace(entry(), content_type="application/json\r\nset-cookie: stolen=1")
+    unprintable = dataclasses.replace(entry(), content_type="application/json\x7f")
+    no_body = dataclasses.replace(entry(), status=204)
+    unknown_status = dataclasses.replace(entry(), status=799)
+    for number, odd in enumerate((refused_header, unprintable, no_body, unknown_status)):
+        answer = answers.answer(shape(f"odd-{number}"), odd)
+        assert answer is not None
+        assert not answer.written_at_once, odd
