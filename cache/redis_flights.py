@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 
 import anyio
 import orjson
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.typing import EncodableT, FieldT
 
 from cache.base import CachedResponse, CacheError
@@ -153,13 +153,11 @@ class Lease:
         if not self._ended.done():
             self._ended.set_result(None)
 
-    async def close(self) -> None:
-        """Write the end and release the lock: the mirror writer calls it once every event before is written."""
+    def ending(self) -> tuple[str, str, bool, bool]:
+        """What its end says: its key, its token, whether the flight completed (and nothing failed to be
+        mirrored), and whether its answer was stored."""
         complete, stored = self._end
-        try:
-            await self._flights.end(self._key, self.token, complete and not self.failed, stored)
-        finally:
-            self.abandon()
+        return self._key, self.token, complete and not self.failed, stored
 
 
 class RemoteLeader:
@@ -387,9 +385,9 @@ class RedisFlights:
                 logger.debug("could not share flights through Redis: %s", exc)
                 for lease, _ in events:
                     lease.failed = True  # its waiters time out and go upstream themselves
-        for lease, event in batch:
-            if event is None:
-                self._spawn(lease.close())
+        ended = [lease for lease, event in batch if event is None]
+        if ended:
+            self._spawn(self._end_all(ended))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
@@ -397,18 +395,56 @@ class RedisFlights:
         task.add_done_callback(self.tasks.discard)
         return task
 
+    async def _end_all(self, leases: list[Lease]) -> None:
+        """Write the ends of `leases` and release their locks, all in one round trip: the mirror writer
+        calls it once every event before them is written. Each is done with afterwards, whether or not its
+        end reached Redis (its lock then expires by itself, and its followers time out)."""
+        ends = [lease.ending() for lease in leases]
+        try:
+            await self.run("coalescing", lambda: self._run_ends(ends))
+        except CacheError:
+            pass
+        finally:
+            for (key, token, _, _), lease in zip(ends, leases, strict=True):
+                self._forget(key, token)
+                lease.abandon()
+
+    async def _run_ends(self, ends: list[tuple[str, str, bool, bool]]) -> None:
+        for loaded in (False, True):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, token, complete, stored in ends:
+                    # EVALSHA itself: a registered script would have the pipeline ask SCRIPT EXISTS first.
+                    keys, args = self._end_keys(key, token), self._end_args(token, complete, stored)
+                    pipe.evalsha(self._end.sha, len(keys), *keys, *args)
+                results = await pipe.execute(raise_on_error=False)
+            unscripted = [end for end, result in zip(ends, results, strict=True) if isinstance(result, NoScriptError)]
+            if loaded or not unscripted:
+                return
+            await self.redis.script_load(self._end.script)  # the first ends, or a restarted or flushed server
+            ends = unscripted
+
     async def end(self, key: str, token: str, complete: bool, stored: bool) -> None:
-        keys = [self.stream_key(key, token), self.lock_key(key)]
-        args: list[str | int] = [token, int(complete), int(stored), FINISHED_KEPT_FOR_MS]
+        keys, args = self._end_keys(key, token), self._end_args(token, complete, stored)
         try:
             await self.run("coalescing", lambda: self._end(keys=keys, args=args))
         except CacheError:
             pass  # the lock expires by itself; waiters time out
         finally:
-            lease = self._leases.get(key)
-            if lease is not None and lease.token == token:
-                del self._leases[key]
-                self._by_stream.pop(lease.stream, None)
+            self._forget(key, token)
+
+    def _end_keys(self, key: str, token: str) -> list[str]:
+        return [self.stream_key(key, token), self.lock_key(key)]
+
+    @staticmethod
+    def _end_args(token: str, complete: bool, stored: bool) -> list[str | int]:
+        return [token, int(complete), int(stored), FINISHED_KEPT_FOR_MS]
+
+    def _forget(self, key: str, token: str) -> None:
+        """No longer lead the flight of `key` under `token` (a later lease of the key stays)."""
+        lease = self._leases.get(key)
+        if lease is not None and lease.token == token:
+            del self._leases[key]
+            self._by_stream.pop(lease.stream, None)
 
     async def close(self) -> None:
         """Write what is still to be mirrored (a second at most), then stop."""
