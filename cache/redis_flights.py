@@ -387,7 +387,7 @@ class RedisFlights:
                     lease.failed = True  # its waiters time out and go upstream themselves
         ended = [lease for lease, event in batch if event is None]
         if ended:
-            self._spawn(self._end_all(ended))
+            self._spawn(self._end_leases(ended))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
@@ -395,26 +395,41 @@ class RedisFlights:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def _end_all(self, leases: list[Lease]) -> None:
-        """Write the ends of `leases` and release their locks, all in one round trip: the mirror writer
-        calls it once every event before them is written. Each is done with afterwards, whether or not its
-        end reached Redis (its lock then expires by itself, and its followers time out)."""
-        ends = [lease.ending() for lease in leases]
+    async def _end_leases(self, leases: list[Lease]) -> None:
+        """End `leases` (`end_all`): the mirror writer calls it once every event before them is written. Each
+        is done with afterwards, whether or not its end reached Redis."""
+        try:
+            await self.end_all([lease.ending() for lease in leases])
+        finally:
+            for lease in leases:
+                lease.abandon()
+
+    async def end(self, key: str, token: str, complete: bool, stored: bool) -> None:
+        await self.end_all([(key, token, complete, stored)])
+
+    async def end_all(self, ends: list[tuple[str, str, bool, bool]]) -> None:
+        """Write the end of each flight (key, token, complete, stored) and release its lock, all in one round
+        trip. One that fails is let be: its lock expires by itself, and its followers time out."""
         try:
             await self.run("coalescing", lambda: self._run_ends(ends))
         except CacheError:
             pass
         finally:
-            for (key, token, _, _), lease in zip(ends, leases, strict=True):
+            for key, token, _, _ in ends:
                 self._forget(key, token)
-                lease.abandon()
 
     async def _run_ends(self, ends: list[tuple[str, str, bool, bool]]) -> None:
+        if self.backend.cluster:  # a cluster refuses scripts in a pipeline: a round trip each, side by side
+            calls = (self._end(keys=keys, args=args) for keys, args in map(self._end_call, ends))
+            results = await asyncio.gather(*calls, return_exceptions=True)
+            failed = next((result for result in results if isinstance(result, BaseException)), None)
+            if failed is not None:
+                raise failed
+            return
         for loaded in (False, True):
             async with self.redis.pipeline(transaction=False) as pipe:
-                for key, token, complete, stored in ends:
+                for keys, args in map(self._end_call, ends):
                     # EVALSHA itself: a registered script would have the pipeline ask SCRIPT EXISTS first.
-                    keys, args = self._end_keys(key, token), self._end_args(token, complete, stored)
                     pipe.evalsha(self._end.sha, len(keys), *keys, *args)
                 results = await pipe.execute(raise_on_error=False)
             unscripted = [end for end, result in zip(ends, results, strict=True) if isinstance(result, NoScriptError)]
@@ -423,21 +438,15 @@ class RedisFlights:
             await self.redis.script_load(self._end.script)  # the first ends, or a restarted or flushed server
             ends = unscripted
 
-    async def end(self, key: str, token: str, complete: bool, stored: bool) -> None:
-        keys, args = self._end_keys(key, token), self._end_args(token, complete, stored)
-        try:
-            await self.run("coalescing", lambda: self._end(keys=keys, args=args))
-        except CacheError:
-            pass  # the lock expires by itself; waiters time out
-        finally:
-            self._forget(key, token)
-
-    def _end_keys(self, key: str, token: str) -> list[str]:
-        return [self.stream_key(key, token), self.lock_key(key)]
-
-    @staticmethod
-    def _end_args(token: str, complete: bool, stored: bool) -> list[str | int]:
-        return [token, int(complete), int(stored), FINISHED_KEPT_FOR_MS]
+    def _end_call(self, end: tuple[str, str, bool, bool]) -> tuple[list[str], list[str | int]]:
+        """The end script's keys and arguments for one flight's end."""
+        key, token, complete, stored = end
+        return [self.stream_key(key, token), self.lock_key(key)], [
+            token,
+            int(complete),
+            int(stored),
+            FINISHED_KEPT_FOR_MS,
+        ]
 
     def _forget(self, key: str, token: str) -> None:
         """No longer lead the flight of `key` under `token` (a later lease of the key stays)."""

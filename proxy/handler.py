@@ -363,7 +363,7 @@ class Proxy:
 
     def _hit(self, asked: Asked, entry: CachedResponse, now: float) -> Lookup:
         """The lookup of a request whose entry is fresh: a hit, or a miss when the entry cannot answer it."""
-        answer = self.hit_answers.answer((asked.key, asked.endpoint, asked.wants_stream, asked.wants_usage), entry)
+        answer = self.hit_answers.answer(asked.hit_shape, entry)
         if answer is None:
             return Lookup(CacheStatus.MISS)
         self.statistics.hit(asked.key, entry, now)
@@ -385,7 +385,7 @@ class Proxy:
         now = self.clock()
         if entry is None or not self._is_fresh(entry, now, asked.control.max_age):
             return None
-        answer = self.hit_answers.answer((key, asked.endpoint, asked.wants_stream, asked.wants_usage), entry)
+        answer = self.hit_answers.answer(asked.hit_shape, entry)
         if answer is None or not answer.written_at_once:
             return None
         exchange = exchange_of(scope)

@@ -113,6 +113,12 @@ class Asked:
     exchange: Exchange | None  # what the access log and metrics learn of the request
 
     @property
+    def hit_shape(self) -> tuple[str, str, bool, bool]:
+        """What a hit's answer depends on besides its entry (`HitShape`): the key, the endpoint, whether a
+        stream is wanted, and usage."""
+        return self.key, self.endpoint, self.wants_stream, self.wants_usage
+
+    @property
     def upstream_usage(self) -> bool:
         """Whether the upstream's answer carries usage."""
         return self.wants_usage or self.asks_usage

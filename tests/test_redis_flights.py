@@ -17,6 +17,7 @@ from cache.base import CacheError
 from cache.redis_backend import RedisBackend
 from cache.redis_flights import Lease, RedisFlights, RemoteLeader, connect_reader
 from proxy.coalesce import Flight
+from tests.redis_servers import RedisCluster as RedisTestCluster
 from tests.redis_servers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -234,6 +235,28 @@ async def test_leases_end_and_release_their_locks_even_after_redis_forgot_the_sc
         await redis.aclose()
         await flights.close()
         await flights.backend.close()
+
+
+async def test_leases_on_a_redis_cluster_end_and_release_their_locks(redis_cluster: RedisTestCluster) -> None:
+    """A cluster takes no script in a pipeline: the ends that go together there each take a round trip."""
+    backend = RedisBackend.at(redis_cluster.url, cluster=True, timeout=2.0, prefix=f"test-flights-{uuid.uuid4().hex}")
+    flights = RedisFlights(backend, connect_reader(redis_cluster.url, cluster=True, timeout=1.0), lock_timeout=5.0)
+    try:
+        leases = [await flights.claim(f"key-{number}") for number in range(6)]  # spread over the nodes
+        for number, lease in enumerate(leases):
+            assert isinstance(lease, Lease)
+            lease.finish(complete=True, stored=number % 2 == 0)
+        await asyncio.wait_for(asyncio.gather(*(lease.finished() for lease in leases)), 5)  # type: ignore[union-attr]
+
+        for number, lease in enumerate(leases):
+            assert isinstance(lease, Lease)
+            events = [fields for _, fields in await backend.redis.xrange(lease.stream)]
+            assert [(event[b"e"], event[b"stored"]) for event in events] == [(b"end", b"%d" % (number % 2 == 0))]
+            assert await backend.redis.get(flights.lock_key(f"key-{number}")) is None, "the lock is released"
+        assert not flights._leases, "no flight is led any more"
+    finally:
+        await flights.close()
+        await backend.close()
 
 
 async def claimed(flights: RedisFlights, key: str) -> Lease | RemoteLeader:
