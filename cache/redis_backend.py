@@ -24,14 +24,15 @@ from typing import Any, NamedTuple, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
+import hiredis
 import orjson
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import DataError, NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintNotificationsConfig
 
@@ -112,9 +113,34 @@ def connect(url: str, *, cluster: bool, timeout: float, connect_timeout: float |
         max_connections=MAX_CONNECTIONS,
         wait=timeout,
         maint_notifications_config=MaintNotificationsConfig(enabled=False),
+        connection_class=HiredisPackingConnection,
         **options,
     )
     return Redis(connection_pool=pool)
+
+
+class HiredisPackingConnection(Connection):
+    """redis-py's asyncio connection, its commands packed by hiredis as its synchronous client packs them:
+    the same bytes, eight times faster than its pure-Python packer (54 against 6.5 us for a cache write's
+    index script), which was a tenth of a Redis miss's CPU. (A cluster's client takes no connection class.)"""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        # As redis-py's packers do: a command name of several words goes as several arguments.
+        if isinstance(args[0], str):
+            args = (*args[0].encode().split(), *args[1:])
+        elif b" " in args[0]:
+            args = (*args[0].split(), *args[1:])
+        try:
+            packed: bytes = hiredis.pack_command(args)
+        except TypeError:
+            # A bytearray, which hiredis takes as bytes only; or a bool, None or other value Redis has no
+            # form for, refused as redis-py refuses it.
+            try:
+                as_bytes = tuple(bytes(arg) if isinstance(arg, bytearray) else arg for arg in args)
+                packed = hiredis.pack_command(cast(Any, as_bytes))  # (its stub types a tuple of one item)
+            except TypeError as exc:
+                raise DataError(str(exc)) from exc
+        return [packed]
 
 
 class PoolBusy(RedisConnectionError):

@@ -16,14 +16,15 @@ from typing import Protocol
 import aiosqlite
 import anyio
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import Connection, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 
 from cache import CacheBackend, CachedResponse, CacheError, SqliteBackend
 from cache import sqlite as sqlite_module
 from cache.base import EntryFilter, EntryInfo, StoreBusy
 from cache.health import CacheHealth
-from cache.redis_backend import FAILURES_TO_SKIP, RedisBackend, WaitingConnectionPool
+from cache.redis_backend import FAILURES_TO_SKIP, HiredisPackingConnection, RedisBackend, WaitingConnectionPool
 from cache.sqlite import SCHEMA_VERSION
 from cache.stats import ACTIVITY_KEPT_SECONDS, RECENT_REQUESTS_KEPT, ActivityPoint, RequestRecord, SavedFigures, Tally
 from proxy.storing import StoreQueue
@@ -1200,5 +1201,43 @@ async def test_a_busy_pool_is_no_outage_and_an_answer_it_had_no_connection_for_i
         assert landed == [True] and skipped == []
         assert await backend.get("k") == entry(), "read at once: Redis was never skipped as down"
         assert health.state().ok, "the store never failed"
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("EVALSHA", "0" * 40, 2, "{p}:sizes", b"{p}:meta", 10_000, "key", 1032, repr(1_700_000_000.123456), "", 0),
+        ("HSET", "p:{k}", "body", b"\xff\x00 not utf-8", "model", "gpt-4o-mini \u00e9\U0001f600", "ttl", 3600.5),
+        ("SET", "n", -3, 10**20, 1e-7, float("inf"), 0.1 + 0.2),
+        ("SET", "views", memoryview(b"a view"), bytearray(b"an array"), b""),
+        ("SCRIPT LOAD", "return 1"),
+        (b"CLIENT SETNAME", "proxy"),
+    ],
+)
+async def test_commands_are_packed_as_redis_py_packs_them(command: tuple[object, ...]) -> None:
+    """hiredis packs what redis-py's own packer would have sent, byte for byte."""
+    packed = b"".join(HiredisPackingConnection().pack_command(*command))
+    assert packed == b"".join(Connection().pack_command(*command))
+
+
+@pytest.mark.parametrize("value", [True, None, object()])
+async def test_a_value_redis_has_no_form_for_is_refused_as_redis_py_refuses_it(value: object) -> None:
+    with pytest.raises(DataError):
+        Connection().pack_command("SET", "k", value)
+    with pytest.raises(DataError):
+        HiredisPackingConnection().pack_command("SET", "k", value)
+
+
+async def test_a_single_server_backend_packs_with_hiredis(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    backend = build_backend("redis", tmp_path, request, max_entries=0, max_bytes=0)
+    await backend.open()
+    try:
+        assert isinstance(backend, RedisBackend) and isinstance(backend.redis, Redis)
+        assert backend.redis.connection_pool.connection_class is HiredisPackingConnection
+        stored = dataclasses.replace(ENTRY, body=bytes(range(256)) * 40, prompt_preview="\u00e9t\u00e9 \U0001f600")
+        await backend.set("packed", stored)
+        assert await backend.get("packed") == stored
     finally:
         await backend.close()
