@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -16,6 +16,9 @@ from proxy.errors import ProxyError
 from proxy.exchange import Exchange
 from proxy.headers import Headers, upstream_request_headers
 from proxy.upstream import upstream_url
+
+if TYPE_CHECKING:
+    from proxy.hit_answers import HitShape
 
 DEFAULT_PROVIDER = "openai"
 
@@ -113,7 +116,7 @@ class Asked:
     exchange: Exchange | None  # what the access log and metrics learn of the request
 
     @property
-    def hit_shape(self) -> tuple[str, str, bool, bool]:
+    def hit_shape(self) -> HitShape:
         """What a hit's answer depends on besides its entry (`HitShape`): the key, the endpoint, whether a
         stream is wanted, and usage."""
         return self.key, self.endpoint, self.wants_stream, self.wants_usage

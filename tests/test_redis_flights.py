@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from redis.asyncio import Redis
@@ -210,6 +210,20 @@ async def test_a_lease_nobody_follows_writes_only_its_end_and_releases_its_lock(
         await flights.backend.close()
 
 
+async def end_every_other_stored(flights: RedisFlights, leases: list[Any], redis: Any) -> None:
+    """Finish `leases` (key-0, key-1, ...), every other one stored, and check that each wrote its end, saying
+    whether it was stored, and released its lock."""
+    for number, lease in enumerate(leases):
+        assert isinstance(lease, Lease)
+        lease.finish(complete=True, stored=number % 2 == 0)
+    await asyncio.wait_for(asyncio.gather(*(lease.finished() for lease in leases)), 5)
+
+    for number, lease in enumerate(leases):
+        events = [fields for _, fields in await redis.xrange(lease.stream)]
+        assert [(event[b"e"], event[b"stored"]) for event in events] == [(b"end", b"%d" % (number % 2 == 0))]
+        assert await redis.get(flights.lock_key(f"key-{number}")) is None, "the lock is released"
+
+
 async def test_leases_end_and_release_their_locks_even_after_redis_forgot_the_scripts(
     redis_server: RedisServer,
 ) -> None:
@@ -219,16 +233,7 @@ async def test_leases_end_and_release_their_locks_even_after_redis_forgot_the_sc
         leases = [await flights.claim(f"key-{number}") for number in range(5)]
         await redis.script_flush()  # as a restarted server would have
         trips = round_trips(flights)
-        for number, lease in enumerate(leases):
-            assert isinstance(lease, Lease)
-            lease.finish(complete=True, stored=number % 2 == 0)
-        await asyncio.wait_for(asyncio.gather(*(lease.finished() for lease in leases)), 5)  # type: ignore[union-attr]
-
-        for number, lease in enumerate(leases):
-            assert isinstance(lease, Lease)
-            events = [fields for _, fields in await redis.xrange(lease.stream)]
-            assert [(event[b"e"], event[b"stored"]) for event in events] == [(b"end", b"%d" % (number % 2 == 0))]
-            assert await redis.get(flights.lock_key(f"key-{number}")) is None, "the lock is released"
+        await end_every_other_stored(flights, leases, redis)
         assert trips == ["coalescing"], "the five ends in one go, the script loaded again on the way"
         assert not flights._leases, "no flight is led any more"
     finally:
@@ -243,16 +248,7 @@ async def test_leases_on_a_redis_cluster_end_and_release_their_locks(redis_clust
     flights = RedisFlights(backend, connect_reader(redis_cluster.url, cluster=True, timeout=1.0), lock_timeout=5.0)
     try:
         leases = [await flights.claim(f"key-{number}") for number in range(6)]  # spread over the nodes
-        for number, lease in enumerate(leases):
-            assert isinstance(lease, Lease)
-            lease.finish(complete=True, stored=number % 2 == 0)
-        await asyncio.wait_for(asyncio.gather(*(lease.finished() for lease in leases)), 5)  # type: ignore[union-attr]
-
-        for number, lease in enumerate(leases):
-            assert isinstance(lease, Lease)
-            events = [fields for _, fields in await backend.redis.xrange(lease.stream)]
-            assert [(event[b"e"], event[b"stored"]) for event in events] == [(b"end", b"%d" % (number % 2 == 0))]
-            assert await backend.redis.get(flights.lock_key(f"key-{number}")) is None, "the lock is released"
+        await end_every_other_stored(flights, leases, backend.redis)
         assert not flights._leases, "no flight is led any more"
     finally:
         await flights.close()
