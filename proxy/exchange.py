@@ -38,6 +38,13 @@ class Exchange:
     first_byte: float | None = None
     ended: float | None = None
 
+    def sent(self, size: int) -> None:
+        """Note `size` bytes of the body sent."""
+        if size:
+            if self.first_byte is None:
+                self.first_byte = time.perf_counter()
+            self.sent_bytes += size
+
     @property
     def duration(self) -> float:
         return (self.ended if self.ended is not None else time.perf_counter()) - self.started
@@ -78,11 +85,7 @@ def observing(send: Send, exchange: Exchange) -> Send:
     async def observed(message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            body: bytes = message.get("body", b"")
-            if body:
-                if exchange.first_byte is None:
-                    exchange.first_byte = time.perf_counter()
-                exchange.sent_bytes += len(body)
+            exchange.sent(len(message.get("body", b"")))
             if not message.get("more_body", False):
                 exchange.ended = time.perf_counter()  # work done after the answer (storing it) is not its time
         elif kind == "http.response.start":

@@ -44,8 +44,8 @@ from proxy.responses import (
     BufferedResponse,
     Recording,
     RelayResponse,
+    UpstreamBody,
     as_asked,
-    upstream_chunks,
 )
 from proxy.settings import Settings
 from proxy.statistics import Statistics
@@ -598,7 +598,7 @@ class Proxy:
             return self._lead(miss, miss.flight, answer, relayed, headers, deadline)
         provider = miss.upstream.provider.name
         if not miss.storing:
-            chunks = upstream_chunks(answer.response, provider, withhold_usage=asked.asks_usage)
+            chunks = UpstreamBody(answer.response, provider, withhold_usage=asked.asks_usage)
             return RelayResponse(status, headers, chunks, deadline=deadline)
         recording = Recording(self.settings.max_cache_entry_bytes)
 
@@ -606,7 +606,7 @@ class Proxy:
             if completed and recording.whole:
                 self._store(asked, answer, recording.body())
 
-        chunks = upstream_chunks(answer.response, provider, on_chunk=recording.add, withhold_usage=asked.asks_usage)
+        chunks = UpstreamBody(answer.response, provider, on_chunk=recording.add, withhold_usage=asked.asks_usage)
         return RelayResponse(status, headers, chunks, on_end=ended, deadline=deadline)
 
     def _lead(
@@ -650,7 +650,7 @@ class Proxy:
             leave()
 
         provider = miss.upstream.provider.name
-        chunks = upstream_chunks(
+        chunks = UpstreamBody(
             answer.response,
             provider,
             on_chunk=flight.publish,
@@ -872,7 +872,7 @@ class Proxy:
             error.headers.update([("x-cache-status", CacheStatus.BYPASS.value)])
             raise
         relayed = [*client_response_headers(response.headers.multi_items()), ("x-cache-status", "BYPASS")]
-        chunks = upstream_chunks(response, upstream.provider.name)
+        chunks = UpstreamBody(response, upstream.provider.name)
         return RelayResponse(response.status_code, relayed, chunks, deadline=deadline)
 
 

@@ -15,9 +15,12 @@ from starlette.types import Receive, Scope, Send
 
 from cache.stream_usage import UsageWithheld
 from proxy.client import Client
+from proxy.exchange import Exchange
+from proxy.exchange import of as exchange_of
 from proxy.headers import Headers
 from proxy.recorded import RecordedBody
-from proxy.upstream import BodyReader
+from proxy.server import DirectBody, direct_body
+from proxy.upstream import BodyReader, close_quietly
 
 logger = logging.getLogger("openai_proxy.relay")
 
@@ -101,42 +104,112 @@ class UpstreamBrokeOff(Exception):
         self.reported = reported
 
 
-async def upstream_chunks(
-    response: httpx.Response,
-    provider: str,
-    on_chunk: Callable[[bytes], None] | None = None,
-    on_complete: Callable[[], None] | None = None,
-    withhold_usage: bool = False,
-) -> AsyncGenerator[bytes, None]:
-    """The decoded upstream body as it arrives, each chunk also given to `on_chunk` as it came; `on_complete`
-    runs once the whole body arrived, before the end is passed on. With `withhold_usage`, the chat stream
-    is passed on as a client that did not ask for usage gets it (`as_asked`), here rather than in a
-    generator of its own: this runs for every event of every stream.
+class UpstreamBody:
+    """An upstream body to relay, each chunk also given to `on_chunk` as it came; `on_complete` runs once the
+    whole body arrived, before the end is passed on. With `withhold_usage`, the chat stream is passed on as
+    a client that did not ask for usage gets it (`as_asked`), here rather than in a generator of its own:
+    this runs for every event of every stream.
 
-    The upstream response is closed however this ends.
+    Read by a task (`chunks`), or pushed from the upstream connection's callbacks with no task (`push`);
+    the upstream response is closed however the reading ends (`close`, for a push).
     """
-    withheld = UsageWithheld() if withhold_usage else None
-    body = BodyReader(response)
-    try:
-        while chunk := await body.read():
+
+    __slots__ = ("_reader", "_response", "_provider", "_on_chunk", "_on_complete", "_withheld")
+
+    def __init__(
+        self,
+        response: httpx.Response,
+        provider: str,
+        on_chunk: Callable[[bytes], None] | None = None,
+        on_complete: Callable[[], None] | None = None,
+        withhold_usage: bool = False,
+    ) -> None:
+        self._reader: BodyReader | None = None
+        self._response = response
+        self._provider = provider
+        self._on_chunk = on_chunk
+        self._on_complete = on_complete
+        self._withheld = UsageWithheld() if withhold_usage else None
+
+    def _broke_off(self, exc: httpx.HTTPError) -> UpstreamBrokeOff:
+        error = UpstreamBrokeOff(f"upstream {self._provider} broke off its response ({type(exc).__name__})")
+        error.__cause__ = exc
+        return error
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
+        """The chunks to pass on, as they arrive."""
+        on_chunk, withheld = self._on_chunk, self._withheld
+        body = self._reader = BodyReader(self._response)
+        try:
+            while chunk := await body.read():
+                if on_chunk is not None:
+                    on_chunk(chunk)
+                if withheld is None:
+                    yield chunk
+                else:
+                    passed = withheld.feed(chunk)
+                    if passed:
+                        yield passed
+            if self._on_complete is not None:
+                self._on_complete()
+        except httpx.HTTPError as exc:
+            raise self._broke_off(exc) from exc
+        finally:
+            await body.close()
+        if withheld is not None:
+            rest = withheld.end()
+            if rest:
+                yield rest
+
+    def push(self, deliver: Callable[[bytes], None], ended: Callable[[BaseException | None], None]) -> bool:
+        """Pass each chunk on to `deliver` as it arrives, with no task (`BodyReader.push`), then call
+        `ended(None)` once the body was whole and passed on, or `ended(error)`: an `UpstreamBrokeOff`, or what
+        a callback raised. False, with nothing done, for a body that a task must read (`chunks`)."""
+        if self._reader is not None:
+            return False
+        on_chunk, withheld, on_complete = self._on_chunk, self._withheld, self._on_complete
+
+        def arrived(chunk: bytes) -> None:
             if on_chunk is not None:
                 on_chunk(chunk)
-            if withheld is None:
-                yield chunk
-            else:
-                passed = withheld.feed(chunk)
-                if passed:
-                    yield passed
-        if on_complete is not None:
-            on_complete()
-    except httpx.HTTPError as exc:
-        raise UpstreamBrokeOff(f"upstream {provider} broke off its response ({type(exc).__name__})") from exc
-    finally:
-        await body.close()
-    if withheld is not None:
-        rest = withheld.end()
-        if rest:
-            yield rest
+            passed = chunk if withheld is None else withheld.feed(chunk)
+            if passed:
+                deliver(passed)
+
+        def over(error: BaseException | None) -> None:
+            if isinstance(error, httpx.HTTPError):
+                error = self._broke_off(error)
+            elif error is None:
+                try:
+                    if on_complete is not None:
+                        on_complete()
+                    rest = withheld.end() if withheld is not None else b""
+                    if rest:
+                        deliver(rest)
+                except Exception as exc:
+                    error = exc
+            ended(error)
+
+        reader = BodyReader(self._response)
+        if not reader.push(arrived, over):
+            return False
+        self._reader = reader
+        return True
+
+    def pause(self) -> None:
+        if self._reader is not None:
+            self._reader.pause()
+
+    def resume(self) -> None:
+        if self._reader is not None:
+            self._reader.resume()
+
+    async def close(self) -> None:
+        """Stop a push and close the upstream response."""
+        if self._reader is not None:
+            await self._reader.close()
+        else:
+            await close_quietly(self._response)
 
 
 class RelayResponse(Response):
@@ -156,7 +229,7 @@ class RelayResponse(Response):
         self,
         status: int,
         headers: Headers,
-        chunks: AsyncGenerator[bytes, None],
+        chunks: UpstreamBody | AsyncGenerator[bytes, None],
         on_end: Callable[[bool], None] | None = None,
         deadline: float = math.inf,
         on_client_left: Callable[[], bool] | None = None,
@@ -198,7 +271,7 @@ class RelayResponse(Response):
             if self._given_up:
                 # Given up before it began: it still opens the upstream's body, only to close it properly.
                 loop.call_soon(self._stop)
-            completed = await self._relay_until_stopped(send)
+            completed = await self._relay_until_stopped(scope, send)
             if not completed:
                 _CUT_OFF.set(True)
             if not completed and loop.time() >= self.deadline:
@@ -216,11 +289,11 @@ class RelayResponse(Response):
             if self.on_end is not None:
                 self.on_end(completed)
 
-    async def _relay_until_stopped(self, send: Send) -> bool:
+    async def _relay_until_stopped(self, scope: Scope, send: Send) -> bool:
         """`_relay`, False when `_stop` cut it short; any other cancellation goes on."""
         self._relaying = True
         try:
-            return await self._relay(send)
+            return await self._relay(scope, send)
         except asyncio.CancelledError:
             # `_stop` cancels only while the task waits in `_relay`'s reading or sending, so it arrives here.
             if self._stopped and self._task is not None and self._task.uncancel() == 0:
@@ -234,11 +307,20 @@ class RelayResponse(Response):
             self._stopped = True
             self._task.cancel()
 
-    async def _relay(self, send: Send) -> bool:
-        """Relay every chunk; True when the whole body reached the client."""
+    async def _relay(self, scope: Scope, send: Send) -> bool:
+        """Relay every chunk; True when the whole body reached the client. An upstream body goes straight
+        from the upstream's connection to the client's where the server allows (`direct_body`)."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        chunks = self.chunks
+        if isinstance(chunks, UpstreamBody):
+            direct = direct_body(scope)
+            if direct is not None:
+                pushed = await self._push(chunks, direct, exchange_of(scope), send)
+                if pushed is not None:
+                    return pushed
+            chunks = chunks.chunks()
         try:
-            async for chunk in self.chunks:
+            async for chunk in chunks:
                 if not self._client_gone:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamBrokeOff as exc:
@@ -247,7 +329,46 @@ class RelayResponse(Response):
             return False
         finally:
             self._relaying = False  # closing the upstream is not to be cut short
-            await self.chunks.aclose()
+            await chunks.aclose()
+        if not self._client_gone:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return True
+
+    async def _push(self, body: UpstreamBody, direct: DirectBody, exchange: Exchange | None, send: Send) -> bool | None:
+        """`_relay` with no task woken per chunk: each is written to the client from the upstream connection's
+        callbacks (`UpstreamBody.push`), and reading stops while the client's buffer is full. None when the
+        body cannot be pushed."""
+        finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def deliver(chunk: bytes) -> None:
+            if self._client_gone:
+                return
+            direct.write(chunk)
+            if exchange is not None:
+                exchange.sent(len(chunk))
+            if direct.paused:
+                body.pause()
+                direct.when_writable(body.resume)
+
+        def ended(error: BaseException | None) -> None:
+            if finished.done():
+                return
+            if error is None:
+                finished.set_result(None)
+            else:
+                finished.set_exception(error)
+
+        if not body.push(deliver, ended):
+            return None
+        try:
+            await finished
+        except UpstreamBrokeOff as exc:
+            if not exc.reported:
+                logger.warning("%s; the client's response was cut off the same way", exc)
+            return False
+        finally:
+            self._relaying = False  # closing the upstream is not to be cut short
+            await body.close()
         if not self._client_gone:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         return True

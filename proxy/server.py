@@ -70,13 +70,16 @@ CLIENT_WATCH = "openai_proxy.client_watch"
 class ClientWatch:
     """Tells an app when the client of one request has left before its response was complete, from the
     server's `connection_lost`: an app that relays a long stream need not keep a task waiting on `receive`
-    for it. `on_left` is called once, when set by then (set it after checking `left`)."""
+    for it. `on_left` is called once, when set by then (set it after checking `left`). `on_writable` is
+    called once, when set, as the connection's write buffer drains below its limit (or the client left)."""
 
-    __slots__ = ("left", "on_left")
+    __slots__ = ("left", "on_left", "on_writable", "cycle")
 
-    def __init__(self) -> None:
+    def __init__(self, cycle: RequestResponseCycle | None = None) -> None:
         self.left = False
         self.on_left: Callable[[], object] | None = None
+        self.on_writable: Callable[[], object] | None = None
+        self.cycle = cycle
 
     def leave(self) -> None:
         if self.left:
@@ -87,6 +90,59 @@ class ClientWatch:
                 self.on_left()
             except Exception:
                 logger.exception("reacting to a client that left failed unexpectedly")
+        self.writable()
+
+    def writable(self) -> None:
+        react, self.on_writable = self.on_writable, None
+        if react is not None:
+            try:
+                react()
+            except Exception:
+                logger.exception("reacting to a client ready for more failed unexpectedly")
+
+
+class DirectBody:
+    """The middle of a response's body, written straight to its connection as uvicorn's `send` writes a body
+    message with more to come, but with no ASGI message and nothing to await: a relayed stream's events go
+    out from the upstream connection's own callbacks, with no task woken per event (bench/sustained.py
+    streams). The head goes before, and the end after, through ASGI as usual."""
+
+    __slots__ = ("_cycle", "_watch")
+
+    def __init__(self, cycle: RequestResponseCycle, watch: ClientWatch) -> None:
+        self._cycle = cycle
+        self._watch = watch
+
+    @property
+    def paused(self) -> bool:
+        """Whether the client's write buffer is full: write no more until `when_writable` calls back."""
+        cycle = self._cycle
+        return cycle.flow.write_paused and not cycle.disconnected
+
+    def when_writable(self, react: Callable[[], object]) -> None:
+        """Call `react()` once, when the client can take more or has left."""
+        if self.paused:
+            self._watch.on_writable = react
+        else:
+            asyncio.get_running_loop().call_soon(react)
+
+    def write(self, chunk: bytes) -> None:
+        """One chunk of the body (nothing once the client left)."""
+        cycle = self._cycle
+        if chunk and not cycle.disconnected:
+            cycle.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+
+
+def direct_body(scope: Scope) -> DirectBody | None:
+    """The request's `DirectBody`, once its head was sent, when its body is written in chunks (the way a
+    stream of unknown length is); None under another server or for another response."""
+    watch: ClientWatch | None = scope.get(CLIENT_WATCH)
+    cycle = watch.cycle if watch is not None else None
+    if cycle is None or not cycle.response_started or cycle.response_complete or not cycle.chunked_encoding:
+        return None
+    if cycle.scope["method"] == "HEAD":
+        return None
+    return DirectBody(cycle, watch)  # type: ignore[arg-type]
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -117,12 +173,21 @@ class HttpProtocol(HttpToolsProtocol):
         self._reading_whole = None
         super().connection_lost(exc)
         watched, self._watched = self._watched, None
-        if watched is not None and not watched[0].response_complete:
-            watched[1].leave()
+        if watched is not None:
+            watched[1].cycle = None  # the scope holds the watch: no reference cycle outlives the request
+            if not watched[0].response_complete:
+                watched[1].leave()
 
     def on_response_complete(self) -> None:
+        if self._watched is not None:
+            self._watched[1].cycle = None
         self._watched = None
         super().on_response_complete()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._watched is not None:
+            self._watched[1].writable()
 
     def send_400_response(self, msg: str) -> None:
         body = orjson.dumps(error_body(400, "The request is not valid HTTP/1.1 and was not forwarded.", "invalid_http"))
@@ -145,7 +210,7 @@ class HttpProtocol(HttpToolsProtocol):
             self._start_task(cycle, app)
 
     def _start_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:
-        watch = cycle.scope[CLIENT_WATCH] = ClientWatch()  # type: ignore[literal-required]
+        watch = cycle.scope[CLIENT_WATCH] = ClientWatch(cycle)  # type: ignore[literal-required]
         self._watched = (cycle, watch)
         super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
 

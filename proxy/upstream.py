@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import lru_cache
 from typing import Any
 
@@ -179,7 +179,8 @@ def _request(
 
 
 class BodyReader:
-    """An upstream response's body, read chunk by chunk as it arrives (decoded if it has a content encoding).
+    """An upstream response's body, read chunk by chunk as it arrives (decoded if it has a content encoding),
+    either with `read` or, without a task, pushed to callbacks (`push`).
 
     Read straight from aiohttp's stream under httpx-aiohttp's: two iterator layers less on every event of
     every stream. And UPSTREAM_TIMEOUT between chunks is counted here, lazily: aiohttp's own read timer is
@@ -189,7 +190,18 @@ class BodyReader:
     still covers the wait for the response's head.
     """
 
-    __slots__ = ("_response", "_content", "_chunks", "_silence", "_loop", "_waiting_since", "_watch")
+    __slots__ = (
+        "_response",
+        "_content",
+        "_chunks",
+        "_silence",
+        "_loop",
+        "_waiting_since",
+        "_watch",
+        "_pushed_to",
+        "_ready",
+        "_paused",
+    )
 
     def __init__(self, response: httpx.Response) -> None:
         self._response = response
@@ -208,6 +220,9 @@ class BodyReader:
         self._loop = asyncio.get_running_loop()
         self._waiting_since: float | None = None
         self._watch: asyncio.TimerHandle | None = None
+        self._pushed_to: tuple[Callable[[bytes], None], Callable[[BaseException | None], None]] | None = None
+        self._ready: asyncio.Future[None] | None = None
+        self._paused = False
 
     async def read(self) -> bytes:
         """The next chunk; b"" once the body is whole. A failure is an httpx.HTTPError (httpx.ReadTimeout when
@@ -216,16 +231,89 @@ class BodyReader:
         if content is None:
             assert self._chunks is not None
             return await anext(self._chunks, b"")
-        self._waiting_since = since = self._loop.time()
-        if self._watch is None and self._silence is not None:
-            self._watch = self._loop.call_at(since + self._silence, self._check_silence)
+        self._await_upstream()
         try:
             return await content.readany()
         except aiohttp.ClientError as exc:
-            timed_out = isinstance(exc, TimeoutError)
-            raise (httpx.ReadTimeout if timed_out else httpx.ReadError)(str(exc) or type(exc).__name__) from exc
+            raise _as_httpx_error(exc) from exc
         finally:
             self._waiting_since = None
+
+    def push(self, on_chunk: Callable[[bytes], None], on_end: Callable[[BaseException | None], None]) -> bool:
+        """Read the rest of the body with no task: `on_chunk(chunk)` for each chunk as it arrives, called from
+        the event loop's callbacks, then `on_end(None)` once the body is whole, or `on_end(error)` when reading
+        fails (an httpx.HTTPError, as `read` raises) or `on_chunk` raised `error`; nothing more after that,
+        nor after `close`. False, with nothing done, for a body that only `read` can read (a decoded one)."""
+        if self._content is None or self._pushed_to is not None:
+            return False
+        self._pushed_to = (on_chunk, on_end)
+        self._loop.call_soon(self._pump)
+        return True
+
+    def pause(self) -> None:
+        """Pass nothing more to `on_chunk` until `resume` (the upstream is held back once aiohttp's buffer is
+        full). Not waiting for the upstream meanwhile, the reader's silence is not counted."""
+        self._paused = True
+        self._waiting_since = None
+
+    def resume(self) -> None:
+        if self._paused:
+            self._paused = False
+            self._loop.call_soon(self._pump)
+
+    def _pump(self, ready: asyncio.Future[None] | None = None) -> None:
+        """Pass on what aiohttp holds, then wait (`_ready`) for more, without a task."""
+        if ready is not None:
+            if ready is not self._ready:
+                return  # one let go of (`_let_go`)
+            self._ready = None
+            if not ready.cancelled():
+                ready.exception()  # an error is read from the stream below
+        pushed_to, content = self._pushed_to, self._content
+        if pushed_to is None or content is None or self._paused:
+            return
+        self._let_go()
+        self._waiting_since = None
+        on_chunk, on_end = pushed_to
+        try:
+            while not self._paused and self._pushed_to is not None:
+                chunk = content.read_nowait(-1)
+                if chunk:
+                    on_chunk(chunk)
+                elif content.is_eof():
+                    self._end(None)
+                    return
+                else:
+                    break
+        except aiohttp.ClientError as exc:
+            self._end(_as_httpx_error(exc))
+            return
+        except Exception as exc:
+            self._end(exc)
+            return
+        if self._pushed_to is None or self._paused:
+            return
+        # As aiohttp's own `readany` waits: its stream wakes the future it finds on more data, the end or an error.
+        ready = self._ready = self._loop.create_future()
+        ready.add_done_callback(self._pump)
+        content._waiter = ready
+        self._await_upstream()
+
+    def _end(self, error: BaseException | None) -> None:
+        pushed_to, self._pushed_to = self._pushed_to, None
+        self._let_go()
+        if pushed_to is not None:
+            pushed_to[1](error)
+
+    def _let_go(self) -> None:
+        ready, self._ready = self._ready, None
+        if ready is not None and self._content is not None and self._content._waiter is ready:
+            self._content._waiter = None
+
+    def _await_upstream(self) -> None:
+        self._waiting_since = since = self._loop.time()
+        if self._watch is None and self._silence is not None:
+            self._watch = self._loop.call_at(since + self._silence, self._check_silence)
 
     def _check_silence(self) -> None:
         assert self._silence is not None and self._content is not None
@@ -237,11 +325,21 @@ class BodyReader:
             self._watch = self._loop.call_at((now if since is None else since) + self._silence, self._check_silence)
 
     async def close(self) -> None:
-        """Stop watching for silence and close the response (`close_quietly`), however the reading ended."""
+        """Stop watching for silence and pushing, and close the response (`close_quietly`), however the reading
+        ended."""
+        self._pushed_to = None
+        self._let_go()
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
         await close_quietly(self._response)
+
+
+def _as_httpx_error(exc: aiohttp.ClientError) -> httpx.HTTPError:
+    timed_out = isinstance(exc, TimeoutError)
+    error = (httpx.ReadTimeout if timed_out else httpx.ReadError)(str(exc) or type(exc).__name__)
+    error.__cause__ = exc
+    return error
 
 
 async def read_body(response: httpx.Response, provider: Provider) -> bytes:
