@@ -5,9 +5,11 @@
 
 Whatever the method and path, every request gets that answer. With `--relay-to`, every request is relayed
 instead: its body is POSTed to URL + its path through aiohttp's connection pool (no limit), as the proxy's
-upstream requests are, and the answer's status, content type and body chunks are passed on as they arrive:
-the floor of a relay on this server and client, which bench/sustained.py's `streams` measures beside the
-proxy. The uvicorn options are the proxy's own
+upstream requests are, and the answer's status, content type and body chunks are passed on as they arrive,
+as the proxy passes them: a chunk is written to the client's connection from aiohttp's own wake-up for it,
+with no task woken per chunk (the server's `DirectBody`), and reading stops while the client's buffer is
+full. The floor of a relay on this server and client, which bench/sustained.py's `streams` and
+bench/fixed_rate.py measure beside the proxy. The uvicorn options are the proxy's own
 (`openai_proxy.main`, one worker): httptools through the proxy's protocol class, the event loop uvicorn
 picks for the proxy (uvloop), no access log, no server header, no proxy headers; and the process gets the
 proxy's garbage-collector tuning. So the proxy differs from this server only by its app: what a proxied
@@ -20,6 +22,7 @@ a peer of the proxy's rows; `bench.processes.start_floor` starts it pinned to CP
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.throughput import ANSWER  # noqa: E402
 from openai_proxy import tune_garbage_collection  # noqa: E402
-from proxy.server import HttpProtocol  # noqa: E402
+from proxy.server import DirectBody, HttpProtocol, direct_body  # noqa: E402
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -70,11 +73,43 @@ def relay_app(upstream: str) -> Callable[[Message, Receive, Send], Awaitable[Non
             await send(
                 {"type": "http.response.start", "status": answer.status, "headers": [(b"content-type", content_type)]}
             )
-            async for chunk in answer.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            direct = direct_body(scope)
+            if direct is not None:
+                await push(answer.content, direct)
+            else:
+                async for chunk in answer.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
 
     return relay
+
+
+async def push(content: aiohttp.StreamReader, direct: DirectBody) -> None:
+    """Every chunk of `content` written to `direct` from aiohttp's wake-up for it (as its `readany` waits),
+    until the end or an error."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+
+    def pump(ready: asyncio.Future[None] | None = None) -> None:
+        if ready is not None and not ready.cancelled():
+            ready.exception()  # an error is raised by `read_nowait` below
+        try:
+            while chunk := content.read_nowait(-1):
+                direct.write(chunk)
+                if direct.paused:
+                    direct.when_writable(pump)
+                    return
+        except aiohttp.ClientError as exc:
+            finished.set_exception(exc)
+            return
+        if content.is_eof():
+            finished.set_result(None)
+            return
+        ready = content._waiter = loop.create_future()
+        ready.add_done_callback(pump)
+
+    pump()
+    await finished
 
 
 async def read_body(receive: Receive) -> bytes:

@@ -39,7 +39,8 @@ p99 time to first event under 1 s, p99 relay delay under 50 ms, under 50 kB per 
 open `--ramp` + its paced length + 30 s after the first was asked is given up, and does not count as complete.
 Before the proxy, unless `--no-floor`, the same streams go through the relay floor (`bench/floor.py
 --relay-to`: a raw ASGI app on the same uvicorn, pinned to CPU 0 too, relaying each request through aiohttp's
-pool and nothing else), from the same upstream and clients: its figures, and the proxy's as multiples of
+pool, each chunk written from aiohttp's wake-up for it as the proxy writes it, and nothing else), from the same
+upstream and clients: its figures, and the proxy's as multiples of
 them, say how much of what the goals measure is the proxy's own work and how much this machine's.
 """
 
@@ -889,7 +890,7 @@ def floor_lines(
 
     return [
         "the same streams through the relay floor (bench/floor.py --relay-to: a raw ASGI app on the same uvicorn"
-        " relaying through aiohttp, nothing else), measured first:",
+        " relaying through aiohttp with no task per chunk, nothing else), measured first:",
         f"  completed whole: {figures.whole} of {args.streams}",
         "  " + spread_line("time to first event (ms)", figures.first_event_ms),
         "  " + spread_line("relay delay, every event (ms)", figures.delays_ms),
