@@ -113,10 +113,7 @@ class Answer(NamedTuple):
     body: bytes | None
     asked_at: float  # anyio's clock
     answered_at: float  # the proxy's clock: the entry's age origin
-
-    @property
-    def headers(self) -> Headers:
-        return self.response.headers.multi_items()
+    headers: Headers  # the response's, decoded once (httpx decodes them all again on every read)
 
 
 def _failed_upstream(status: int) -> bool:
@@ -683,7 +680,7 @@ class Proxy:
             if deadline.expired():
                 raise self._past_total_timeout(upstream.provider) from None
             raise
-        return Answer(response, body, asked_at, self.clock())
+        return Answer(response, body, asked_at, self.clock(), response.headers.multi_items())
 
     async def _answer_or_stale(self, miss: Miss, asking: Awaitable[Answer]) -> Answer | ASGIApp:
         """The upstream's answer; the expired entry instead when the upstream failed and stale-if-error
