@@ -311,33 +311,34 @@ class RelayResponse(Response):
         """Relay every chunk; True when the whole body reached the client. An upstream body goes straight
         from the upstream's connection to the client's where the server allows (`direct_body`)."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        chunks = self.chunks
+        chunks, pushed = self.chunks, None
         if isinstance(chunks, UpstreamBody):
             direct = direct_body(scope)
-            if direct is not None:
-                pushed = await self._push(chunks, direct, exchange_of(scope), send)
-                if pushed is not None:
-                    return pushed
-            chunks = chunks.chunks()
+            pushed = self._push(chunks, direct, exchange_of(scope)) if direct is not None else None
         try:
-            async for chunk in chunks:
-                if not self._client_gone:
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if pushed is not None:
+                await pushed
+            else:
+                if isinstance(chunks, UpstreamBody):
+                    chunks = chunks.chunks()
+                async for chunk in chunks:
+                    if not self._client_gone:
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except UpstreamBrokeOff as exc:
             if not exc.reported:
                 logger.warning("%s; the client's response was cut off the same way", exc)
             return False
         finally:
             self._relaying = False  # closing the upstream is not to be cut short
-            await chunks.aclose()
+            await (chunks.close() if isinstance(chunks, UpstreamBody) else chunks.aclose())
         if not self._client_gone:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         return True
 
-    async def _push(self, body: UpstreamBody, direct: DirectBody, exchange: Exchange | None, send: Send) -> bool | None:
-        """`_relay` with no task woken per chunk: each is written to the client from the upstream connection's
-        callbacks (`UpstreamBody.push`), and reading stops while the client's buffer is full. None when the
-        body cannot be pushed."""
+    def _push(self, body: UpstreamBody, direct: DirectBody, exchange: Exchange | None) -> asyncio.Future[None] | None:
+        """Pass the body on with no task woken per chunk: each is written to the client from the upstream
+        connection's callbacks (`UpstreamBody.push`), and reading stops while the client's buffer is full.
+        The future ends with the body (an `UpstreamBrokeOff` if it broke off); None when it cannot be pushed."""
         finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def deliver(chunk: bytes) -> None:
@@ -358,20 +359,7 @@ class RelayResponse(Response):
             else:
                 finished.set_exception(error)
 
-        if not body.push(deliver, ended):
-            return None
-        try:
-            await finished
-        except UpstreamBrokeOff as exc:
-            if not exc.reported:
-                logger.warning("%s; the client's response was cut off the same way", exc)
-            return False
-        finally:
-            self._relaying = False  # closing the upstream is not to be cut short
-            await body.close()
-        if not self._client_gone:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return True
+        return finished if body.push(deliver, ended) else None
 
     def _client_left(self) -> None:
         if self.on_client_left is None or self.on_client_left():
